@@ -1,0 +1,25 @@
+"""asyncckpt: near-zero-stall asynchronous checkpointing for PyTorch.
+
+Public API: :class:`AsyncCheckpointer` (DeepSpeed-shaped ``save_checkpoint``/``load_checkpoint``),
+:func:`save`/:func:`load` for any nested state, :class:`Config`, and the :class:`CheckpointError` family.
+"""
+__version__ = "0.1.0"
+
+from .api import load, save, wait_all  # noqa: E402
+from .checkpointer import AsyncCheckpointer  # noqa: E402
+from .config import CodecConfig, Config, WriterConfig  # noqa: E402
+from .errors import (  # noqa: E402
+    CheckpointError, CheckpointNotFoundError, CommitError, CommitTimeoutError, ConfigError,
+    CorruptCheckpointError, PickleNotAllowedError, SaverBusyError, TagExistsError, UnsafeCheckpointError,
+    WriteError,
+)
+from .future import SaveFuture  # noqa: E402
+from .io_types import SaveResult  # noqa: E402
+from .loader import CheckpointReader, list_tags  # noqa: E402
+
+__all__ = [
+    "AsyncCheckpointer", "save", "load", "wait_all", "Config", "CodecConfig", "WriterConfig", "SaveFuture",
+    "SaveResult", "CheckpointReader", "list_tags", "CheckpointError", "CheckpointNotFoundError", "CommitError",
+    "CommitTimeoutError", "ConfigError", "CorruptCheckpointError", "PickleNotAllowedError", "SaverBusyError",
+    "TagExistsError", "UnsafeCheckpointError", "WriteError",
+]

@@ -1,0 +1,58 @@
+"""Durable file-system steps, each in the order that makes it crash-safe on POSIX file systems.
+
+A file's data is durable after ``fsync(file)``; its *name* is durable only after ``fsync`` of the directory
+that holds it. ``rename`` within one file system is atomic: a reader sees the old name or the new one,
+never a half-written file.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+
+log = logging.getLogger(__name__)
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: str, data: bytes, fsync: bool = True) -> None:
+    """Write a new file and fsync it (the caller fsyncs the directory)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+
+
+def replace_atomic(path: str, data: bytes, fsync: bool = True) -> None:
+    """Replace ``path`` atomically: temp file in the same directory, fsync, rename, fsync the directory."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        write_durable(tmp, data, fsync)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    if fsync:
+        fsync_dir(directory)
+
+
+def remove_tree(path: str) -> None:
+    """Remove a directory tree; a missing tree is fine."""
+    shutil.rmtree(path, ignore_errors=False, onerror=_ignore_missing)
+
+
+def _ignore_missing(func, path, exc_info):
+    if not isinstance(exc_info[1], FileNotFoundError):
+        raise exc_info[1]

@@ -1,0 +1,186 @@
+"""The save engine: from staged state to a published checkpoint.
+
+The training thread calls :meth:`SaveEngine.save`: it takes a staging slot (backpressure per ``on_busy``),
+copies the tensors into it, hands a :class:`SaveJob` to the I/O loop and returns a :class:`SaveFuture`.
+On the I/O loop, jobs run one after another in submission order (so every rank issues its coordination
+collectives in the same order): wait for the copy → prepare (coordinator) → write files (writer pool) →
+commit (coordinator) → release the slot → resolve the future.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import torch
+
+from .codec import ChunkCodec
+from .commit import CommitCoordinator, DistContext
+from .config import Config
+from .errors import CheckpointError, TagExistsError, WriteError
+from .format import partial_dir_name, validate_tag
+from .future import SaveFuture
+from .io_types import FlatState, RankOutcome, SaveJob, SaveResult
+from .staging import StagingPool
+from .writer import WriterPool
+
+log = logging.getLogger(__name__)
+
+
+def _default_threads(local_world: int) -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+class SaveEngine:
+    """Owns the staging pool, the writer pool and the commit coordinator of one saver."""
+
+    def __init__(self, config: Config, ctx: DistContext | None = None):
+        self.config = config
+        self.ctx = ctx if ctx is not None else DistContext.create(config.commit_timeout_s)
+        cuda = torch.cuda.is_available()
+        pin = config.pin_memory == "always" or (config.pin_memory == "auto" and cuda)
+        w = config.writer
+        local = self.ctx.local_world_size
+        node_threads = w.threads_per_node or _default_threads(local)
+        self.pool = StagingPool(config.max_inflight, pin=pin,
+                                budget_bytes=w.memory_budget_bytes // local if w.memory_budget_bytes else 0)
+        self.writer = WriterPool(ChunkCodec.from_config(config.codec), threads=max(1, node_threads // local),
+                                 chunk_bytes=config.codec.chunk_bytes, files_per_rank=w.files_per_rank,
+                                 inflight_chunks=w.inflight_chunks, fsync=w.fsync, nice=w.nice,
+                                 ionice_idle=w.ionice_idle)
+        self.coordinator = CommitCoordinator(
+            self.ctx, tag_validation=config.tag_validation, node_local=config.use_node_local_storage,
+            overwrite=config.overwrite, fsync=w.fsync, keep_last=config.keep_last, timeout_s=config.commit_timeout_s)
+        self._commit_thread = concurrent.futures.ThreadPoolExecutor(1, "asyncckpt-commit")
+        self._order = self.writer.submit(_make_lock()).result()
+        self._futures: list[SaveFuture] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self.saves = 0
+
+    # ------------------------------------------------------------------------------------- training side
+    def save(self, flat: FlatState, save_dir: str, tag: str, *, save_latest: bool = True,
+             manifest_extra: dict | None = None) -> SaveFuture:
+        t0 = time.perf_counter()
+        if self._closed:
+            raise CheckpointError("this saver is closed")
+        self.raise_unobserved()
+        validate_tag(tag)
+        save_dir = os.fspath(save_dir)
+        if not self.config.overwrite and os.path.lexists(os.path.join(save_dir, tag)):
+            raise TagExistsError(f"checkpoint tag {tag!r} already exists in {save_dir}; choose another tag or set "
+                                 "overwrite: true")
+        self.pool.check_budget(flat.nbytes)
+        slot = self.pool.acquire(self.config.on_busy, timeout=self.config.commit_timeout_s)
+        if slot is None:
+            log.info("skipping checkpoint %r: %d save(s) already in flight (on_busy=skip)", tag, len(self.pool.slots))
+            return SaveFuture.completed(SaveResult(tag, None, skipped=True, rank=self.ctx.rank,
+                                                   world_size=self.ctx.world_size))
+        try:
+            t_stage = time.perf_counter()
+            ready = slot.stage(flat.items)
+            stage_s = time.perf_counter() - t_stage
+        except BaseException:
+            self.pool.release(slot)
+            raise
+        job = SaveJob(save_dir, tag, save_latest, flat, slot, ready, dict(manifest_extra or {}), t0)
+        job.stall_s = time.perf_counter() - t0
+        inner = self.writer.submit(self._run(job, stage_s))
+        fut = SaveFuture(inner, tag)
+        with self._lock:
+            self._futures = [f for f in self._futures if not f.done() or f.unobserved_error() is not None]
+            self._futures.append(fut)
+        self.saves += 1
+        return fut
+
+    def raise_unobserved(self) -> None:
+        """Raise the oldest background failure nobody has looked at yet."""
+        with self._lock:
+            for f in self._futures:
+                exc = f.unobserved_error()
+                if exc is not None:
+                    f.observed = True
+                    raise exc
+
+    def wait(self, timeout: float | None = None) -> list[SaveResult]:
+        """Block until every save submitted so far is finished; raise the first unobserved failure."""
+        with self._lock:
+            pending = list(self._futures)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        done, not_done = concurrent.futures.wait(
+            [f._inner for f in pending], timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if not_done:
+            raise TimeoutError(f"{len(not_done)} checkpoint save(s) still in flight after {timeout}s")
+        self.raise_unobserved()
+        return [f.result() for f in pending if f.exception() is None]
+
+    def close(self, timeout: float | None = None) -> None:
+        """Drain in-flight saves, then stop the background threads. Raises an unobserved failure."""
+        if self._closed:
+            return
+        try:
+            self.wait(timeout)
+        finally:
+            self._closed = True
+            self._commit_thread.shutdown(wait=True)
+            self.writer.close()
+            self.coordinator.close()
+            self.pool.close()
+
+    # ----------------------------------------------------------------------------------- background side
+    async def _run(self, job: SaveJob, stage_s: float) -> SaveResult:
+        loop = asyncio.get_running_loop()
+        async with self._order:
+            try:
+                return await self._pipeline(loop, job, stage_s)
+            finally:
+                self.pool.release(job.slot)
+
+    async def _pipeline(self, loop, job: SaveJob, stage_s: float) -> SaveResult:
+        ctx = self.ctx
+        phases = {"stage": stage_s}
+        t = time.perf_counter()
+        await loop.run_in_executor(self._commit_thread, job.ready)  # CUDA copies finished
+        phases["copy_wait"] = time.perf_counter() - t
+        tag = await loop.run_in_executor(self._commit_thread, self.coordinator.prepare, job.save_dir, job.tag)
+        partial = os.path.join(job.save_dir, partial_dir_name(tag))
+        t = time.perf_counter()
+        try:
+            files = await self.writer.write_rank(directory=partial, rank=ctx.rank, flat=job.flat, slot=job.slot,
+                                                 skeleton=job.flat.skeleton)
+            outcome = RankOutcome(ctx.rank, True, index_name=files.index_name, index_xxh3=files.index_xxh3,
+                                  bytes_written=files.bytes_written, node=ctx.node)
+            write_error = None
+        except Exception as exc:  # reported to every rank through the commit; raised below with the cause
+            files = None
+            write_error = exc
+            outcome = RankOutcome(ctx.rank, False, error=f"{type(exc).__name__}: {exc}", node=ctx.node)
+            log.error("rank %d: writing checkpoint %r failed: %s", ctx.rank, tag, exc)
+        phases["write"] = time.perf_counter() - t
+        try:
+            info = await loop.run_in_executor(self._commit_thread, self.coordinator.commit, job.save_dir, tag,
+                                              outcome, job.save_latest, job.meta)
+        except CheckpointError as exc:
+            if write_error is not None:
+                if not ctx.distributed:  # one rank: the write error itself is the clearest thing to raise
+                    raise WriteError(f"writing checkpoint {tag!r} to {job.save_dir} failed: {write_error}") from write_error
+                raise exc from write_error
+            raise
+        phases.update(info.phases)
+        durable = time.perf_counter() - job.t_start
+        result = SaveResult(tag, info.path, stall_s=job.stall_s, time_to_durable_s=durable,
+                            raw_bytes=job.flat.nbytes, bytes_written=files.bytes_written,
+                            total_bytes_written=info.total_bytes_written, phases=phases, rank=ctx.rank,
+                            world_size=ctx.world_size)
+        if ctx.rank == 0:
+            log.info("published checkpoint %s: %.1f MiB raw -> %.1f MiB on disk, stall %.1f ms, durable after %.2f s",
+                     info.path, result.raw_bytes / 2**20, result.total_bytes_written / 2**20, job.stall_s * 1e3, durable)
+        return result
+
+
+async def _make_lock() -> asyncio.Lock:
+    return asyncio.Lock()

@@ -1,0 +1,333 @@
+"""The on-disk contract, format v1: names, dtypes, sealed JSON documents, and validation of untrusted
+manifests. See docs/FORMAT.md.
+
+Everything read from disk goes through :func:`parse_rank_index` / :func:`parse_manifest`, which check names,
+dtypes, shapes and offsets *before* anything is allocated or any file is opened.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import xxhash
+
+from .errors import CorruptCheckpointError, UnsafeCheckpointError
+
+FORMAT_NAME = "asyncckpt"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LATEST = "latest"
+PARTIAL_SUFFIX = ".partial"
+MAX_JSON_BYTES = 1 << 30  # a manifest or rank index larger than this is refused before it is read
+MAX_CHUNK_RAW = 1 << 31  # no chunk decodes to more than 2 GiB
+MAX_NDIM = 64
+CODECS = ("raw", "zstd", "shuffle")
+
+_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-+=@]{0,199}$")
+_INDEX_RE = re.compile(r"^rank(\d{5,})\.json$")
+_DATA_RE = re.compile(r"^rank(\d{5,})-(\d+)\.bin$")
+
+
+def rank_index_name(rank: int) -> str:
+    return f"rank{rank:05d}.json"
+
+
+def data_file_name(rank: int, index: int) -> str:
+    return f"rank{rank:05d}-{index}.bin"
+
+
+def partial_dir_name(tag: str) -> str:
+    return f".{tag}{PARTIAL_SUFFIX}"
+
+
+def validate_tag(tag: Any) -> str:
+    """A tag is a plain directory name: letters, digits and ``_ . - + = @``, not starting with a dot."""
+    if not isinstance(tag, str) or not _TAG_RE.match(tag) or tag in (LATEST, MANIFEST) or ".." in tag:
+        raise ValueError(
+            f"invalid checkpoint tag {tag!r}: use 1-200 characters of letters, digits and _ . - + = @, "
+            "not starting with '.' or '-', and not 'latest'"
+        )
+    return tag
+
+
+# ----------------------------------------------------------------------------------------------- dtypes
+def _dtype_table() -> dict[str, torch.dtype]:
+    names = [
+        "float32", "float64", "float16", "bfloat16", "complex32", "complex64", "complex128",
+        "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool",
+        "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
+        "float4_e2m1fn_x2",
+    ]
+    return {n: getattr(torch, n) for n in names if isinstance(getattr(torch, n, None), torch.dtype)}
+
+
+DTYPES: dict[str, torch.dtype] = _dtype_table()
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise TypeError(f"dtype {dtype} is not supported by asyncckpt format v{FORMAT_VERSION}") from None
+
+
+# ------------------------------------------------------------------------------------------- checksums
+def checksum(data) -> str:
+    """xxh3-64 of a buffer, as 16 hex digits."""
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+def _canonical(doc: dict) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def seal(doc: dict) -> bytes:
+    """Serialise a JSON document with a checksum of its own canonical form, so that any flipped byte in a
+    manifest is detected (JSON alone would happily parse ``[1024]`` flipped to ``[1025]``)."""
+    body = dict(doc)
+    body.pop("checksum", None)
+    body["checksum"] = checksum(_canonical(body))
+    return json.dumps(body, sort_keys=True, indent=1, allow_nan=False).encode() + b"\n"
+
+
+def unseal(data: bytes, where: str) -> dict:
+    if len(data) > MAX_JSON_BYTES:
+        raise UnsafeCheckpointError(f"{where}: {len(data)} bytes is over the {MAX_JSON_BYTES}-byte limit for metadata")
+    try:
+        doc = json.loads(data, object_pairs_hook=_no_duplicate_keys(where), parse_constant=_reject_constant(where))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptCheckpointError(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise CorruptCheckpointError(f"{where}: the top level is not a JSON object")
+    stored = doc.pop("checksum", None)
+    if not isinstance(stored, str):
+        raise CorruptCheckpointError(f"{where}: no checksum field")
+    if checksum(_canonical(doc)) != stored:
+        raise CorruptCheckpointError(f"{where}: checksum mismatch (the file was modified or is corrupt)")
+    return doc
+
+
+def _no_duplicate_keys(where: str):
+    def hook(pairs):
+        out = {}
+        for k, v in pairs:
+            if k in out:
+                raise UnsafeCheckpointError(f"{where}: duplicated key {k!r}")
+            out[k] = v
+        return out
+
+    return hook
+
+
+def _reject_constant(where: str):
+    def hook(name):
+        raise CorruptCheckpointError(f"{where}: non-standard JSON constant {name}")
+
+    return hook
+
+
+# -------------------------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class ChunkRecord:
+    """One independently decodable piece of a tensor's bytes, as stored in a data file."""
+
+    offset: int  # byte offset in the data file
+    length: int  # stored bytes
+    raw: int  # decoded bytes
+    codec: str  # raw | zstd | shuffle
+    xxh3: str  # checksum of the decoded bytes
+    planes: tuple[tuple[str, int], ...] = ()  # for shuffle: (codec, stored length) of each byte plane
+
+    def to_json(self) -> dict:
+        d = {"off": self.offset, "len": self.length, "raw": self.raw, "codec": self.codec, "xxh3": self.xxh3}
+        if self.planes:
+            d["planes"] = [list(p) for p in self.planes]
+        return d
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """Where and how one tensor (or one shard of a sharded tensor, or one shared storage) is stored."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    device: str
+    file: str = ""  # data file; empty for a view
+    chunks: tuple[ChunkRecord, ...] = ()
+    base: str = ""  # for a view: key of the storage record it views
+    byte_offset: int = 0  # for a view: offset in the storage, in bytes
+    stride: tuple[int, ...] = ()  # for a view
+    global_shape: tuple[int, ...] = ()  # for a shard: the full tensor's shape
+    global_offset: tuple[int, ...] = ()  # for a shard: where this shard starts in the full tensor
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def is_view(self) -> bool:
+        return bool(self.base)
+
+    @property
+    def is_shard(self) -> bool:
+        return bool(self.global_shape)
+
+    def to_json(self) -> dict:
+        d: dict[str, Any] = {"dtype": dtype_name(self.dtype), "shape": list(self.shape), "device": self.device}
+        if self.base:
+            d.update(base=self.base, byte_offset=self.byte_offset, stride=list(self.stride))
+        else:
+            d.update(file=self.file, chunks=[c.to_json() for c in self.chunks])
+        if self.global_shape:
+            d.update(global_shape=list(self.global_shape), global_offset=list(self.global_offset))
+        return d
+
+
+# ---------------------------------------------------------------------------------- untrusted parsing
+def _need(cond: bool, where: str, what: str) -> None:
+    if not cond:
+        raise UnsafeCheckpointError(f"{where}: {what}")
+
+
+def _int(v: Any, where: str, what: str, lo: int = 0, hi: int = 1 << 62) -> int:
+    _need(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi, where, f"{what} must be an integer in {lo}..{hi}, got {v!r}")
+    return v
+
+
+def _int_list(v: Any, where: str, what: str, lo: int = 0) -> tuple[int, ...]:
+    _need(isinstance(v, list) and len(v) <= MAX_NDIM, where, f"{what} must be a list of at most {MAX_NDIM} integers")
+    return tuple(_int(x, where, what, lo=lo) for x in v)
+
+
+def check_file_name(name: Any, where: str, pattern: re.Pattern = _DATA_RE) -> str:
+    """A file named by a manifest must be a plain name of the expected form inside the tag directory."""
+    _need(isinstance(name, str) and bool(pattern.match(name)) and "/" not in name and "\\" not in name,
+          where, f"file name {name!r} is not a plain {pattern.pattern} name inside the tag directory")
+    return name
+
+
+def parse_manifest(data: bytes, where: str) -> dict:
+    doc = unseal(data, where)
+    _need(doc.get("format") == FORMAT_NAME, where, f"not an asyncckpt manifest (format={doc.get('format')!r})")
+    version = doc.get("format_version")
+    if version != FORMAT_VERSION:
+        raise UnsafeCheckpointError(
+            f"{where}: format_version {version!r} is not supported (this asyncckpt reads version {FORMAT_VERSION}); "
+            "upgrade asyncckpt to load it"
+        )
+    world = _int(doc.get("world_size"), where, "world_size", lo=1, hi=1 << 24)
+    ranks = doc.get("ranks")
+    _need(isinstance(ranks, list) and len(ranks) == world, where, "ranks must list one entry per rank")
+    seen = set()
+    for i, r in enumerate(ranks):
+        _need(isinstance(r, dict), where, f"ranks[{i}] is not an object")
+        rank = _int(r.get("rank"), where, f"ranks[{i}].rank", hi=world - 1)
+        _need(rank not in seen, where, f"rank {rank} is listed twice")
+        seen.add(rank)
+        check_file_name(r.get("index"), where, _INDEX_RE)
+        _need(isinstance(r.get("xxh3"), str), where, f"ranks[{i}].xxh3 missing")
+    _need(isinstance(doc.get("tag"), str), where, "tag missing")
+    return doc
+
+
+def parse_rank_index(data: bytes, where: str, file_sizes: dict[str, int] | None = None) -> tuple[dict, dict[str, TensorRecord]]:
+    """Validate one rank's index. ``file_sizes`` maps the data files that exist to their sizes; chunk
+    offsets are checked against them. Returns the document and its tensor records by key."""
+    doc = unseal(data, where)
+    _need(doc.get("format_version") == FORMAT_VERSION, where, f"format_version {doc.get('format_version')!r} unsupported")
+    files = doc.get("files")
+    _need(isinstance(files, dict), where, "files must map data file names to sizes")
+    declared = {check_file_name(n, where): _int(s, where, f"size of {n}") for n, s in files.items()}
+    if file_sizes is not None:
+        for name, size in declared.items():
+            actual = file_sizes.get(name)
+            if actual is None:
+                raise CorruptCheckpointError(f"{where}: data file {name} is missing")
+            if actual != size:
+                raise CorruptCheckpointError(f"{where}: data file {name} has {actual} bytes, expected {size} (truncated or extended)")
+    tensors = doc.get("tensors")
+    _need(isinstance(tensors, dict), where, "tensors must be an object")
+    records: dict[str, TensorRecord] = {}
+    for key, t in tensors.items():
+        records[key] = _parse_tensor(key, t, f"{where}: tensor {key!r}", declared)
+    for key, rec in records.items():  # views must point at a storage record that covers them
+        if rec.is_view:
+            base = records.get(rec.base)
+            _need(base is not None and not base.is_view and base.dtype == torch.uint8, f"{where}: tensor {key!r}",
+                  f"view base {rec.base!r} is not a storage record")
+            _check_view_bounds(rec, base.nbytes, f"{where}: tensor {key!r}")
+    return doc, records
+
+
+def _parse_tensor(key: str, t: Any, where: str, files: dict[str, int]) -> TensorRecord:
+    _need(isinstance(t, dict), where, "entry is not an object")
+    name = t.get("dtype")
+    _need(name in DTYPES, where, f"unknown dtype {name!r}")
+    dtype = DTYPES[name]
+    shape = _int_list(t.get("shape"), where, "shape")
+    device = t.get("device")
+    _need(isinstance(device, str) and len(device) < 64, where, "device must be a short string")
+    nbytes = math.prod(shape) * dtype.itemsize
+    _need(nbytes <= 1 << 50, where, f"shape {list(shape)} is absurdly large")
+    gshape, goff = (), ()
+    if "global_shape" in t:
+        gshape = _int_list(t.get("global_shape"), where, "global_shape")
+        goff = _int_list(t.get("global_offset"), where, "global_offset")
+        _need(len(gshape) == len(shape) == len(goff), where, "shard rank mismatch")
+        _need(all(o + s <= g for o, s, g in zip(goff, shape, gshape)), where, "shard lies outside the global shape")
+    if "base" in t:
+        _need(isinstance(t["base"], str), where, "base must be a key")
+        stride = _int_list(t.get("stride"), where, "stride")
+        _need(len(stride) == len(shape), where, "stride and shape differ in length")
+        return TensorRecord(key, dtype, shape, device, base=t["base"], stride=stride,
+                            byte_offset=_int(t.get("byte_offset"), where, "byte_offset"),
+                            global_shape=gshape, global_offset=goff)
+    fname = check_file_name(t.get("file"), where)
+    _need(fname in files, where, f"file {fname} is not declared in the rank's file list")
+    fsize = files[fname]
+    raw_chunks = t.get("chunks")
+    _need(isinstance(raw_chunks, list), where, "chunks must be a list")
+    chunks, total = [], 0
+    for i, c in enumerate(raw_chunks):
+        cw = f"{where} chunk {i}"
+        _need(isinstance(c, dict), cw, "not an object")
+        off = _int(c.get("off"), cw, "off")
+        length = _int(c.get("len"), cw, "len")
+        raw = _int(c.get("raw"), cw, "raw", hi=MAX_CHUNK_RAW)
+        _need(off + length <= fsize, cw, f"bytes {off}..{off + length} lie outside {fname} ({fsize} bytes)")
+        codec = c.get("codec")
+        _need(codec in CODECS, cw, f"unknown codec {codec!r}")
+        _need(isinstance(c.get("xxh3"), str) and len(c["xxh3"]) == 16, cw, "bad checksum field")
+        planes: tuple = ()
+        if codec == "raw":
+            _need(length == raw, cw, "a raw chunk's stored and decoded lengths differ")
+        elif codec == "shuffle":
+            p = c.get("planes")
+            _need(isinstance(p, list) and 2 <= len(p) <= 16 and raw % len(p) == 0, cw, "bad byte planes")
+            planes = tuple((_plane_codec(x, cw), _int(x[1], cw, "plane length")) for x in p)
+            _need(sum(n for _, n in planes) == length, cw, "plane lengths do not add up to the chunk length")
+            _need(all(n == raw // len(p) for c_, n in planes if c_ == "raw"), cw, "raw plane of the wrong length")
+        chunks.append(ChunkRecord(off, length, raw, codec, c["xxh3"], planes))
+        total += raw
+    _need(total == nbytes, where, f"chunks decode to {total} bytes but dtype {name} x shape {list(shape)} needs {nbytes}")
+    return TensorRecord(key, dtype, shape, device, file=fname, chunks=tuple(chunks), global_shape=gshape, global_offset=goff)
+
+
+def _plane_codec(x: Any, where: str) -> str:
+    _need(isinstance(x, list) and len(x) == 2 and x[0] in ("raw", "zstd"), where, f"bad plane {x!r}")
+    return x[0]
+
+
+def _check_view_bounds(rec: TensorRecord, base_nbytes: int, where: str) -> None:
+    item = rec.dtype.itemsize
+    _need(rec.byte_offset % item == 0, where, "view offset is not aligned to its dtype")
+    if math.prod(rec.shape) == 0:
+        return
+    last = sum((s - 1) * st for s, st in zip(rec.shape, rec.stride))
+    _need(rec.byte_offset + (last + 1) * item <= base_nbytes, where, "view reaches outside its storage")
