@@ -16,6 +16,7 @@ from .errors import CheckpointError, CheckpointNotFoundError
 from .future import SaveFuture
 from .io_types import SaveResult
 from .loader import CheckpointReader, MapLocation, read_latest
+from .placement import is_dtensor
 from .state import flatten
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,10 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
             log.warning("not restoring CUDA RNG states: saved for %d devices, %d here", len(cuda), torch.cuda.device_count())
 
 
+def _is_model_state(path: str) -> bool:
+    return path.startswith(("module/", "optimizer/", "lr_scheduler/"))
+
+
 class AsyncCheckpointer:
     """Wraps a model (and optionally an optimizer and LR scheduler) for asynchronous checkpointing.
 
@@ -61,8 +66,15 @@ class AsyncCheckpointer:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  lr_scheduler: Any = None, config: Config | Mapping | str | os.PathLike | None = None,
-                 dist_context: DistContext | None = None):
+                 replicated: bool | None = None, dist_context: DistContext | None = None):
+        """``replicated``: the model, optimizer and scheduler state is identical on every rank (data
+        parallel), so it is written once in total, split across ranks. None (default) means: yes when the
+        model is wrapped in ``DistributedDataParallel``. Sharded ``DTensor`` state (FSDP2) is always saved
+        shard by shard. Must be called on every rank (it joins a dedicated gloo group)."""
         self.config = Config.coerce(config)
+        if replicated is None:
+            replicated = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        self.replicated = replicated
         self.module = model
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -108,7 +120,8 @@ class AsyncCheckpointer:
         return state
 
     def _flatten(self, state: Any):
-        return flatten(state, allow_pickle=self.config.allow_pickle)
+        return flatten(state, allow_pickle=self.config.allow_pickle,
+                       replicated=_is_model_state if self.replicated else None)
 
     def prepare(self) -> None:
         """Allocate (and fault in) the host buffers now, so that even the first save only copies. Call it
@@ -168,7 +181,7 @@ class AsyncCheckpointer:
         if map_location is None:
             map_location = self._module_device_map()
         state = reader.load_state(rank=self.rank, map_location=map_location, verify=self.config.verify_on_load,
-                                  allow_pickle=self.config.allow_pickle)
+                                  allow_pickle=self.config.allow_pickle, mesh=self._device_mesh())
         if not isinstance(state, dict) or "module" not in state:
             raise CheckpointError(f"{reader.path} was not written by AsyncCheckpointer (no 'module' entry); "
                                   "use asyncckpt.load() for checkpoints written with asyncckpt.save()")
@@ -185,9 +198,16 @@ class AsyncCheckpointer:
             self.global_steps = int(state.get("global_steps", 0))
         return reader.path, state.get("client_state", {})
 
+    def _device_mesh(self) -> Any:
+        """The mesh of the model's DTensor parameters (FSDP2), onto which sharded state is resharded."""
+        for p in self.module.parameters():
+            if is_dtensor(p):
+                return p.device_mesh
+        return None
+
     def _module_device_map(self) -> MapLocation:
         """Load onto the devices the wrapped model lives on now (a CUDA model loads to its device)."""
-        devices = {p.device for p in self.module.parameters()}
+        devices = {(p.to_local() if is_dtensor(p) else p).device for p in self.module.parameters()}
         if len(devices) == 1:
             dev = next(iter(devices))
             if dev.type == "cuda":

@@ -46,6 +46,7 @@ class DistContext:
     local_world_size: int = 1
     node: str = field(default_factory=socket.gethostname)
     group: Any = None
+    node_ranks: tuple[int, ...] = (0,)  # the ranks on this node, in order
 
     @classmethod
     def create(cls, timeout_s: float) -> "DistContext":
@@ -58,7 +59,7 @@ class DistContext:
         dist.all_gather_object(nodes, socket.gethostname() + os.environ.get("ASYNCCKPT_NODE_SUFFIX", ""), group=group)
         me = nodes[rank]
         local = [r for r in range(world) if nodes[r] == me]
-        return cls(rank, world, local.index(rank), len(local), me, group)
+        return cls(rank, world, local.index(rank), len(local), me, group, tuple(local))
 
     @property
     def distributed(self) -> bool:
@@ -105,6 +106,11 @@ class CommitCoordinator:
     @property
     def is_publisher(self) -> bool:
         return self.ctx.local_rank == 0 if self.node_local else self.ctx.rank == 0
+
+    def copy_scope(self) -> tuple[int, ...]:
+        """The ranks that together write one full copy of the replicated state (the node's ranks with
+        node-local storage, else every rank)."""
+        return self.ctx.node_ranks if self.node_local else tuple(range(self.ctx.world_size))
 
     def publisher_ranks(self, outcomes: list[RankOutcome]) -> list[int]:
         """The ranks whose files this rank's publisher covers."""
@@ -170,6 +176,11 @@ class CommitCoordinator:
         outcomes: list[RankOutcome] = self._gather(outcome, "gathering every rank's outcome")
         phases["gather"] = time.perf_counter() - t0
         failures = {o.rank: o.error for o in outcomes if not o.ok}
+        if len({o.replicated_fp for o in outcomes}) > 1:  # the same verdict on every rank: all see all outcomes
+            for o in outcomes:
+                if o.replicated_fp != outcomes[0].replicated_fp:
+                    failures.setdefault(o.rank, "its replicated state (keys and sizes) differs from rank 0's; "
+                                                "every rank must hold the same replicated tensors")
         partial = os.path.join(save_dir, partial_dir_name(tag))
         final = os.path.join(save_dir, tag)
         status = ""

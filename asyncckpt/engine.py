@@ -25,6 +25,7 @@ from .errors import CheckpointError, TagExistsError, WriteError
 from .format import partial_dir_name, validate_tag
 from .future import SaveFuture
 from .io_types import FlatState, RankOutcome, SaveJob, SaveResult
+from .placement import assign_replicated, fingerprint
 from .staging import StagingPool
 from .writer import WriterPool
 
@@ -74,6 +75,7 @@ class SaveEngine:
         if not self.config.overwrite and os.path.lexists(os.path.join(save_dir, tag)):
             raise TagExistsError(f"checkpoint tag {tag!r} already exists in {save_dir}; choose another tag or set "
                                  "overwrite: true")
+        flat, replicated_fp = self._own_share(flat)
         self.pool.check_budget(flat.nbytes)
         slot = self.pool.acquire(self.config.on_busy, timeout=self.config.commit_timeout_s)
         if slot is None:
@@ -88,6 +90,7 @@ class SaveEngine:
             self.pool.release(slot)
             raise
         job = SaveJob(save_dir, tag, save_latest, flat, slot, ready, dict(manifest_extra or {}), t0)
+        job.replicated_fp = replicated_fp
         job.stall_s = time.perf_counter() - t0
         inner = self.writer.submit(self._run(job, stage_s))
         fut = SaveFuture(inner, tag)
@@ -96,6 +99,20 @@ class SaveEngine:
             self._futures.append(fut)
         self.saves += 1
         return fut
+
+    def _own_share(self, flat: FlatState) -> tuple[FlatState, str]:
+        """Keep this rank's own tensors and its share of the replicated ones (about 1/N of their bytes)."""
+        replicated = [i for i in flat.items if i.replicated]
+        if not replicated:
+            return flat, ""
+        fp = fingerprint([(i.key, i.nbytes) for i in replicated])
+        if not self.ctx.distributed:
+            return flat, fp
+        scope = self.coordinator.copy_scope()
+        owners = assign_replicated([i.nbytes for i in replicated], len(scope))
+        mine = {id(i) for i, o in zip(replicated, owners) if scope[o] == self.ctx.rank}
+        items = [i for i in flat.items if not i.replicated or id(i) in mine]
+        return FlatState(flat.skeleton, items, flat.views), fp
 
     def raise_unobserved(self) -> None:
         """Raise the oldest background failure nobody has looked at yet."""
@@ -153,12 +170,13 @@ class SaveEngine:
             files = await self.writer.write_rank(directory=partial, rank=ctx.rank, flat=job.flat, slot=job.slot,
                                                  skeleton=job.flat.skeleton)
             outcome = RankOutcome(ctx.rank, True, index_name=files.index_name, index_xxh3=files.index_xxh3,
-                                  bytes_written=files.bytes_written, node=ctx.node)
+                                  bytes_written=files.bytes_written, node=ctx.node, replicated_fp=job.replicated_fp)
             write_error = None
         except Exception as exc:  # reported to every rank through the commit; raised below with the cause
             files = None
             write_error = exc
-            outcome = RankOutcome(ctx.rank, False, error=f"{type(exc).__name__}: {exc}", node=ctx.node)
+            outcome = RankOutcome(ctx.rank, False, error=f"{type(exc).__name__}: {exc}", node=ctx.node,
+                                  replicated_fp=job.replicated_fp)
             log.error("rank %d: writing checkpoint %r failed: %s", ctx.rank, tag, exc)
         phases["write"] = time.perf_counter() - t
         try:

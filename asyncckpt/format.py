@@ -223,7 +223,10 @@ def parse_manifest(data: bytes, where: str) -> dict:
         )
     world = _int(doc.get("world_size"), where, "world_size", lo=1, hi=1 << 24)
     ranks = doc.get("ranks")
-    _need(isinstance(ranks, list) and len(ranks) == world, where, "ranks must list one entry per rank")
+    if doc.get("node_local"):  # each node's copy lists the ranks of that node
+        _need(isinstance(ranks, list) and 1 <= len(ranks) <= world, where, "ranks must list this node's ranks")
+    else:
+        _need(isinstance(ranks, list) and len(ranks) == world, where, "ranks must list one entry per rank")
     seen = set()
     for i, r in enumerate(ranks):
         _need(isinstance(r, dict), where, f"ranks[{i}] is not an object")
@@ -256,13 +259,17 @@ def parse_rank_index(data: bytes, where: str, file_sizes: dict[str, int] | None 
     records: dict[str, TensorRecord] = {}
     for key, t in tensors.items():
         records[key] = _parse_tensor(key, t, f"{where}: tensor {key!r}", declared)
-    for key, rec in records.items():  # views must point at a storage record that covers them
-        if rec.is_view:
-            base = records.get(rec.base)
-            _need(base is not None and not base.is_view and base.dtype == torch.uint8, f"{where}: tensor {key!r}",
-                  f"view base {rec.base!r} is not a storage record")
-            _check_view_bounds(rec, base.nbytes, f"{where}: tensor {key!r}")
+    for key, rec in records.items():  # a view's storage may live in another rank's index (replicated state)
+        if rec.is_view and rec.base in records:
+            check_view(rec, records[rec.base], f"{where}: tensor {key!r}")
     return doc, records
+
+
+def check_view(rec: TensorRecord, base: TensorRecord | None, where: str) -> None:
+    """A view must point at a storage record (uint8, not itself a view) that covers it."""
+    _need(base is not None and not base.is_view and base.dtype == torch.uint8 and not base.is_shard, where,
+          f"view base {rec.base!r} is not a storage record")
+    _check_view_bounds(rec, base.nbytes, where)
 
 
 def _parse_tensor(key: str, t: Any, where: str, files: dict[str, int]) -> TensorRecord:

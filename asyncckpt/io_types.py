@@ -19,8 +19,9 @@ class StageItem:
     dtype: torch.dtype
     shape: tuple[int, ...]
     device: str
-    global_shape: tuple[int, ...] = ()
-    global_offset: tuple[int, ...] = ()
+    global_shape: tuple[int, ...] = ()  # a shard of a sharded tensor: the full shape...
+    global_offset: tuple[int, ...] = ()  # ...and where this shard starts in it
+    replicated: bool = False  # identical on every rank: written once in total, by the rank it is assigned to
 
     @property
     def nbytes(self) -> int:
@@ -38,6 +39,7 @@ class ViewItem:
     stride: tuple[int, ...]
     byte_offset: int
     device: str
+    replicated: bool = False
 
 
 @dataclass
@@ -85,6 +87,7 @@ class RankOutcome:
     index_xxh3: str = ""
     bytes_written: int = 0
     node: str = ""
+    replicated_fp: str = ""  # digest of the replicated tensors' keys and sizes (must agree across ranks)
 
 
 @dataclass
@@ -100,3 +103,4 @@ class SaveJob:
     meta: dict[str, Any]
     t_start: float
     stall_s: float = 0.0
+    replicated_fp: str = ""

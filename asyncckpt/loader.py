@@ -10,7 +10,6 @@ import concurrent.futures
 import math
 import os
 import stat
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -18,9 +17,10 @@ import torch
 
 from .codec import ChunkCodec
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
-from .format import (LATEST, MANIFEST, PARTIAL_SUFFIX, TensorRecord, checksum, parse_manifest,
+from .format import (LATEST, MANIFEST, PARTIAL_SUFFIX, TensorRecord, check_view, checksum, parse_manifest,
                      parse_rank_index, validate_tag)
-from .state import skeleton_tensor_keys, unflatten
+from .placement import DTensorInfo, copy_overlap, local_region, to_dtensor
+from .state import skeleton_tensor_refs, unflatten
 
 MapLocation = Any  # None | str | torch.device | dict[str, str] | Callable[[str], str | torch.device]
 
@@ -98,12 +98,6 @@ def target_device(saved: str, map_location: MapLocation) -> torch.device:
     return dev
 
 
-@dataclass
-class _Chunk:
-    record: TensorRecord
-    index: int
-
-
 class CheckpointReader:
     """A validated view of one published tag. Nothing large is allocated until tensors are read."""
 
@@ -155,19 +149,28 @@ class CheckpointReader:
         return sum(self._sizes.values())
 
     # ----------------------------------------------------------------------------------------- reading
-    def read_tensors(self, keys: Iterable[str], *, map_location: MapLocation = None, verify: bool = True) -> dict[str, torch.Tensor]:
+    def record_for(self, key: str, rank: int = 0) -> TensorRecord:
+        """The record of a non-sharded tensor as seen by ``rank``: its own copy when it wrote one (rank-local
+        state), else the copy of rank ``rank % world_size`` (loading on another world size), else the only
+        copy (replicated state, written by whichever rank it was assigned to)."""
+        recs = self.records.get(key)
+        if not recs:
+            raise CorruptCheckpointError(f"{self.path}: the skeleton references tensor {key!r}, which no rank index holds")
+        by_rank = dict(recs)
+        return by_rank.get(rank) or by_rank.get(rank % self.world_size) or recs[0][1]
+
+    def read_tensors(self, keys: Iterable[str], *, rank: int = 0, map_location: MapLocation = None,
+                     verify: bool = True) -> dict[str, torch.Tensor]:
         """Read the tensors named by ``keys`` (and the storages their views need)."""
         keys = list(dict.fromkeys(keys))
         wanted: dict[str, TensorRecord] = {}
         for key in keys:
-            recs = self.records.get(key)
-            if not recs:
-                raise CorruptCheckpointError(f"{self.path}: the skeleton references tensor {key!r}, which no rank index holds")
-            rec = recs[0][1]
+            rec = self.record_for(key, rank)
             wanted[key] = rec
             if rec.is_view:
-                base = self._record(rec.base)
-                wanted[base.key] = base
+                base = self.record_for(rec.base, rank)
+                check_view(rec, base, f"{self.path}: tensor {key!r}")
+                wanted[rec.base] = base
         plain = {k: r for k, r in wanted.items() if not r.is_view}
         cpu = self._read_plain(plain, verify)
         out: dict[str, torch.Tensor] = {}
@@ -182,11 +185,30 @@ class CheckpointReader:
                 out[key] = view
         return {k: out[k] for k in keys}
 
-    def _record(self, key: str) -> TensorRecord:
-        recs = self.records.get(key)
+    def read_region(self, key: str, shape: tuple[int, ...], offset: tuple[int, ...], *, verify: bool = True) -> torch.Tensor:
+        """The box ``shape`` at ``offset`` of a (possibly sharded) tensor, assembled from every saved shard that
+        overlaps it; shards that do not overlap are not read."""
+        recs = [rec for _, rec in self.records.get(key, [])]
         if not recs:
-            raise CorruptCheckpointError(f"{self.path}: tensor record {key!r} is missing")
-        return recs[0][1]
+            raise CorruptCheckpointError(f"{self.path}: the skeleton references tensor {key!r}, which no rank index holds")
+        out = torch.empty(shape, dtype=recs[0].dtype)
+        covered = 0
+        seen: set[tuple] = set()
+        for rec in recs:
+            if rec.dtype != out.dtype:
+                raise CorruptCheckpointError(f"{self.path}: shards of {key!r} disagree on dtype")
+            src_offset = rec.global_offset if rec.is_shard else (0,) * len(rec.shape)
+            box = (src_offset, rec.shape)
+            if box in seen or not _overlaps(offset, shape, src_offset, rec.shape):
+                continue  # a replicated copy of a shard already read, or a shard this rank does not need
+            seen.add(box)
+            src = self._read_plain({key: rec}, verify)[key]
+            covered += copy_overlap(out, offset, src, src_offset)
+        if covered < out.numel():
+            raise CorruptCheckpointError(
+                f"{self.path}: the saved shards of {key!r} cover {covered} of the {out.numel()} elements requested "
+                f"(region {list(shape)} at {list(offset)})")
+        return out
 
     def _read_plain(self, records: dict[str, TensorRecord], verify: bool) -> dict[str, torch.Tensor]:
         tensors = {k: torch.empty(r.shape, dtype=r.dtype) for k, r in records.items()}
@@ -235,10 +257,33 @@ class CheckpointReader:
                 f.result()
 
     def load_state(self, *, rank: int = 0, map_location: MapLocation = None, verify: bool = True,
-                   allow_pickle: bool = False) -> Any:
+                   allow_pickle: bool = False, mesh: Any = None) -> Any:
+        """Rebuild the state as ``rank`` saved it (another world size works too). DTensors come back as
+        DTensors on ``mesh`` (resharded to it) when a mesh is given, else as full plain tensors."""
         skeleton = self.skeleton(rank)
-        tensors = self.read_tensors(skeleton_tensor_keys(skeleton), map_location=map_location, verify=verify)
+        refs = skeleton_tensor_refs(skeleton)
+        plain = [k for k, node in refs.items() if node.get("__t") != "dtensor"]
+        tensors = self.read_tensors(plain, rank=rank, map_location=map_location, verify=verify)
+        for key, node in refs.items():
+            if node.get("__t") == "dtensor":
+                tensors[key] = self._load_dtensor(key, node, mesh, map_location, verify)
         return unflatten(skeleton, tensors, allow_pickle=allow_pickle, where=self.path)
+
+    def _load_dtensor(self, key: str, node: dict, mesh: Any, map_location: MapLocation, verify: bool) -> Any:
+        try:
+            info = DTensorInfo(tuple(int(x) for x in node["global_shape"]),
+                               tuple(tuple(p) for p in node["placements"]))
+        except (KeyError, TypeError, ValueError):
+            raise UnsafeCheckpointError(f"{self.path}: malformed DTensor node for {key!r}") from None
+        if mesh is None:
+            shape, offset = info.global_shape, (0,) * len(info.global_shape)
+        else:
+            shape, offset = local_region(info, mesh)
+        local = self.read_region(key, shape, offset, verify=verify)
+        dev = target_device(self.records[key][0][1].device, map_location)
+        if dev.type != "cpu":
+            local = local.to(dev)
+        return local if mesh is None else to_dtensor(local, info, mesh)
 
     def verify(self) -> dict:
         """Read and check every chunk of every rank. Raises CorruptCheckpointError naming the file, chunk and
@@ -253,6 +298,11 @@ class CheckpointReader:
                 n_chunks += len(rec.chunks)
         return {"tensors": sum(len(r) for r in plain.values()), "chunks": n_chunks,
                 "raw_bytes": self.raw_bytes, "stored_bytes": self.stored_bytes}
+
+
+def _overlaps(a_off, a_shape, b_off, b_shape) -> bool:
+    return all(max(ao, bo) < min(ao + al, bo + bl) for ao, al, bo, bl in zip(a_off, a_shape, b_off, b_shape)) \
+        or (len(a_shape) == 0)
 
 
 def _bytes_view(t: torch.Tensor) -> np.ndarray:
@@ -275,12 +325,13 @@ def _open_inside(directory: str, name: str) -> int:
 
 
 def load(save_dir: str, tag: str | None = None, map_location: MapLocation = None, *, verify: bool = True,
-         allow_pickle: bool = False, rank: int | None = None) -> Any:
-    """Load the nested state saved by :func:`asyncckpt.save` (``tag`` None → the tag ``latest`` names)."""
+         allow_pickle: bool = False, rank: int | None = None, mesh: Any = None) -> Any:
+    """Load the nested state saved by :func:`asyncckpt.save` (``tag`` None → the tag ``latest`` names).
+    ``rank`` defaults to this process's rank; DTensors are resharded onto ``mesh`` when one is given."""
     if rank is None:
         rank = _current_rank()
     return CheckpointReader(save_dir, tag).load_state(rank=rank, map_location=map_location, verify=verify,
-                                                      allow_pickle=allow_pickle)
+                                                      allow_pickle=allow_pickle, mesh=mesh)
 
 
 def _current_rank() -> int:

@@ -5,6 +5,7 @@ The skeleton is plain JSON. Containers and values JSON cannot express are tagged
 
     {"__t": "tensor", "key": "module/fc.weight"}      a tensor (stored in data files under that key)
     {"__t": "ndarray", "key": ...}                    a numpy array (stored as a tensor)
+    {"__t": "dtensor", "key": ..., "global_shape": [..], "placements": [["S", 0]]}   a DTensor
     {"__t": "dict", "items": [[k, v], ...]}           a dict whose keys are not all strings
     {"__t": "odict", "items": [...], "metadata": ..}  an OrderedDict (module state dicts keep _metadata)
     {"__t": "tuple", "items": [...]}                  a tuple
@@ -29,6 +30,7 @@ import torch
 from .errors import PickleNotAllowedError, UnsafeCheckpointError
 from .format import DTYPES, dtype_name
 from .io_types import FlatState, StageItem, ViewItem
+from .placement import describe_dtensor, is_dtensor
 
 TAG = "__t"
 
@@ -46,13 +48,14 @@ def _device_str(t: torch.Tensor) -> str:
 
 
 class _Flattener:
-    def __init__(self, allow_pickle: bool, tensor_hook: Callable[[str, torch.Tensor], Any] | None):
+    def __init__(self, allow_pickle: bool, replicated: Callable[[str], bool] | None):
         self.allow_pickle = allow_pickle
-        self.tensors: list[tuple[str, torch.Tensor]] = []
+        self.replicated = replicated
+        self.tensors: list[tuple[str, torch.Tensor, bool, tuple, tuple]] = []
         self.by_identity: dict[tuple, str] = {}
-        self.tensor_hook = tensor_hook  # lets the distributed layer record sharded/replicated tensors
 
-    def tensor(self, t: torch.Tensor, path: str) -> str:
+    def tensor(self, t: torch.Tensor, path: str, replicated: bool = False, global_shape: tuple = (),
+               global_offset: tuple = ()) -> str:
         if t.is_sparse or t.layout != torch.strided:
             raise TypeError(f"{path}: {t.layout} tensors are not supported; convert to dense first")
         dtype_name(t.dtype)  # raises a clear error for unsupported dtypes
@@ -62,16 +65,20 @@ class _Flattener:
             return self.by_identity[ident]  # the very same view saved twice (tied weights): one entry
         if ident is not None:
             self.by_identity[ident] = path
-        self.tensors.append((path, t.detach()))
+        self.tensors.append((path, t.detach(), replicated, global_shape, global_offset))
         return path
 
     def walk(self, obj: Any, path: str) -> Any:
+        if is_dtensor(obj):
+            local, info, offset = describe_dtensor(obj, path)
+            if info.sharded:
+                key = self.tensor(local, path, False, info.global_shape, offset)
+            else:
+                key = self.tensor(local, path, True)
+            return {TAG: "dtensor", "key": key, **info.to_json()}
         if isinstance(obj, torch.Tensor):
-            if self.tensor_hook is not None:
-                hooked = self.tensor_hook(path, obj)
-                if hooked is not None:
-                    obj = hooked
-            return {TAG: "tensor", "key": self.tensor(obj, path)}
+            replicated = self.replicated is not None and self.replicated(path)
+            return {TAG: "tensor", "key": self.tensor(obj, path, replicated)}
         if obj is None or isinstance(obj, (bool, str)):
             return obj
         if isinstance(obj, int):
@@ -126,45 +133,48 @@ class _Flattener:
         return {TAG: "pickle", "value": base64.b64encode(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)).decode()}
 
 
-def flatten(state: Any, *, allow_pickle: bool = False,
-            tensor_hook: Callable[[str, torch.Tensor], Any] | None = None) -> FlatState:
-    """Split ``state`` into a JSON skeleton and stage items (tensors, or spans of storages they share)."""
-    f = _Flattener(allow_pickle, tensor_hook)
+def flatten(state: Any, *, allow_pickle: bool = False, replicated: Callable[[str], bool] | None = None) -> FlatState:
+    """Split ``state`` into a JSON skeleton and stage items (tensors, or spans of storages they share).
+
+    ``replicated(key_path)`` says which plain tensors are identical on every rank (DDP state): those are
+    written once in total. DTensors carry their own layout."""
+    f = _Flattener(allow_pickle, replicated)
     skeleton = f.walk(state, "")
     items, views = _group_storages(f.tensors)
     return FlatState(skeleton, items, views)
 
 
-def _group_storages(tensors: list[tuple[str, torch.Tensor]]) -> tuple[list[StageItem], list[ViewItem]]:
-    groups: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
+def _group_storages(tensors: list[tuple]) -> tuple[list[StageItem], list[ViewItem]]:
+    groups: dict[tuple, list[tuple]] = {}
     order: list[tuple] = []
-    for key, t in tensors:
-        gid = (t.device, t.untyped_storage().data_ptr()) if t.untyped_storage().nbytes() and t.numel() else ("solo", key)
+    for entry in tensors:
+        key, t, _, gshape, _ = entry
+        shared = t.untyped_storage().nbytes() and t.numel() and not gshape
+        gid = (t.device, t.untyped_storage().data_ptr()) if shared else ("solo", key)
         if gid not in groups:
             groups[gid] = []
             order.append(gid)
-        groups[gid].append((key, t))
+        groups[gid].append(entry)
     items: list[StageItem] = []
     views: list[ViewItem] = []
-    n_storages = 0
     for gid in order:
         members = groups[gid]
         if len(members) == 1:
-            key, t = members[0]
-            items.append(StageItem(key, t, t.dtype, tuple(t.shape), _device_str(t)))
+            key, t, rep, gshape, goff = members[0]
+            items.append(StageItem(key, t, t.dtype, tuple(t.shape), _device_str(t), gshape, goff, rep))
             continue
         # several different views of one storage: stage the byte span they cover once
-        spans = [(_byte_span(t), key, t) for key, t in members]
+        spans = [(_byte_span(t), key, t) for key, t, *_ in members]
+        rep = all(m[2] for m in members)
         lo = min(s[0][0] for s in spans)
         hi = max(s[0][1] for s in spans)
-        base_key = f"#storage/{n_storages}"
-        n_storages += 1
+        base_key = f"#storage/{spans[0][1]}"  # named after its first view: stable across ranks
         storage = members[0][1].untyped_storage()
         span = torch.empty(0, dtype=torch.uint8, device=members[0][1].device).set_(storage, lo, (hi - lo,), (1,))
-        items.append(StageItem(base_key, span, torch.uint8, (hi - lo,), _device_str(span)))
+        items.append(StageItem(base_key, span, torch.uint8, (hi - lo,), _device_str(span), replicated=rep))
         for (start, _), key, t in spans:
             views.append(ViewItem(key, base_key, t.dtype, tuple(t.shape), tuple(t.stride()),
-                                  t.storage_offset() * t.element_size() - lo, _device_str(t)))
+                                  t.storage_offset() * t.element_size() - lo, _device_str(t), rep))
     return items, views
 
 
@@ -191,7 +201,7 @@ def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor], *, allow_pickle: 
         if kind is None:
             return {k: build(v, join(path, k)) for k, v in node.items()}
         try:
-            if kind == "tensor":
+            if kind in ("tensor", "dtensor"):
                 return tensors[node["key"]]
             if kind == "ndarray":
                 t = tensors[node["key"]]
@@ -242,17 +252,17 @@ def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor], *, allow_pickle: 
     return build(skeleton, "")
 
 
-def skeleton_tensor_keys(skeleton: Any) -> list[str]:
-    """Every tensor key a skeleton references (used to load only what a rank needs)."""
-    out: list[str] = []
+def skeleton_tensor_refs(skeleton: Any) -> dict[str, dict]:
+    """Every tensor node a skeleton references, by key (used to load only what a rank needs)."""
+    out: dict[str, dict] = {}
 
     def visit(node: Any) -> None:
         if isinstance(node, list):
             for v in node:
                 visit(v)
         elif isinstance(node, dict):
-            if node.get(TAG) in ("tensor", "ndarray") and isinstance(node.get("key"), str):
-                out.append(node["key"])
+            if node.get(TAG) in ("tensor", "ndarray", "dtensor") and isinstance(node.get("key"), str):
+                out[node["key"]] = node
             else:
                 for v in node.values():
                     visit(v)

@@ -1,0 +1,209 @@
+"""Functions run on every rank by tests/test_multirank.py (importable by spawned processes)."""
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+import torch.distributed as dist
+
+import asyncckpt
+
+CFG = {"commit_timeout_s": 30, "writer": {"threads_per_node": 2}, "codec": {"chunk_mib": 0.25}}
+
+
+def make_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
+                               torch.nn.ReLU(), torch.nn.Linear(64, 8))
+
+
+def train(model, opt, steps: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(16, 32, generator=g)
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _flat_state(model, opt) -> dict:
+    out = {f"m/{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    for pid, st in opt.state_dict()["state"].items():
+        for name, v in st.items():
+            if torch.is_tensor(v):
+                out[f"o/{pid}/{name}"] = v.detach().clone()
+    return out
+
+
+def ddp_save_load(rank: int, world: int, save_dir: str) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(make_model())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with asyncckpt.AsyncCheckpointer(model, opt, config=CFG) as saver:
+        assert saver.replicated
+        train(model, opt, 3, seed=rank)  # different data per rank; DDP keeps the replicas identical
+        res = saver.save_checkpoint(save_dir, client_state={"rank": rank}).result(60)
+        expected = _flat_state(model.module, opt)
+        fresh = DDP(make_model(seed=123))
+        fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+        with asyncckpt.AsyncCheckpointer(fresh, fresh_opt, config=CFG) as loader:
+            path, client = loader.load_checkpoint(save_dir)
+            assert loader.global_steps == 3
+        got = _flat_state(fresh.module, fresh_opt)
+        assert client == {"rank": rank}, client
+        assert expected.keys() == got.keys()
+        for k in expected:
+            assert torch.equal(expected[k], got[k]), k
+    torch.save(expected, os.path.join(save_dir, f"expected{rank}.pt")) if rank == 0 else None
+    return {"bytes_written": res.bytes_written, "total": res.total_bytes_written, "raw": res.raw_bytes,
+            "phases": res.phases, "tag": res.tag}
+
+
+def fsdp_save(rank: int, world: int, save_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = make_model()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train(model, opt, 2, seed=7)
+    with asyncckpt.AsyncCheckpointer(model, opt, config=CFG) as saver:
+        saver.save_checkpoint(save_dir, tag="fsdp").result(60)
+    full = _full(model, opt)
+    if rank == 0:
+        torch.save(full, os.path.join(save_dir, "expected_fsdp.pt"))
+
+
+def _full(model, opt) -> dict:
+    out = {f"m/{k}": (v.full_tensor() if hasattr(v, "full_tensor") else v).clone() for k, v in model.state_dict().items()}
+    for pid, st in opt.state_dict()["state"].items():
+        for name, v in st.items():
+            if torch.is_tensor(v):
+                out[f"o/{pid}/{name}"] = (v.full_tensor() if hasattr(v, "full_tensor") else v).clone()
+    return out
+
+
+def fsdp_load(rank: int, world: int, save_dir: str) -> int:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = make_model(seed=99)
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train(model, opt, 1, seed=3)  # the optimizer has state to overwrite
+    with asyncckpt.AsyncCheckpointer(model, opt, config=CFG) as saver:
+        saver.load_checkpoint(save_dir, tag="fsdp")
+    expected = torch.load(os.path.join(save_dir, "expected_fsdp.pt"))
+    got = _full(model, opt)
+    assert expected.keys() == got.keys(), (expected.keys(), got.keys())
+    for k in expected:
+        assert torch.equal(expected[k], got[k]), k
+    # the loaded model keeps training identically on every world size
+    train(model, opt, 1, seed=5)
+    return len(expected)
+
+
+def write_failure(rank: int, world: int, save_dir: str) -> dict:
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with asyncckpt.AsyncCheckpointer(model, opt, config=CFG) as saver:
+        train(model, opt, 1, seed=0)
+        saver.save_checkpoint(save_dir, tag="good").result(60)
+        if rank == 1:
+            import asyncckpt.codec as codec
+
+            def boom(self, raw, itemsize):
+                raise OSError(28, "No space left on device (injected)")
+
+            codec.ChunkCodec.encode = boom
+        fut = saver.save_checkpoint(save_dir, tag="bad")
+        err = fut.exception(60)
+        assert isinstance(err, asyncckpt.CommitError), repr(err)
+        assert 1 in err.failures and "No space left" in err.failures[1], err.failures
+        latest = open(os.path.join(save_dir, "latest")).read().strip()
+        assert latest == "good", latest
+        assert not os.path.exists(os.path.join(save_dir, "bad"))
+        return {"message": str(err), "failures": err.failures}
+
+
+def tag_mismatch(rank: int, world: int, save_dir: str) -> str:
+    model = make_model()
+    with asyncckpt.AsyncCheckpointer(model, None, config=CFG) as saver:
+        err = saver.save_checkpoint(save_dir, tag=f"tag{rank}").exception(60)
+        assert isinstance(err, asyncckpt.CommitError), repr(err)
+        assert "differs across ranks" in str(err)
+        # the saver still works after a refused save
+        saver.save_checkpoint(save_dir, tag="same").result(60)
+        return str(err)
+
+
+def killed_rank(rank: int, world: int, save_dir: str) -> str:
+    model = make_model()
+    cfg = dict(CFG, commit_timeout_s=8)
+    with asyncckpt.AsyncCheckpointer(model, None, config=cfg) as saver:
+        saver.save_checkpoint(save_dir, tag="before").result(60)
+        if rank == world - 1:
+            import asyncckpt.codec as codec
+
+            def die(self, raw, itemsize):
+                os._exit(17)  # a rank killed while writing
+
+            codec.ChunkCodec.encode = die
+        fut = saver.save_checkpoint(save_dir, tag="after")
+        err = fut.exception(60)  # well inside the harness deadline
+        assert isinstance(err, asyncckpt.CommitError), repr(err)
+        assert open(os.path.join(save_dir, "latest")).read().strip() == "before"
+        try:
+            saver.close()
+        except asyncckpt.CheckpointError:
+            pass
+        return type(err).__name__
+
+
+def train_while_committing(rank: int, world: int, save_dir: str) -> int:
+    """All-reduce on the default group in the training loop while commits run on the saver's own group."""
+    model = make_model()
+    cfg = dict(CFG, max_inflight=2)
+    futures = []
+    total = torch.zeros(1)
+    with asyncckpt.AsyncCheckpointer(model, None, config=cfg) as saver:
+        for step in range(40):
+            x = torch.ones(1) * (rank + 1)
+            dist.all_reduce(x)  # default group
+            total += x
+            if step % 8 == 0:
+                futures.append(saver.save_checkpoint(save_dir, tag=f"s{step}"))
+        results = [f.result(60) for f in futures]
+    assert all(r.path for r in results)
+    assert total.item() == 40 * sum(range(1, world + 1))
+    return len(results)
+
+
+def node_local(rank: int, world: int, root: str) -> list:
+    node = os.environ["ASYNCCKPT_NODE_SUFFIX"]
+    save_dir = os.path.join(root, f"node{node}")
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(make_model())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    cfg = dict(CFG, use_node_local_storage=True)
+    with asyncckpt.AsyncCheckpointer(model, opt, config=cfg) as saver:
+        train(model, opt, 1, seed=rank)
+        saver.save_checkpoint(save_dir, tag="n").result(60)
+        expected = _flat_state(model.module, opt)
+        saver.load_checkpoint(save_dir)
+        got = _flat_state(model.module, opt)
+    for k in expected:
+        assert torch.equal(expected[k], got[k]), k
+    return sorted(os.listdir(os.path.join(save_dir, "n")))
