@@ -137,8 +137,10 @@ class AsyncCheckpointer:
         ``latest`` names the tag once it is published, if ``save_latest``. Returns a :class:`SaveFuture`."""
         if tag is None:
             tag = f"global_step{self.global_steps}"
-        flat = self._flatten(self.state_dict(client_state, exclude_frozen_parameters))
-        return self._engine.save(flat, os.fspath(save_dir), str(tag), save_latest=save_latest,
+        def collect():
+            return self._flatten(self.state_dict(client_state, exclude_frozen_parameters))
+
+        return self._engine.save(collect, os.fspath(save_dir), str(tag), save_latest=save_latest,
                                  manifest_extra={"global_steps": self.global_steps})
 
     def wait(self, timeout: float | None = None) -> list[SaveResult]:

@@ -35,6 +35,8 @@ from .io_types import RankOutcome
 
 log = logging.getLogger(__name__)
 
+BUSY = "busy"  # a rank's prepare status when it had no free staging slot (on_busy: skip)
+
 
 @dataclass
 class DistContext:
@@ -132,9 +134,18 @@ class CommitCoordinator:
                 f"peer rank died or hung: {str(exc).splitlines()[0][:300]}") from exc
 
     # ---------------------------------------------------------------------------------------- prepare
-    def prepare(self, save_dir: str, tag: str) -> str:
-        """Agree on the tag, create the partial directory. Returns the tag every rank will use."""
-        infos = self._gather((tag, os.path.abspath(save_dir)), "tag validation")
+    def prepare(self, save_dir: str, tag: str, status: str = "") -> str | None:
+        """Agree on the tag, create the partial directory. Returns the tag every rank will use, or None when
+        some rank could not stage this save (on_busy skip) so that every rank skips it. ``status`` is this
+        rank's: "" (staged), BUSY, or the error that stopped it."""
+        infos = self._gather((tag, os.path.abspath(save_dir), status), "tag validation")
+        errors = {r: i[2] for r, i in enumerate(infos) if i[2] and i[2] != BUSY}
+        if errors:
+            raise CommitError(_describe(f"checkpoint {tag!r} was not started", errors), errors)
+        if any(i[2] == BUSY for i in infos):
+            busy = [r for r, i in enumerate(infos) if i[2] == BUSY]
+            log.info("skipping checkpoint %r on every rank: rank(s) %s still busy with earlier saves", tag, busy)
+            return None
         tags = [i[0] for i in infos]
         if len(set(tags)) > 1:
             detail = ", ".join(f"rank {r}: {t!r}" for r, t in enumerate(tags))

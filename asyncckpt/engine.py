@@ -14,13 +14,14 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from .codec import ChunkCodec
 from .commit import CommitCoordinator, DistContext
 from .config import Config
+from .commit import BUSY
 from .errors import CheckpointError, TagExistsError, WriteError
 from .format import partial_dir_name, validate_tag
 from .future import SaveFuture
@@ -64,41 +65,66 @@ class SaveEngine:
         self.saves = 0
 
     # ------------------------------------------------------------------------------------- training side
-    def save(self, flat: FlatState, save_dir: str, tag: str, *, save_latest: bool = True,
+    def save(self, flat: FlatState | Callable[[], FlatState], save_dir: str, tag: str, *, save_latest: bool = True,
              manifest_extra: dict | None = None) -> SaveFuture:
+        """Stage and submit one save. ``flat`` may be a callable, so that an error while collecting the state
+        is handled like any other error of this call: with several ranks, a rank that cannot take part in a
+        save (error, or no free slot with on_busy skip/error) still submits a placeholder, so every rank
+        issues the same coordination collectives and the others skip or fail that save together."""
         t0 = time.perf_counter()
         if self._closed:
             raise CheckpointError("this saver is closed")
-        self.raise_unobserved()
-        validate_tag(tag)
         save_dir = os.fspath(save_dir)
-        if not self.config.overwrite and os.path.lexists(os.path.join(save_dir, tag)):
-            raise TagExistsError(f"checkpoint tag {tag!r} already exists in {save_dir}; choose another tag or set "
-                                 "overwrite: true")
-        flat, replicated_fp = self._own_share(flat)
-        self.pool.check_budget(flat.nbytes)
-        slot = self.pool.acquire(self.config.on_busy, timeout=self.config.commit_timeout_s)
+        try:
+            self.raise_unobserved()
+            validate_tag(tag)
+            if not self.config.overwrite and os.path.lexists(os.path.join(save_dir, tag)):
+                raise TagExistsError(f"checkpoint tag {tag!r} already exists in {save_dir}; choose another tag or "
+                                     "set overwrite: true")
+            flat = flat() if callable(flat) else flat
+            flat, replicated_fp = self._own_share(flat)
+            self.pool.check_budget(flat.nbytes)
+            slot = self.pool.acquire(self.config.on_busy, timeout=self.config.commit_timeout_s)
+        except Exception as exc:
+            self._placeholder(save_dir, tag, f"{type(exc).__name__}: {exc}")
+            raise
         if slot is None:
             log.info("skipping checkpoint %r: %d save(s) already in flight (on_busy=skip)", tag, len(self.pool.slots))
-            return SaveFuture.completed(SaveResult(tag, None, skipped=True, rank=self.ctx.rank,
-                                                   world_size=self.ctx.world_size))
+            placeholder = self._placeholder(save_dir, tag, BUSY)
+            return placeholder or SaveFuture.completed(self._skipped(tag))
         try:
             t_stage = time.perf_counter()
             ready = slot.stage(flat.items)
             stage_s = time.perf_counter() - t_stage
-        except BaseException:
+        except Exception as exc:
             self.pool.release(slot)
+            self._placeholder(save_dir, tag, f"{type(exc).__name__}: {exc}")
             raise
         job = SaveJob(save_dir, tag, save_latest, flat, slot, ready, dict(manifest_extra or {}), t0)
         job.replicated_fp = replicated_fp
         job.stall_s = time.perf_counter() - t0
-        inner = self.writer.submit(self._run(job, stage_s))
-        fut = SaveFuture(inner, tag)
+        return self._submit(job, stage_s)
+
+    def _submit(self, job: SaveJob, stage_s: float) -> SaveFuture:
+        fut = SaveFuture(self.writer.submit(self._run(job, stage_s)), job.tag)
         with self._lock:
             self._futures = [f for f in self._futures if not f.done() or f.unobserved_error() is not None]
             self._futures.append(fut)
         self.saves += 1
         return fut
+
+    def _placeholder(self, save_dir: str, tag: str, reason: str) -> SaveFuture | None:
+        """With several ranks, stand in for a save this rank cannot make (see :meth:`save`)."""
+        if not self.ctx.distributed or self._closed:
+            return None
+        job = SaveJob(save_dir, tag, False, FlatState(None, []), None, _noop, {}, time.perf_counter(), reason=reason)
+        fut = self._submit(job, 0.0)
+        if reason != BUSY:
+            fut.observed = True  # this rank raises the error itself, right now
+        return fut
+
+    def _skipped(self, tag: str) -> SaveResult:
+        return SaveResult(tag, None, skipped=True, rank=self.ctx.rank, world_size=self.ctx.world_size)
 
     def _own_share(self, flat: FlatState) -> tuple[FlatState, str]:
         """Keep this rank's own tensors and its share of the replicated ones (about 1/N of their bytes)."""
@@ -155,7 +181,8 @@ class SaveEngine:
             try:
                 return await self._pipeline(loop, job, stage_s)
             finally:
-                self.pool.release(job.slot)
+                if job.slot is not None:
+                    self.pool.release(job.slot)
 
     async def _pipeline(self, loop, job: SaveJob, stage_s: float) -> SaveResult:
         ctx = self.ctx
@@ -163,7 +190,9 @@ class SaveEngine:
         t = time.perf_counter()
         await loop.run_in_executor(self._commit_thread, job.ready)  # CUDA copies finished
         phases["copy_wait"] = time.perf_counter() - t
-        tag = await loop.run_in_executor(self._commit_thread, self.coordinator.prepare, job.save_dir, job.tag)
+        tag = await loop.run_in_executor(self._commit_thread, self.coordinator.prepare, job.save_dir, job.tag, job.reason)
+        if tag is None:  # some rank had no free slot (on_busy=skip): every rank skips this save
+            return self._skipped(job.tag)
         partial = os.path.join(job.save_dir, partial_dir_name(tag))
         t = time.perf_counter()
         try:
@@ -202,3 +231,7 @@ class SaveEngine:
 
 async def _make_lock() -> asyncio.Lock:
     return asyncio.Lock()
+
+
+def _noop() -> None:
+    return None

@@ -98,9 +98,10 @@ class SaveJob:
     tag: str
     save_latest: bool
     flat: FlatState
-    slot: Any  # staging.Slot
+    slot: Any  # staging.Slot; None for a placeholder
     ready: Callable[[], None]  # blocks until staged bytes are valid (CUDA event), no-op on CPU
     meta: dict[str, Any]
     t_start: float
     stall_s: float = 0.0
     replicated_fp: str = ""
+    reason: str = ""  # a placeholder for a save this rank could not make: "busy" (skip) or the error

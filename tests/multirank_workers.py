@@ -207,3 +207,25 @@ def node_local(rank: int, world: int, root: str) -> list:
     for k in expected:
         assert torch.equal(expected[k], got[k]), k
     return sorted(os.listdir(os.path.join(save_dir, "n")))
+
+
+def one_rank_busy_or_failing(rank: int, world: int, save_dir: str) -> dict:
+    """A save one rank cannot make (no free slot with on_busy=skip; an error in its own state) is skipped or
+    failed on every rank, and the ranks stay in step for the next save."""
+    model = make_model()
+    cfg = dict(CFG, on_busy="skip", max_inflight=1, commit_timeout_s=20)
+    out = {}
+    with asyncckpt.AsyncCheckpointer(model, None, config=cfg) as saver:
+        held = saver.engine.pool.acquire("wait") if rank == 1 else None  # rank 1's only slot is busy
+        out["busy"] = saver.save_checkpoint(save_dir, tag="b").result(60).skipped
+        if held is not None:
+            saver.engine.pool.release(held)
+        client = {"obj": object()} if rank == 1 else {}  # not JSON: rank 1 fails at once
+        try:
+            fut = saver.save_checkpoint(save_dir, tag="c", client_state=client)
+            err = fut.exception(60)
+            out["other_rank_error"] = str(err)
+        except asyncckpt.PickleNotAllowedError as exc:
+            out["raised_here"] = str(exc)
+        out["next"] = saver.save_checkpoint(save_dir, tag="d").result(60).path is not None
+    return out

@@ -77,3 +77,12 @@ def test_node_local_storage_each_node_publishes_its_copy(tmp_path):
     assert listing[1] == ["manifest.json", "rank00001-0.bin", "rank00001.json"]
     for node in ("node0", "node1"):
         assert (tmp_path / node / "latest").read_text().strip() == "n"
+
+
+def test_a_save_one_rank_cannot_make_is_skipped_or_failed_everywhere(tmp_path):
+    r0, r1 = assert_all_ok(run_ranks(w.one_rank_busy_or_failing, 2, str(tmp_path), str(tmp_path)))
+    assert r0["busy"] and r1["busy"]  # rank 0 had a free slot, yet skipped with rank 1
+    assert "client_state/obj" in r1["raised_here"]
+    assert "rank 1" in r0["other_rank_error"] and "PickleNotAllowedError" in r0["other_rank_error"]
+    assert r0["next"] and r1["next"]
+    assert asyncckpt.list_tags(str(tmp_path)) == ["d"]
