@@ -106,6 +106,7 @@ class CheckpointReader:
         self.tag = resolve_tag(self.save_dir, tag)
         self.path = os.path.join(self.save_dir, self.tag)
         self.threads = threads or max(1, min(8, os.cpu_count() or 1))
+        self.bytes_read = 0  # stored bytes read from data files so far (what loading this rank cost)
         with open(self._file(MANIFEST), "rb") as f:
             self.manifest = parse_manifest(f.read(), self._file(MANIFEST))
         self.world_size = self.manifest["world_size"]
@@ -247,6 +248,7 @@ class CheckpointReader:
                 raise CorruptCheckpointError(f"{where}: short read ({len(stored)} of {c.length} bytes)")
             ChunkCodec.decode(c, memoryview(stored), out, verify, where)
 
+        self.bytes_read += sum(t[2].length for t in tasks)
         if len(tasks) <= 1 or self.threads == 1:
             for t in tasks:
                 one(t)
