@@ -51,7 +51,7 @@ class _Flattener:
     def __init__(self, allow_pickle: bool, replicated: Callable[[str], bool] | None):
         self.allow_pickle = allow_pickle
         self.replicated = replicated
-        self.tensors: list[tuple[str, torch.Tensor, bool, tuple, tuple]] = []
+        self.tensors: list[tuple[str, torch.Tensor, bool, tuple, tuple, int | None]] = []
         self.by_identity: dict[tuple, str] = {}
 
     def tensor(self, t: torch.Tensor, path: str, replicated: bool = False, global_shape: tuple = (),
@@ -59,13 +59,14 @@ class _Flattener:
         if t.is_sparse or t.layout != torch.strided:
             raise TypeError(f"{path}: {t.layout} tensors are not supported; convert to dense first")
         dtype_name(t.dtype)  # raises a clear error for unsupported dtypes
-        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype) \
-            if t.untyped_storage().nbytes() else None
-        if ident is not None and ident in self.by_identity:
-            return self.by_identity[ident]  # the very same view saved twice (tied weights): one entry
-        if ident is not None:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr() if storage.nbytes() and t.numel() else None
+        if ptr is not None:
+            ident = (t.device, ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            if ident in self.by_identity:
+                return self.by_identity[ident]  # the very same view saved twice (tied weights): one entry
             self.by_identity[ident] = path
-        self.tensors.append((path, t.detach(), replicated, global_shape, global_offset))
+        self.tensors.append((path, t.detach(), replicated, global_shape, global_offset, ptr))
         return path
 
     def walk(self, obj: Any, path: str) -> Any:
@@ -148,9 +149,8 @@ def _group_storages(tensors: list[tuple]) -> tuple[list[StageItem], list[ViewIte
     groups: dict[tuple, list[tuple]] = {}
     order: list[tuple] = []
     for entry in tensors:
-        key, t, _, gshape, _ = entry
-        shared = t.untyped_storage().nbytes() and t.numel() and not gshape
-        gid = (t.device, t.untyped_storage().data_ptr()) if shared else ("solo", key)
+        key, t, _, gshape, _, ptr = entry
+        gid = (t.device, ptr) if ptr is not None and not gshape else ("solo", key)
         if gid not in groups:
             groups[gid] = []
             order.append(gid)
@@ -160,7 +160,7 @@ def _group_storages(tensors: list[tuple]) -> tuple[list[StageItem], list[ViewIte
     for gid in order:
         members = groups[gid]
         if len(members) == 1:
-            key, t, rep, gshape, goff = members[0]
+            key, t, rep, gshape, goff, _ = members[0]
             items.append(StageItem(key, t, t.dtype, tuple(t.shape), _device_str(t), gshape, goff, rep))
             continue
         # several different views of one storage: stage the byte span they cover once
