@@ -208,13 +208,10 @@ class AsyncCheckpointer:
         return None
 
     def _module_device_map(self) -> MapLocation:
-        """Load onto the devices the wrapped model lives on now (a CUDA model loads to its device)."""
+        """Load onto the device the wrapped model lives on now (a CUDA checkpoint into a CPU model loads to the
+        CPU, and the reverse); a model spread over several devices keeps each tensor where it was saved."""
         devices = {(p.to_local() if is_dtensor(p) else p).device for p in self.module.parameters()}
-        if len(devices) == 1:
-            dev = next(iter(devices))
-            if dev.type == "cuda":
-                return None  # tensors go back where they were saved
-        return lambda saved: saved if saved.startswith("cuda") and torch.cuda.is_available() else "cpu"
+        return next(iter(devices)) if len(devices) == 1 else None
 
     def _load_module(self, state: dict, strict: bool, path: str) -> None:
         result = self.module.load_state_dict(state["module"], strict=False)

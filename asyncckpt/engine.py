@@ -22,7 +22,7 @@ from .codec import ChunkCodec
 from .commit import CommitCoordinator, DistContext
 from .config import Config
 from .commit import BUSY
-from .errors import CheckpointError, TagExistsError, WriteError
+from .errors import CheckpointError, ConfigError, TagExistsError, WriteError
 from .format import partial_dir_name, validate_tag
 from .future import SaveFuture
 from .io_types import FlatState, RankOutcome, SaveJob, SaveResult
@@ -33,7 +33,7 @@ from .writer import WriterPool
 log = logging.getLogger(__name__)
 
 
-def _default_threads(local_world: int) -> int:
+def _default_threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
@@ -44,10 +44,12 @@ class SaveEngine:
         self.config = config
         self.ctx = ctx if ctx is not None else DistContext.create(config.commit_timeout_s)
         cuda = torch.cuda.is_available()
+        if config.pin_memory == "always" and not cuda:
+            raise ConfigError("config key 'pin_memory': 'always' needs CUDA, which is not available here; use auto")
         pin = config.pin_memory == "always" or (config.pin_memory == "auto" and cuda)
         w = config.writer
         local = self.ctx.local_world_size
-        node_threads = w.threads_per_node or _default_threads(local)
+        node_threads = w.threads_per_node or _default_threads()
         self.pool = StagingPool(config.max_inflight, pin=pin,
                                 budget_bytes=w.memory_budget_bytes // local if w.memory_budget_bytes else 0)
         self.writer = WriterPool(ChunkCodec.from_config(config.codec), threads=max(1, node_threads // local),
