@@ -244,9 +244,13 @@ class CommitCoordinator:
             remove_tree(old)
         if save_latest:
             replace_atomic(os.path.join(save_dir, LATEST), (tag + "\n").encode(), self.fsync)
-        self._retain(save_dir, tag)
 
-    def _retain(self, save_dir: str, tag: str) -> None:
+    def retain(self, save_dir: str, tag: str) -> None:
+        """``keep_last``: after ``tag`` was published, remove the oldest tags this saver published beyond the
+        newest N (never the one ``latest`` names). Runs after the save's future resolved: deleting gigabytes
+        is not part of making the new checkpoint durable. Failures are logged, never raised."""
+        if not self.is_publisher:
+            return
         history = self._published.setdefault(save_dir, [])
         if tag in history:
             history.remove(tag)

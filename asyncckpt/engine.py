@@ -27,8 +27,8 @@ from .format import partial_dir_name, validate_tag
 from .future import SaveFuture
 from .io_types import FlatState, RankOutcome, SaveJob, SaveResult
 from .placement import assign_replicated, fingerprint
-from .staging import StagingPool
-from .writer import WriterPool
+from .staging import StagingPool, ready_now
+from .writer import WriterPool, lower_thread_priority
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,9 @@ class SaveEngine:
         self.coordinator = CommitCoordinator(
             self.ctx, tag_validation=config.tag_validation, node_local=config.use_node_local_storage,
             overwrite=config.overwrite, fsync=w.fsync, keep_last=config.keep_last, timeout_s=config.commit_timeout_s)
-        self._commit_thread = concurrent.futures.ThreadPoolExecutor(1, "asyncckpt-commit")
+        lower = (lambda: lower_thread_priority(w.nice, w.ionice_idle))
+        self._commit_thread = concurrent.futures.ThreadPoolExecutor(1, "asyncckpt-commit", initializer=lower)
+        self._retain_thread = concurrent.futures.ThreadPoolExecutor(1, "asyncckpt-retain", initializer=lower)
         self._order = self.writer.submit(_make_lock()).result()
         self._futures: list[SaveFuture] = []
         self._lock = threading.Lock()
@@ -119,7 +121,7 @@ class SaveEngine:
         """With several ranks, stand in for a save this rank cannot make (see :meth:`save`)."""
         if not self.ctx.distributed or self._closed:
             return None
-        job = SaveJob(save_dir, tag, False, FlatState(None, []), None, _noop, {}, time.perf_counter(), reason=reason)
+        job = SaveJob(save_dir, tag, False, FlatState(None, []), None, ready_now, {}, time.perf_counter(), reason=reason)
         fut = self._submit(job, 0.0)
         if reason != BUSY:
             fut.observed = True  # this rank raises the error itself, right now
@@ -172,6 +174,7 @@ class SaveEngine:
         finally:
             self._closed = True
             self._commit_thread.shutdown(wait=True)
+            self._retain_thread.shutdown(wait=True)
             self.writer.close()
             self.coordinator.close()
             self.pool.close()
@@ -190,9 +193,12 @@ class SaveEngine:
         ctx = self.ctx
         phases = {"stage": stage_s}
         t = time.perf_counter()
-        await loop.run_in_executor(self._commit_thread, job.ready)  # CUDA copies finished
+        if job.ready is not ready_now:
+            await loop.run_in_executor(None, job.ready)  # CUDA copies finished
         phases["copy_wait"] = time.perf_counter() - t
+        t = time.perf_counter()
         tag = await loop.run_in_executor(self._commit_thread, self.coordinator.prepare, job.save_dir, job.tag, job.reason)
+        phases["prepare"] = time.perf_counter() - t
         if tag is None:  # some rank had no free slot (on_busy=skip): every rank skips this save
             return self._skipped(job.tag)
         partial = os.path.join(job.save_dir, partial_dir_name(tag))
@@ -221,6 +227,8 @@ class SaveEngine:
             raise
         phases.update(info.phases)
         durable = time.perf_counter() - job.t_start
+        if self.config.keep_last:  # deleting old tags is not part of making this one durable
+            self._retain_thread.submit(self.coordinator.retain, job.save_dir, tag)
         result = SaveResult(tag, info.path, stall_s=job.stall_s, time_to_durable_s=durable,
                             raw_bytes=job.flat.nbytes, bytes_written=files.bytes_written,
                             total_bytes_written=info.total_bytes_written, phases=phases, rank=ctx.rank,
@@ -234,6 +242,3 @@ class SaveEngine:
 async def _make_lock() -> asyncio.Lock:
     return asyncio.Lock()
 
-
-def _noop() -> None:
-    return None

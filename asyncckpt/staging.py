@@ -101,7 +101,7 @@ class Slot:
             else:
                 dst.copy_(item.src)
         if not cuda_pairs:
-            return _noop
+            return ready_now
         return _stage_cuda(cuda_pairs)
 
     def array(self, offset: int, nbytes: int) -> np.ndarray:
@@ -109,7 +109,8 @@ class Slot:
         return self.buffer[offset: offset + nbytes].numpy()
 
 
-def _noop() -> None:
+def ready_now() -> None:
+    """The waiter of a CPU-only staging: the copies finished before ``stage`` returned."""
     return None
 
 
