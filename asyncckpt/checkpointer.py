@@ -148,11 +148,13 @@ class AsyncCheckpointer:
         return self._engine.wait(timeout)
 
     def close(self, timeout: float | None = None) -> None:
-        """Drain in-flight saves and stop the background threads."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        self._engine.close(timeout)
+        """Drain in-flight saves and stop the background threads (see :meth:`SaveEngine.close` for a timeout)."""
+        try:
+            self._engine.close(timeout)
+        finally:
+            if self._engine._closed and self._hook is not None:  # a timed-out close leaves the saver open
+                self._hook.remove()
+                self._hook = None
 
     def __enter__(self) -> "AsyncCheckpointer":
         return self

@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
+import xxhash
 import zstandard
 
 from .errors import CorruptCheckpointError
@@ -65,9 +66,10 @@ class Encoded:
     length: int
     xxh3: str
     planes: tuple[tuple[str, int], ...] = ()
+    sxxh3: str = ""  # compressed chunks: checksum of the stored bytes (raw chunks: xxh3 already covers them)
 
     def record(self, offset: int) -> ChunkRecord:
-        return ChunkRecord(offset, self.length, self.raw, self.codec, self.xxh3, self.planes)
+        return ChunkRecord(offset, self.length, self.raw, self.codec, self.xxh3, self.planes, self.sxxh3)
 
 
 @dataclass(frozen=True)
@@ -110,11 +112,12 @@ class ChunkCodec:
                     planes.append(("zstd", len(packed)))
             if not any_packed:
                 return Encoded((raw,), "raw", n, n, digest)
-            return Encoded(tuple(pieces), "shuffle", n, sum(p for _, p in planes), digest, tuple(planes))
+            return Encoded(tuple(pieces), "shuffle", n, sum(p for _, p in planes), digest, tuple(planes),
+                           _stored_checksum(pieces))
         packed = self._compress_if_it_pays(raw, self.level)
         if packed is None:
             return Encoded((raw,), "raw", n, n, digest)
-        return Encoded((packed,), "zstd", n, len(packed), digest)
+        return Encoded((packed,), "zstd", n, len(packed), digest, sxxh3=checksum(packed))
 
     def _compress_if_it_pays(self, data: np.ndarray, level: int | None) -> bytes | None:
         keep = 1.0 - self.min_saving
@@ -147,7 +150,7 @@ class ChunkCodec:
                     if codec == "raw":
                         matrix[:, i] = np.frombuffer(piece, dtype=np.uint8)
                     else:
-                        plane = _dctx().decompress(piece, max_output_size=rec.raw // k)
+                        plane = _decompress(piece, rec.raw // k)
                         if len(plane) != rec.raw // k:
                             raise ValueError(f"plane {i} decodes to {len(plane)} bytes, expected {rec.raw // k}")
                         matrix[:, i] = np.frombuffer(plane, dtype=np.uint8)
@@ -159,8 +162,25 @@ class ChunkCodec:
             raise CorruptCheckpointError(f"{where}: checksum mismatch")
 
 
+def _decompress(stored, expected: int) -> bytes:
+    """Decompress one frame that must decode to ``expected`` bytes. ``max_output_size`` does not bound a frame
+    that declares its content size (the decoder allocates what the header says), so check that first: a
+    tiny hostile frame could otherwise make the reader allocate gigabytes."""
+    declared = zstandard.frame_content_size(stored)
+    if declared not in (expected, -1, zstandard.CONTENTSIZE_UNKNOWN):  # unknown: max_output_size bounds it
+        raise ValueError(f"the zstd frame declares {declared} bytes, expected {expected}")
+    return _dctx().decompress(stored, max_output_size=expected)
+
+
+def _stored_checksum(pieces) -> str:
+    h = xxhash.xxh3_64()
+    for piece in pieces:
+        h.update(piece)
+    return h.hexdigest()
+
+
 def _zstd_into(stored: memoryview, out: np.ndarray) -> None:
-    data = _dctx().decompress(stored, max_output_size=out.nbytes)
+    data = _decompress(stored, out.nbytes)
     if len(data) != out.nbytes:
         raise ValueError(f"decodes to {len(data)} bytes, expected {out.nbytes}")
     out[...] = np.frombuffer(data, dtype=np.uint8)

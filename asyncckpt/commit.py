@@ -28,13 +28,14 @@ from typing import Any
 import torch.distributed as dist
 
 from . import __version__
-from .durable import fsync_dir, remove_tree, replace_atomic, write_durable
+from .durable import exchange, fsync_dir, remove_tree, replace_atomic, write_durable
 from .errors import CommitError, CommitTimeoutError
 from .format import FORMAT_NAME, FORMAT_VERSION, LATEST, MANIFEST, PARTIAL_SUFFIX, partial_dir_name, seal
 from .io_types import RankOutcome
 
 log = logging.getLogger(__name__)
 
+REPLACED_SUFFIX = ".replaced" + PARTIAL_SUFFIX  # an overwritten tag on its way out (without RENAME_EXCHANGE)
 BUSY = "busy"  # a rank's prepare status when it had no free staging slot (on_busy: skip)
 
 
@@ -155,15 +156,17 @@ class CommitCoordinator:
                 log.warning("checkpoint tag differs across ranks (%s); publishing under rank 0's tag %r", detail, tags[0])
             tag = tags[0]
         status = ""
+        local_error: OSError | None = None
         if self.is_publisher:
             try:
                 self._make_partial(save_dir, tag)
             except OSError as exc:
                 status = f"cannot create {os.path.join(save_dir, partial_dir_name(tag))}: {exc}"
+                local_error = exc
         statuses = self._gather((self.ctx.rank, status), "prepare")
         failures = {r: s for r, s in statuses if s}
-        if failures:
-            raise CommitError(_describe("could not start checkpoint " + repr(tag), failures), failures)
+        if failures:  # this rank's own OS error (permission denied, ...) is the cause
+            raise CommitError(_describe("could not start checkpoint " + repr(tag), failures), failures) from local_error
         return tag
 
     def _make_partial(self, save_dir: str, tag: str) -> None:
@@ -171,10 +174,19 @@ class CommitCoordinator:
         if save_dir not in self._cleaned:
             self._cleaned.add(save_dir)
             for name in os.listdir(save_dir):
-                if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
+                replaced = name[1:-len(REPLACED_SUFFIX)] if name.endswith(REPLACED_SUFFIX) else ""
+                if replaced and not os.path.lexists(os.path.join(save_dir, replaced)):  # an overwrite cut short
+                    log.warning("restoring checkpoint %s from %s (an overwrite did not finish)",
+                                os.path.join(save_dir, replaced), os.path.join(save_dir, name))
+                    os.rename(os.path.join(save_dir, name), os.path.join(save_dir, replaced))
+                elif name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
                     log.warning("removing leftover partial checkpoint %s (an earlier save did not finish)",
                                 os.path.join(save_dir, name))
                     remove_tree(os.path.join(save_dir, name))
+                elif name.startswith(f".{LATEST}.") and name.endswith(".tmp"):  # a replace of latest cut short
+                    log.warning("removing leftover temporary file %s (an earlier save did not finish)",
+                                os.path.join(save_dir, name))
+                    os.unlink(os.path.join(save_dir, name))
         partial = os.path.join(save_dir, partial_dir_name(tag))
         if os.path.exists(partial):
             remove_tree(partial)
@@ -195,6 +207,7 @@ class CommitCoordinator:
         partial = os.path.join(save_dir, partial_dir_name(tag))
         final = os.path.join(save_dir, tag)
         status = ""
+        publish_error: Exception | None = None
         t1 = time.perf_counter()
         if self.is_publisher:
             if failures:
@@ -204,6 +217,7 @@ class CommitCoordinator:
                     self._publish(save_dir, tag, outcomes, save_latest, manifest_extra)
                 except Exception as exc:
                     status = f"publishing {final} failed: {type(exc).__name__}: {exc}"
+                    publish_error = exc
                     _remove_quietly(partial)
         if not failures:
             statuses = self._gather((self.ctx.rank, status), "publication")
@@ -211,7 +225,7 @@ class CommitCoordinator:
         phases["publish"] = time.perf_counter() - t1
         if failures:
             raise CommitError(_describe(f"checkpoint {tag!r} was not published (the previous checkpoint is intact)",
-                                        failures), failures)
+                                        failures), failures) from publish_error
         return PublishInfo(final, tag, sum(o.bytes_written for o in outcomes), phases)
 
     def _publish(self, save_dir: str, tag: str, outcomes: list[RankOutcome], save_latest: bool, extra: dict) -> None:
@@ -235,15 +249,27 @@ class CommitCoordinator:
         if os.path.lexists(final):
             if not self.overwrite:
                 raise FileExistsError(f"tag {tag!r} already exists in {save_dir} (set overwrite: true to replace it)")
-            old = os.path.join(save_dir, f".{tag}.replaced{PARTIAL_SUFFIX}")
-            os.rename(final, old)
-        os.rename(partial, final)
+            if exchange(partial, final):  # one atomic step: `final` is never missing, even in a crash
+                old = partial
+            else:  # two renames; a crash between them is repaired by the next save (see _make_partial)
+                old = os.path.join(save_dir, f".{tag}{REPLACED_SUFFIX}")
+                os.rename(final, old)
+        if old != partial:
+            os.rename(partial, final)
         if self.fsync:
             fsync_dir(save_dir)
         if old is not None:
             remove_tree(old)
         if save_latest:
-            replace_atomic(os.path.join(save_dir, LATEST), (tag + "\n").encode(), self.fsync)
+            try:
+                replace_atomic(os.path.join(save_dir, LATEST), (tag + "\n").encode(), self.fsync)
+            except OSError:
+                if old is None:  # unpublish, so that a failed save leaves no tag (the caller removes the partial)
+                    try:
+                        os.rename(final, partial)
+                    except OSError as exc:
+                        log.warning("could not withdraw %s after updating %s failed: %s", final, LATEST, exc)
+                raise
 
     def retain(self, save_dir: str, tag: str) -> None:
         """``keep_last``: after ``tag`` was published, remove the oldest tags this saver published beyond the

@@ -166,18 +166,23 @@ class SaveEngine:
         return [f.result() for f in pending if f.exception() is None]
 
     def close(self, timeout: float | None = None) -> None:
-        """Drain in-flight saves, then stop the background threads. Raises an unobserved failure."""
+        """Drain in-flight saves, then stop the background threads. Raises an unobserved failure. When
+        ``timeout`` expires first, raises TimeoutError and stays open, so that the saves still in flight finish
+        (stopping the I/O loop under them would leave their futures pending forever): call close() again."""
         if self._closed:
             return
         try:
             self.wait(timeout)
         finally:
-            self._closed = True
-            self._commit_thread.shutdown(wait=True)
-            self._retain_thread.shutdown(wait=True)
-            self.writer.close()
-            self.coordinator.close()
-            self.pool.close()
+            with self._lock:
+                in_flight = any(not f.done() for f in self._futures)
+            if not in_flight:
+                self._closed = True
+                self._commit_thread.shutdown(wait=True)
+                self._retain_thread.shutdown(wait=True)
+                self.writer.close()
+                self.coordinator.close()
+                self.pool.close()
 
     # ----------------------------------------------------------------------------------- background side
     async def _run(self, job: SaveJob, stage_s: float) -> SaveResult:
@@ -197,7 +202,13 @@ class SaveEngine:
             await loop.run_in_executor(None, job.ready)  # CUDA copies finished
         phases["copy_wait"] = time.perf_counter() - t
         t = time.perf_counter()
-        tag = await loop.run_in_executor(self._commit_thread, self.coordinator.prepare, job.save_dir, job.tag, job.reason)
+        try:
+            tag = await loop.run_in_executor(self._commit_thread, self.coordinator.prepare, job.save_dir, job.tag,
+                                             job.reason)
+        except CheckpointError as exc:  # one rank: could not create the partial directory (permission denied...)
+            if not ctx.distributed and isinstance(exc.__cause__, OSError):
+                raise WriteError(f"cannot start checkpoint {job.tag!r} in {job.save_dir}: {exc.__cause__}") from exc.__cause__
+            raise
         phases["prepare"] = time.perf_counter() - t
         if tag is None:  # some rank had no free slot (on_busy=skip): every rank skips this save
             return self._skipped(job.tag)
@@ -224,6 +235,8 @@ class SaveEngine:
                 if not ctx.distributed:  # one rank: the write error itself is the clearest thing to raise
                     raise WriteError(f"writing checkpoint {tag!r} to {job.save_dir} failed: {write_error}") from write_error
                 raise exc from write_error
+            if not ctx.distributed and isinstance(exc.__cause__, OSError):  # publishing: manifest, rename, latest
+                raise WriteError(f"publishing checkpoint {tag!r} in {job.save_dir} failed: {exc.__cause__}") from exc.__cause__
             raise
         phases.update(info.phases)
         durable = time.perf_counter() - job.t_start

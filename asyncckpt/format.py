@@ -26,6 +26,9 @@ MAX_JSON_BYTES = 1 << 30  # a manifest or rank index larger than this is refused
 MAX_CHUNK_RAW = 1 << 31  # no chunk decodes to more than 2 GiB
 MAX_NDIM = 64
 CODECS = ("raw", "zstd", "shuffle")
+# zstd cannot expand more than this: its densest block (RLE) is 4 bytes for at most 128 KiB. With the chunks of
+# a file not overlapping, what a reader allocates is bounded by the bytes actually on disk.
+MAX_ZSTD_RATIO = 32768
 
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-+=@]{0,199}$")
 _INDEX_RE = re.compile(r"^rank(\d{5,})\.json$")
@@ -92,7 +95,9 @@ def seal(doc: dict) -> bytes:
     body = dict(doc)
     body.pop("checksum", None)
     body["checksum"] = checksum(_canonical(body))
-    return json.dumps(body, sort_keys=True, indent=1, allow_nan=False).encode() + b"\n"
+    # the file keeps insertion order (a skeleton's dicts come back in the order they were saved); only the
+    # canonical form the checksum covers is sorted
+    return json.dumps(body, indent=1, allow_nan=False).encode() + b"\n"
 
 
 def unseal(data: bytes, where: str) -> dict:
@@ -100,14 +105,18 @@ def unseal(data: bytes, where: str) -> dict:
         raise UnsafeCheckpointError(f"{where}: {len(data)} bytes is over the {MAX_JSON_BYTES}-byte limit for metadata")
     try:
         doc = json.loads(data, object_pairs_hook=_no_duplicate_keys(where), parse_constant=_reject_constant(where))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpointError(f"{where}: not valid JSON ({exc})") from None
+        # the checksum covers the canonical form, so also require the exact bytes seal() writes: a flipped
+        # byte in whitespace, or a cut-off final newline, parses to the same document
+        exact = isinstance(doc, dict) and json.dumps(doc, indent=1, allow_nan=False).encode() + b"\n" == data
+        stored = doc.pop("checksum", None) if isinstance(doc, dict) else None
+        canonical = checksum(_canonical(doc)) if isinstance(stored, str) else None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise CorruptCheckpointError(f"{where}: not valid JSON ({str(exc)[:200]})") from None
     if not isinstance(doc, dict):
         raise CorruptCheckpointError(f"{where}: the top level is not a JSON object")
-    stored = doc.pop("checksum", None)
     if not isinstance(stored, str):
         raise CorruptCheckpointError(f"{where}: no checksum field")
-    if checksum(_canonical(doc)) != stored:
+    if canonical != stored or not exact:
         raise CorruptCheckpointError(f"{where}: checksum mismatch (the file was modified or is corrupt)")
     return doc
 
@@ -142,11 +151,14 @@ class ChunkRecord:
     codec: str  # raw | zstd | shuffle
     xxh3: str  # checksum of the decoded bytes
     planes: tuple[tuple[str, int], ...] = ()  # for shuffle: (codec, stored length) of each byte plane
+    sxxh3: str = ""  # compressed chunks: checksum of the stored bytes (some flips in a zstd frame decode unchanged)
 
     def to_json(self) -> dict:
         d = {"off": self.offset, "len": self.length, "raw": self.raw, "codec": self.codec, "xxh3": self.xxh3}
         if self.planes:
             d["planes"] = [list(p) for p in self.planes]
+        if self.sxxh3:
+            d["sxxh3"] = self.sxxh3
         return d
 
 
@@ -262,6 +274,14 @@ def parse_rank_index(data: bytes, where: str, file_sizes: dict[str, int] | None 
     for key, rec in records.items():  # a view's storage may live in another rank's index (replicated state)
         if rec.is_view and rec.base in records:
             check_view(rec, records[rec.base], f"{where}: tensor {key!r}")
+    spans = sorted((rec.file, c.offset, c.offset + c.length, key) for key, rec in records.items() for c in rec.chunks)
+    for (file, _, end, key), (file2, start, _, key2) in zip(spans, spans[1:]):  # every stored byte is read once...
+        _need(file != file2 or end <= start, where, f"chunks of {key!r} and {key2!r} overlap in {file}")
+    covered = dict.fromkeys(declared, 0)
+    for file, start, end, _ in spans:
+        covered[file] += end - start
+    for name, size in declared.items():  # ...and every byte of a data file is in a chunk, so verify() checks it
+        _need(covered[name] == size, where, f"{size - covered[name]} bytes of {name} are not covered by any chunk")
     return doc, records
 
 
@@ -275,11 +295,15 @@ def check_view(rec: TensorRecord, base: TensorRecord | None, where: str) -> None
 def _parse_tensor(key: str, t: Any, where: str, files: dict[str, int]) -> TensorRecord:
     _need(isinstance(t, dict), where, "entry is not an object")
     name = t.get("dtype")
-    _need(name in DTYPES, where, f"unknown dtype {name!r}")
+    _need(isinstance(name, str) and name in DTYPES, where, f"unknown dtype {name!r}")
     dtype = DTYPES[name]
     shape = _int_list(t.get("shape"), where, "shape")
     device = t.get("device")
     _need(isinstance(device, str) and len(device) < 64, where, "device must be a short string")
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        _need(False, where, f"device {device!r} is not a device")
     nbytes = math.prod(shape) * dtype.itemsize
     _need(nbytes <= 1 << 50, where, f"shape {list(shape)} is absurdly large")
     gshape, goff = (), ()
@@ -314,13 +338,19 @@ def _parse_tensor(key: str, t: Any, where: str, files: dict[str, int]) -> Tensor
         planes: tuple = ()
         if codec == "raw":
             _need(length == raw, cw, "a raw chunk's stored and decoded lengths differ")
+        elif codec == "zstd":
+            _need(raw <= MAX_ZSTD_RATIO * length, cw, f"{length} stored bytes cannot decode to {raw} (zstd's limit)")
         elif codec == "shuffle":
             p = c.get("planes")
             _need(isinstance(p, list) and 2 <= len(p) <= 16 and raw % len(p) == 0, cw, "bad byte planes")
             planes = tuple((_plane_codec(x, cw), _int(x[1], cw, "plane length")) for x in p)
             _need(sum(n for _, n in planes) == length, cw, "plane lengths do not add up to the chunk length")
             _need(all(n == raw // len(p) for c_, n in planes if c_ == "raw"), cw, "raw plane of the wrong length")
-        chunks.append(ChunkRecord(off, length, raw, codec, c["xxh3"], planes))
+            _need(all(raw // len(p) <= MAX_ZSTD_RATIO * n for c_, n in planes if c_ == "zstd"), cw,
+                  "a zstd plane cannot decode to that many bytes (zstd's limit)")
+        sxxh3 = c.get("sxxh3", "")
+        _need(isinstance(sxxh3, str) and len(sxxh3) in (0, 16), cw, "bad stored-bytes checksum field")
+        chunks.append(ChunkRecord(off, length, raw, codec, c["xxh3"], planes, sxxh3))
         total += raw
     _need(total == nbytes, where, f"chunks decode to {total} bytes but dtype {name} x shape {list(shape)} needs {nbytes}")
     return TensorRecord(key, dtype, shape, device, file=fname, chunks=tuple(chunks), global_shape=gshape, global_offset=goff)

@@ -17,7 +17,7 @@ import torch
 
 from .codec import ChunkCodec
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
-from .format import (LATEST, MANIFEST, PARTIAL_SUFFIX, TensorRecord, check_view, checksum, parse_manifest,
+from .format import (LATEST, MANIFEST, MAX_JSON_BYTES, PARTIAL_SUFFIX, TensorRecord, check_view, checksum, parse_manifest,
                      parse_rank_index, validate_tag)
 from .placement import DTensorInfo, copy_overlap, local_region, to_dtensor
 from .state import skeleton_tensor_refs, unflatten
@@ -42,30 +42,45 @@ def read_latest(save_dir: str) -> str | None:
             data = f.read(4096)
     except FileNotFoundError:
         return None
-    try:
-        return validate_tag(data.decode().strip())
+    try:  # exactly what the publisher writes, "<tag>\n": a damaged byte anywhere is an error, never ignored
+        text = data.decode()
+        return validate_tag(text[:-1] if text.endswith("\n") else None)
     except (UnicodeDecodeError, ValueError):
-        raise CorruptCheckpointError(f"{os.path.join(save_dir, LATEST)}: does not hold a valid tag: {data[:80]!r}") from None
+        raise CorruptCheckpointError(
+            f"{os.path.join(save_dir, LATEST)}: does not hold a valid tag and a newline: {data[:80]!r}") from None
 
 
 def resolve_tag(save_dir: str, tag: str | None) -> str:
     """The tag to load: ``tag``, or the one ``latest`` names. Errors list the tags that exist."""
     save_dir = os.fspath(save_dir)
+    named_by = ""
     if tag is None:
         tag = read_latest(save_dir)
         if tag is None:
             raise CheckpointNotFoundError(
                 f"no '{LATEST}' file in {save_dir}; published tags: {_tags_text(save_dir)}")
+        named_by = f" (named by {os.path.join(save_dir, LATEST)})"
     else:
         validate_tag(tag)
-    path = os.path.join(save_dir, tag)
+    path = tag_dir(save_dir, tag)
     if not os.path.isdir(path):
         partial = os.path.isdir(os.path.join(save_dir, f".{tag}{PARTIAL_SUFFIX}"))
         why = "it was never completed (only a partial directory exists)" if partial else "it does not exist"
-        raise CheckpointNotFoundError(f"checkpoint tag {tag!r} in {save_dir}: {why}; published tags: {_tags_text(save_dir)}")
+        raise CheckpointNotFoundError(
+            f"checkpoint tag {tag!r} in {save_dir}{named_by}: {why}; published tags: {_tags_text(save_dir)}")
     if not os.path.isfile(os.path.join(path, MANIFEST)):
         raise CheckpointNotFoundError(f"checkpoint {path} is incomplete (no {MANIFEST}); published tags: {_tags_text(save_dir)}")
     return tag
+
+
+def tag_dir(save_dir: str, tag: str) -> str:
+    """The directory holding ``tag``: ``save_dir/tag``, or, while an overwrite of it was cut short between
+    its two renames (file systems without RENAME_EXCHANGE), the complete old copy that the next save puts back."""
+    path = os.path.join(save_dir, tag)
+    replaced = os.path.join(save_dir, f".{tag}.replaced{PARTIAL_SUFFIX}")
+    if not os.path.lexists(path) and os.path.isfile(os.path.join(replaced, MANIFEST)):
+        return replaced
+    return path
 
 
 def _tags_text(save_dir: str) -> str:
@@ -104,19 +119,19 @@ class CheckpointReader:
     def __init__(self, save_dir: str, tag: str | None = None, *, threads: int = 0):
         self.save_dir = os.fspath(save_dir)
         self.tag = resolve_tag(self.save_dir, tag)
-        self.path = os.path.join(self.save_dir, self.tag)
+        self.path = tag_dir(self.save_dir, self.tag)
         self.threads = threads or max(1, min(8, os.cpu_count() or 1))
         self.bytes_read = 0  # stored bytes read from data files so far (what loading this rank cost)
-        with open(self._file(MANIFEST), "rb") as f:
-            self.manifest = parse_manifest(f.read(), self._file(MANIFEST))
+        self.manifest = parse_manifest(_read_metadata(self.path, MANIFEST), self._file(MANIFEST))
         self.world_size = self.manifest["world_size"]
         self._sizes = self._data_file_sizes()
         self.indices: dict[int, dict] = {}
         self.records: dict[str, list[tuple[int, TensorRecord]]] = {}
         for entry in self.manifest["ranks"]:
             name = entry["index"]
-            with open(self._file(name), "rb") as f:
-                data = f.read()
+            if name not in self._sizes:
+                raise CorruptCheckpointError(f"{self._file(name)}: rank index listed in the manifest is missing")
+            data = _read_metadata(self.path, name)
             if checksum(data) != entry["xxh3"]:
                 raise CorruptCheckpointError(f"{self._file(name)}: checksum does not match the manifest's")
             doc, records = parse_rank_index(data, self._file(name), self._sizes)
@@ -148,6 +163,11 @@ class CheckpointReader:
     @property
     def stored_bytes(self) -> int:
         return sum(self._sizes.values())
+
+    @property
+    def files(self) -> dict[str, int]:
+        """Every regular file in the tag directory (manifest, rank indices, data files) and its size."""
+        return dict(sorted(self._sizes.items()))
 
     # ----------------------------------------------------------------------------------------- reading
     def record_for(self, key: str, rank: int = 0) -> TensorRecord:
@@ -247,6 +267,8 @@ class CheckpointReader:
             if len(stored) != c.length:
                 raise CorruptCheckpointError(f"{where}: short read ({len(stored)} of {c.length} bytes)")
             ChunkCodec.decode(c, memoryview(stored), out, verify, where)
+            if verify and c.sxxh3 and checksum(stored) != c.sxxh3:  # flips that decode to the same bytes
+                raise CorruptCheckpointError(f"{where}: checksum mismatch in the stored (compressed) bytes")
 
         self.bytes_read += sum(t[2].length for t in tasks)
         if len(tasks) <= 1 or self.threads == 1:
@@ -277,6 +299,10 @@ class CheckpointReader:
                                tuple(tuple(p) for p in node["placements"]))
         except (KeyError, TypeError, ValueError):
             raise UnsafeCheckpointError(f"{self.path}: malformed DTensor node for {key!r}") from None
+        saved = {rec.global_shape if rec.is_shard else rec.shape for _, rec in self.records.get(key, [])}
+        if saved != {info.global_shape}:  # the shape read_region allocates must be what the records hold
+            raise UnsafeCheckpointError(f"{self.path}: DTensor {key!r} claims global shape {list(info.global_shape)}, "
+                                        f"but its saved shards have {sorted(list(s) for s in saved)}")
         if mesh is None:
             shape, offset = info.global_shape, (0,) * len(info.global_shape)
         else:
@@ -314,16 +340,37 @@ def _bytes_view(t: torch.Tensor) -> np.ndarray:
 
 
 def _open_inside(directory: str, name: str) -> int:
-    """Open a data file for reading; refuse symlinks and anything that is not a regular file."""
+    """Open a file of the tag directory for reading; refuse symlinks and anything that is not a regular file."""
     path = os.path.join(directory, name)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
-        raise UnsafeCheckpointError(f"{path}: cannot open data file safely ({exc.strerror})") from None
+        raise UnsafeCheckpointError(f"{path}: cannot open safely ({exc.strerror})") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise UnsafeCheckpointError(f"{path}: not a regular file")
     return fd
+
+
+def _read_metadata(directory: str, name: str) -> bytes:
+    """A manifest or rank index: a regular file in the tag directory (never through a symlink), its size
+    checked before anything is read."""
+    fd = _open_inside(directory, name)
+    try:
+        size = os.fstat(fd).st_size
+        if size > MAX_JSON_BYTES:
+            raise UnsafeCheckpointError(f"{os.path.join(directory, name)}: {size} bytes is over the "
+                                        f"{MAX_JSON_BYTES}-byte limit for metadata")
+        chunks, left = [], size + 1
+        while left > 0:  # read to the end (at most the size fstat saw, plus one byte to notice growth)
+            piece = os.read(fd, min(left, 1 << 24))
+            if not piece:
+                break
+            chunks.append(piece)
+            left -= len(piece)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def load(save_dir: str, tag: str | None = None, map_location: MapLocation = None, *, verify: bool = True,

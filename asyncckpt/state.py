@@ -167,6 +167,7 @@ def _group_storages(tensors: list[tuple]) -> tuple[list[StageItem], list[ViewIte
         spans = [(_byte_span(t), key, t) for key, t, *_ in members]
         rep = all(m[2] for m in members)
         lo = min(s[0][0] for s in spans)
+        lo -= lo % max(t.element_size() for _, _, t in spans)  # every view's offset from lo stays dtype-aligned
         hi = max(s[0][1] for s in spans)
         base_key = f"#storage/{spans[0][1]}"  # named after its first view: stable across ranks
         storage = members[0][1].untyped_storage()
@@ -240,7 +241,7 @@ def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor], *, allow_pickle: 
                 return pickle.loads(base64.b64decode(node["value"], validate=True))
         except UnsafeCheckpointError:
             raise
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError, RuntimeError) as exc:  # e.g. a bad device string
             raise UnsafeCheckpointError(f"{where}: malformed skeleton node at key path {path or '<root>'!r}: {exc!r}") from None
         raise UnsafeCheckpointError(f"{where}: unknown skeleton node type {kind!r} at key path {path or '<root>'!r}")
 
@@ -249,7 +250,10 @@ def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor], *, allow_pickle: 
             return build(k, path)
         return k
 
-    return build(skeleton, "")
+    try:
+        return build(skeleton, "")
+    except RecursionError:  # a forged skeleton nested deeper than Python's stack
+        raise UnsafeCheckpointError(f"{where}: the skeleton is nested too deeply") from None
 
 
 def skeleton_tensor_refs(skeleton: Any) -> dict[str, dict]:
@@ -267,5 +271,8 @@ def skeleton_tensor_refs(skeleton: Any) -> dict[str, dict]:
                 for v in node.values():
                     visit(v)
 
-    visit(skeleton)
+    try:
+        visit(skeleton)
+    except RecursionError:  # a forged skeleton nested deeper than Python's stack
+        raise UnsafeCheckpointError("the skeleton is nested too deeply") from None
     return out

@@ -1,0 +1,393 @@
+"""The ``asyncckpt`` command line: look at and check published checkpoints.
+
+    asyncckpt inspect DIR          tags in DIR, which one ``latest`` names, sizes, compression ratio
+    asyncckpt inspect DIR/TAG      one tag: ranks, files, sizes, and a table of every tensor (``--json`` too)
+    asyncckpt verify DIR[/TAG]     read and check every chunk of every rank (``--all``: every tag in DIR)
+
+Exit status: 0 good; 1 a checkpoint is corrupt (the message names the file, chunk and tensor at fault);
+2 usage errors and checkpoints that do not exist (the message lists the tags that do).
+
+Only the public reader API of :mod:`asyncckpt.loader` is used: what this prints is what a load would see.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import time
+from typing import Any, Sequence
+
+import click
+
+from . import __version__
+from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from .format import LATEST, PARTIAL_SUFFIX, TensorRecord, dtype_name
+from .loader import CheckpointReader, list_tags, read_latest, split_path
+
+EXIT_OK, EXIT_CORRUPT, EXIT_USAGE = 0, 1, 2
+
+
+class _Failure(Exception):
+    """Stop the command with an exit status and a message on stderr."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+# ------------------------------------------------------------------------------------------ locating
+def _is_save_dir(path: str) -> bool:
+    """A directory asyncckpt saved into: it has ``latest``, a published tag or a partial directory."""
+    if not os.path.isdir(path):
+        return False
+    return os.path.lexists(os.path.join(path, LATEST)) or bool(list_tags(path)) or bool(_partials(path))
+
+
+def _partials(save_dir: str) -> list[str]:
+    """Partial directories left in ``save_dir`` (saves in progress or cut short; never read)."""
+    try:
+        names = os.listdir(save_dir)
+    except OSError:
+        return []
+    return sorted(n for n in names if n.startswith(".") and n.endswith(PARTIAL_SUFFIX)
+                  and os.path.isdir(os.path.join(save_dir, n)))
+
+
+def _locate(path: str) -> tuple[str, str | None]:
+    """``DIR`` or ``DIR/TAG`` → (save_dir, tag or None). ``DIR/TAG`` of a tag that does not exist (or is
+    incomplete) still resolves to (DIR, TAG), so that the reader's error lists the tags that do exist."""
+    save_dir, tag = split_path(path)
+    if tag is None and not _is_save_dir(save_dir):
+        parent, name = os.path.split(save_dir)
+        parent = parent or "."
+        if name and _is_save_dir(parent):
+            return parent, name
+        if not os.path.exists(save_dir):
+            raise _Failure(EXIT_USAGE, f"{path}: no such file or directory")
+        raise _Failure(EXIT_USAGE, f"{path}: not an asyncckpt checkpoint directory (no '{LATEST}' file, no published tags)")
+    return save_dir, tag
+
+
+def _open(save_dir: str, tag: str | None) -> CheckpointReader:
+    """A reader, or a failure with the right exit status: 2 when the tag does not exist, 1 when it is corrupt."""
+    try:
+        return CheckpointReader(save_dir, tag)
+    except CheckpointNotFoundError as exc:
+        raise _Failure(EXIT_USAGE, str(exc)) from None
+    except CorruptCheckpointError as exc:
+        raise _Failure(EXIT_CORRUPT, f"CORRUPT: {exc}") from None
+    except ValueError as exc:  # an invalid tag name
+        raise _Failure(EXIT_USAGE, str(exc)) from None
+    except OSError as exc:
+        raise _Failure(EXIT_CORRUPT, f"cannot read {os.path.join(save_dir, tag or '')}: {exc}") from None
+
+
+def _latest_or_none(save_dir: str) -> tuple[str | None, str]:
+    """(tag named by ``latest``, problem with ``latest`` or "")."""
+    try:
+        return read_latest(save_dir), ""
+    except CheckpointError as exc:
+        return None, str(exc)
+
+
+# ------------------------------------------------------------------------------------------ formatting
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _ratio(raw: int, stored: int) -> float | None:
+    return round(raw / stored, 4) if stored else None
+
+
+def _ratio_text(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
+def _when(unix: Any) -> str:
+    if not isinstance(unix, (int, float)):
+        return "-"
+    return datetime.datetime.fromtimestamp(unix, tz=datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _table(headers: Sequence[str], rows: list[Sequence[Any]], right: Sequence[int] = (), indent: str = "  ") -> list[str]:
+    """Aligned columns; the columns whose indices are in ``right`` are right-aligned (numbers)."""
+    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for r in cells:
+        parts = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        lines.append((indent + "  ".join(parts)).rstrip())
+    return lines
+
+
+def _codec_mix(rec: TensorRecord) -> dict[str, int]:
+    """How a tensor's chunks are stored: ``raw``, ``zstd``, or ``shuffle[zzrr]`` (each byte plane zstd or raw)."""
+    mix: dict[str, int] = {}
+    for c in rec.chunks:
+        name = c.codec
+        if c.codec == "shuffle":
+            name += "[" + "".join("z" if p == "zstd" else "r" for p, _ in c.planes) + "]"
+        mix[name] = mix.get(name, 0) + 1
+    return mix
+
+
+def _tensor_info(key: str, rank: int, rec: TensorRecord) -> dict[str, Any]:
+    d: dict[str, Any] = {"key": key, "rank": rank, "dtype": dtype_name(rec.dtype), "shape": list(rec.shape),
+                         "device": rec.device}
+    if rec.is_view:
+        d.update(view_of=rec.base, byte_offset=rec.byte_offset, stride=list(rec.stride), raw_bytes=rec.nbytes,
+                 stored_bytes=0, chunks=0, codecs={})
+    else:
+        d.update(file=rec.file, raw_bytes=rec.nbytes, stored_bytes=sum(c.length for c in rec.chunks),
+                 chunks=len(rec.chunks), codecs=_codec_mix(rec))
+    if rec.is_shard:
+        d.update(global_shape=list(rec.global_shape), global_offset=list(rec.global_offset))
+    return d
+
+
+def _natural(key: str) -> list:
+    """Sort key that orders ``state/2`` before ``state/10``."""
+    return [int(p) if i % 2 else p for i, p in enumerate(re.split(r"(\d+)", key))]
+
+
+def _shape_text(t: dict[str, Any]) -> str:
+    text = "[" + ", ".join(str(s) for s in t["shape"]) + "]"
+    if "global_shape" in t:
+        text += f" at {t['global_offset']} of {t['global_shape']}"
+    return text
+
+
+def _codecs_text(t: dict[str, Any]) -> str:
+    if "view_of" in t:
+        return f"view of {t['view_of']} at byte {t['byte_offset']}"
+    return " ".join(f"{name}:{n}" for name, n in t["codecs"].items()) or "-"
+
+
+# ------------------------------------------------------------------------------------------ describing
+def describe_dir(save_dir: str) -> dict[str, Any]:
+    """Every published tag in ``save_dir`` with its sizes; a tag that cannot be read carries its error."""
+    latest, latest_error = _latest_or_none(save_dir)
+    tags = []
+    for tag in list_tags(save_dir):
+        entry: dict[str, Any] = {"tag": tag, "latest": tag == latest}
+        try:
+            reader = CheckpointReader(save_dir, tag)
+        except (CheckpointError, OSError, ValueError) as exc:
+            entry["error"] = str(exc)
+        else:
+            m = reader.manifest
+            entry.update(world_size=reader.world_size, global_steps=m.get("global_steps"),
+                         created_unix=m.get("created_unix"), raw_bytes=reader.raw_bytes,
+                         stored_bytes=reader.stored_bytes, ratio=_ratio(reader.raw_bytes, reader.stored_bytes))
+        tags.append(entry)
+    out: dict[str, Any] = {"save_dir": save_dir, "latest": latest, "tags": tags, "partial": _partials(save_dir)}
+    if latest_error:
+        out["latest_error"] = latest_error
+    return out
+
+
+def describe_tag(reader: CheckpointReader) -> dict[str, Any]:
+    m = reader.manifest
+    latest, _ = _latest_or_none(reader.save_dir)
+    ranks = []
+    for entry in m["ranks"]:
+        index = reader.indices.get(entry["rank"], {})
+        ranks.append({"rank": entry["rank"], "index": entry["index"], "bytes": entry.get("bytes"),
+                      "data_files": dict(index.get("files", {}))})
+    tensors = [_tensor_info(key, rank, rec) for key in sorted(reader.records, key=_natural)
+               for rank, rec in sorted(reader.records[key], key=lambda r: r[0])]
+    out = {"save_dir": reader.save_dir, "tag": reader.tag, "path": reader.path, "latest": reader.tag == latest,
+           "format": m.get("format"), "format_version": m.get("format_version"),
+           "library_version": m.get("library_version"), "created_unix": m.get("created_unix"),
+           "world_size": reader.world_size, "node_local": bool(m.get("node_local")), "ranks": ranks,
+           "files": reader.files, "raw_bytes": reader.raw_bytes, "stored_bytes": reader.stored_bytes,
+           "ratio": _ratio(reader.raw_bytes, reader.stored_bytes), "tensors": tensors}
+    if "global_steps" in m:
+        out["global_steps"] = m["global_steps"]
+    return out
+
+
+def _print_dir(d: dict[str, Any]) -> None:
+    head = f"checkpoints in {d['save_dir']}"
+    if d["latest"]:
+        head += f"  (latest -> {d['latest']})"
+    elif "latest_error" in d:
+        head += f"  (latest is unreadable: {d['latest_error']})"
+    else:
+        head += "  (no latest file)"
+    click.echo(head)
+    if d["tags"]:
+        rows = []
+        for t in d["tags"]:
+            mark = "*" if t["latest"] else ""
+            if "error" in t:
+                rows.append([mark, t["tag"], "-", "-", "-", "-", "-", "unreadable: " + t["error"].splitlines()[0]])
+                continue
+            steps = "-" if t.get("global_steps") is None else t["global_steps"]
+            rows.append([mark, t["tag"], steps, t["world_size"], _size(t["raw_bytes"]), _size(t["stored_bytes"]),
+                         _ratio_text(t["ratio"]), _when(t.get("created_unix"))])
+        for line in _table(["", "TAG", "STEPS", "RANKS", "RAW", "ON DISK", "RATIO", "CREATED"], rows,
+                           right=(2, 3, 4, 5, 6)):
+            click.echo(line)
+    else:
+        click.echo("  no published tags")
+    if d["latest"] and d["latest"] not in {t["tag"] for t in d["tags"]}:
+        click.echo(f"warning: latest names {d['latest']!r}, which is not a published tag here")
+    if d["partial"]:
+        click.echo("partial directories (saves in progress or cut short; never loaded; a save removes "
+                   "leftovers): " + ", ".join(d["partial"]))
+
+
+def _print_tag(d: dict[str, Any]) -> None:
+    fields = [
+        ("checkpoint", d["path"] + ("  (named by latest)" if d["latest"] else "")),
+        ("format", f"{d['format']} v{d['format_version']}, written by asyncckpt {d['library_version']}"),
+        ("created", _when(d["created_unix"])),
+    ]
+    if "global_steps" in d:
+        fields.append(("global steps", d["global_steps"]))
+    rank_ids = [r["rank"] for r in d["ranks"]]
+    ranks = ", ".join(str(r) for r in rank_ids) if len(rank_ids) <= 16 else f"{len(rank_ids)} ranks"
+    fields += [
+        ("world size", f"{d['world_size']}  (ranks present: {ranks}{'; node-local copy' if d['node_local'] else ''})"),
+        ("raw bytes", f"{_size(d['raw_bytes'])}  ({d['raw_bytes']:,} B of tensor data)"),
+        ("on disk", f"{_size(d['stored_bytes'])}  ({d['stored_bytes']:,} B in {len(d['files'])} files)"),
+        ("ratio", _ratio_text(d["ratio"]) + "  (raw / on disk)"),
+    ]
+    width = max(len(k) for k, _ in fields)
+    for k, v in fields:
+        click.echo(f"{k.ljust(width)}  {v}")
+    click.echo("")
+    click.echo("files")
+    for line in _table(["NAME", "SIZE", "BYTES"], [[n, _size(s), f"{s:,}"] for n, s in d["files"].items()],
+                       right=(1, 2)):
+        click.echo(line)
+    click.echo("")
+    multi = d["world_size"] > 1
+    click.echo(f"tensors ({len(d['tensors'])})")
+    headers = ["KEY"] + (["RANK"] if multi else []) + ["DTYPE", "SHAPE", "DEVICE", "CHUNKS", "RAW", "STORED", "CODECS"]
+    rows = []
+    for t in d["tensors"]:
+        stored = "-" if "view_of" in t else _size(t["stored_bytes"])
+        rows.append([t["key"]] + ([t["rank"]] if multi else []) +
+                    [t["dtype"], _shape_text(t), t["device"], t["chunks"], _size(t["raw_bytes"]), stored, _codecs_text(t)])
+    first_num = 2 if multi else 1
+    right = ((1,) if multi else ()) + (first_num + 3, first_num + 4, first_num + 5)
+    for line in _table(headers, rows, right=right):
+        click.echo(line)
+    click.echo("codecs: raw = stored as is; zstd = compressed; shuffle[..] = byte planes, each z (zstd) or r (raw)")
+
+
+# ------------------------------------------------------------------------------------------ commands
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="asyncckpt")
+def main() -> None:
+    """Inspect and verify asyncckpt checkpoints.
+
+    Exit status: 0 good, 1 corrupt checkpoint, 2 usage error or checkpoint not found."""
+
+
+def _run(fn) -> None:
+    try:
+        fn()
+    except _Failure as exc:
+        click.echo(str(exc), err=True)
+        raise click.exceptions.Exit(exc.code) from None
+
+
+@main.command("inspect")
+@click.argument("path", type=click.Path(file_okay=False, path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
+def inspect_cmd(path: str, as_json: bool) -> None:
+    """Show the tags in DIR, or one tag in detail (DIR/TAG).
+
+    DIR: every published tag, which one `latest` names, world size, raw bytes, bytes on disk and the
+    compression ratio. DIR/TAG: ranks, files, sizes and a table of every tensor (key, dtype, shape,
+    device, chunks, codec mix)."""
+
+    def go() -> None:
+        save_dir, tag = _locate(path)
+        if tag is None:
+            d = describe_dir(save_dir)
+            if as_json:
+                click.echo(json.dumps(d, indent=2))
+            else:
+                _print_dir(d)
+            if not d["tags"]:
+                raise _Failure(EXIT_USAGE, f"{save_dir}: no published checkpoints")
+            return
+        d = describe_tag(_open(save_dir, tag))
+        if as_json:
+            click.echo(json.dumps(d, indent=2))
+        else:
+            _print_tag(d)
+
+    _run(go)
+
+
+@main.command("verify")
+@click.argument("path", type=click.Path(file_okay=False, path_type=str))
+@click.option("--all", "all_tags", is_flag=True, help="Verify every published tag in DIR.")
+def verify_cmd(path: str, all_tags: bool) -> None:
+    """Read and check every chunk of every rank of a checkpoint.
+
+    PATH is DIR (the tag `latest` names; with --all every published tag) or DIR/TAG. Checks the sealed
+    manifest and rank indices, file sizes, and the xxh3 checksum of every decoded chunk. Exit status 1 on
+    the first corruption found in a tag, naming the file, chunk and tensor."""
+
+    def go() -> None:
+        save_dir, tag = _locate(path)
+        if all_tags:
+            if tag is not None:
+                raise _Failure(EXIT_USAGE, f"--all verifies every tag of a directory; pass DIR, not {path}")
+            tags = list_tags(save_dir)
+            if not tags:
+                raise _Failure(EXIT_USAGE, f"{save_dir}: no published checkpoints")
+        else:
+            tags = [tag]
+        failed = 0
+        for t in tags:
+            if not _verify_one(save_dir, t):
+                failed += 1
+        if len(tags) > 1:
+            click.echo(f"{len(tags) - failed} of {len(tags)} checkpoints OK" + (f", {failed} CORRUPT" if failed else ""))
+        if failed:
+            raise click.exceptions.Exit(EXIT_CORRUPT)
+
+    _run(go)
+
+
+def _verify_one(save_dir: str, tag: str | None) -> bool:
+    """Verify one tag; print one line. False when it is corrupt; a tag that does not exist stops the command."""
+    t0 = time.perf_counter()
+    try:
+        reader = _open(save_dir, tag)
+    except _Failure as exc:
+        if exc.code != EXIT_CORRUPT:
+            raise
+        click.echo(str(exc), err=True)
+        return False
+    try:
+        counts = reader.verify()
+    except CorruptCheckpointError as exc:
+        click.echo(f"CORRUPT: {exc}", err=True)
+        return False
+    except OSError as exc:
+        click.echo(f"CORRUPT: cannot read {reader.path}: {exc}", err=True)
+        return False
+    click.echo(f"OK {reader.path}: {reader.world_size} rank(s), {counts['tensors']} tensors, {counts['chunks']} chunks, "
+               f"{_size(counts['raw_bytes'])} raw, {_size(counts['stored_bytes'])} on disk, "
+               f"checked in {time.perf_counter() - t0:.2f} s")
+    return True
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,224 @@
+"""The benchmark's YAML configuration: which workloads, which systems, how many repetitions.
+
+Unknown keys are errors (a typo must not silently fall back to a default). Every key, with its default:
+
+.. code-block:: yaml
+
+    name: gpt_0p1gb             # names the results folder (default: the file name)
+    reps: 3                     # repetitions per system; medians and min-max are over them
+    warm_saves: 2               # saves after the first one in each repetition (the "warm" figures)
+    rounds: 1                   # run every system this many times in turn, reps each (interleaves drift)
+    isolate: true               # one process per system (clean peak-RSS figures); false: one process for all
+    warmup: true                # run each system once on a tiny model first (imports, lazy init, thread pools)
+    timeout_s: 3600             # per measurement process (per rank with several ranks)
+    world_sizes: [1]            # [1, 2]: each system also runs on 2 gloo ranks with DDP-replicated state
+    systems: [torch_save, deepspeed, dcp_save, dcp_async, asyncckpt, ...]   # see benchmarks.systems.SYSTEMS
+    asyncckpt: {}               # asyncckpt Config overrides applied to every asyncckpt mode
+    loop: {enabled: true, span: 1.5, min_steps: 3, max_steps: 100, pairs: 1}
+    growth: {saves: 50, systems: all}
+    floors: {enabled: true, reps: 3, write_mib: 16, codec_reps: 1}
+    workloads:                  # one or more (a size sweep); see WorkloadSpec below
+      - {name: gpt_0p1gb, vocab: 8192, d_model: 256, n_layers: 6, n_heads: 4, seq_len: 64, batch: 4, dtype: float32}
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+DTYPE_SIZES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2}
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """Sizes of one workload (a YAML entry under ``workloads:``)."""
+
+    name: str
+    vocab: int = 8192
+    d_model: int = 256
+    n_layers: int = 6
+    n_heads: int = 4
+    seq_len: int = 64
+    batch: int = 4
+    dtype: str = "float32"
+    seed: int = 0
+    lr: float = 1e-4
+    dense_init: bool = True  # see build(): no all-zero embedding rows in AdamW's moments
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_SIZES:
+            raise ValueError(f"workload {self.name!r}: dtype must be one of {sorted(DTYPE_SIZES)}, got {self.dtype!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"workload {self.name!r}: d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
+        for key in ("vocab", "d_model", "n_layers", "n_heads", "seq_len", "batch"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"workload {self.name!r}: {key} must be >= 1")
+
+    @property
+    def n_params(self) -> int:
+        """Parameter count without building the model (embeddings, blocks, final norm, untied head)."""
+        d, v, t = self.d_model, self.vocab, self.seq_len
+        block = (4 * d) + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
+        return v * d + t * d + self.n_layers * block + 2 * d + d * v
+
+    @property
+    def state_bytes_estimate(self) -> int:
+        """Parameters plus AdamW's two moments (the ``step`` counters are negligible)."""
+        return 3 * self.n_params * DTYPE_SIZES[self.dtype]
+
+
+# Every system the benchmark knows (benchmarks.systems.SYSTEMS implements each), in report order.
+SYSTEM_NAMES = ("torch_save", "deepspeed", "dcp_save", "dcp_async", "dcp_async_default", "asyncckpt",
+                "asyncckpt_prepared", "asyncckpt_raw", "asyncckpt_raw_prepared")
+PEERS = ("torch_save", "deepspeed", "dcp_save", "dcp_async", "dcp_async_default")
+ASYNCCKPT_MODES = tuple(n for n in SYSTEM_NAMES if n.startswith("asyncckpt"))
+DEFAULT_SYSTEMS = ("torch_save", "deepspeed", "dcp_save", "dcp_async", "dcp_async_default", "asyncckpt",
+                   "asyncckpt_prepared", "asyncckpt_raw", "asyncckpt_raw_prepared")
+
+
+class SpecError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """Training-loop overhead: K steps with one checkpoint minus K steps without. K is chosen per system so
+    that the K steps span ``span`` times the system's warm time to durable (at least ``min_steps``)."""
+
+    enabled: bool = True
+    span: float = 1.5
+    min_steps: int = 3
+    max_steps: int = 100
+    pairs: int = 1  # with/without pairs per repetition
+
+
+@dataclass(frozen=True)
+class GrowthSpec:
+    """Host memory over many consecutive saves (each waited for; older checkpoints deleted as it goes)."""
+
+    saves: int = 50
+    systems: Any = "all"  # "all" or a list of system names
+
+
+@dataclass(frozen=True)
+class FloorSpec:
+    enabled: bool = True
+    reps: int = 3
+    write_mib: int = 16  # size of each write() of the disk floor
+    codec_reps: int = 1
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    name: str
+    workloads: tuple[WorkloadSpec, ...]
+    systems: tuple[str, ...] = DEFAULT_SYSTEMS
+    reps: int = 3
+    warm_saves: int = 2
+    rounds: int = 1
+    isolate: bool = True
+    warmup: bool = True
+    timeout_s: float = 3600.0
+    world_sizes: tuple[int, ...] = (1,)
+    asyncckpt: Mapping[str, Any] = field(default_factory=dict)
+    loop: LoopSpec = field(default_factory=LoopSpec)
+    growth: GrowthSpec = field(default_factory=GrowthSpec)
+    floors: FloorSpec = field(default_factory=FloorSpec)
+
+    @property
+    def distributed(self) -> bool:
+        """With several world sizes every run (world size 1 included) goes through the same gloo harness."""
+        return any(w > 1 for w in self.world_sizes)
+
+    def growth_for(self, system: str) -> bool:
+        s = self.growth.systems
+        return self.growth.saves > 0 and (s == "all" or system in (s or ()))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, default_name: str = "bench") -> "RunSpec":
+        data = dict(data)
+        _only(data, {f.name for f in dataclasses.fields(cls)}, "")
+        workloads = data.pop("workloads", None)
+        if not workloads or not isinstance(workloads, list):
+            raise SpecError("'workloads' must be a non-empty list of workload mappings")
+        wls = []
+        for i, w in enumerate(workloads):
+            if not isinstance(w, Mapping):
+                raise SpecError(f"workloads[{i}] must be a mapping")
+            _only(w, {f.name for f in dataclasses.fields(WorkloadSpec)}, f"workloads[{i}].")
+            w = dict(w)
+            w.setdefault("name", f"workload{i}")
+            try:
+                wls.append(WorkloadSpec(**w))
+            except (TypeError, ValueError) as exc:
+                raise SpecError(str(exc)) from None
+        kwargs: dict[str, Any] = {"name": data.pop("name", default_name), "workloads": tuple(wls)}
+        for key, sub in (("loop", LoopSpec), ("growth", GrowthSpec), ("floors", FloorSpec)):
+            if key in data:
+                value = data.pop(key) or {}
+                if not isinstance(value, Mapping):
+                    raise SpecError(f"'{key}' must be a mapping")
+                _only(value, {f.name for f in dataclasses.fields(sub)}, f"{key}.")
+                kwargs[key] = sub(**value)
+        for key in ("systems", "world_sizes"):
+            if key in data:
+                value = data.pop(key)
+                if not isinstance(value, (list, tuple)) or not value:
+                    raise SpecError(f"'{key}' must be a non-empty list")
+                kwargs[key] = tuple(value)
+        kwargs.update(data)
+        spec = cls(**kwargs)
+        spec.validate()
+        return spec
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "RunSpec":
+        import yaml
+
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, Mapping):
+            raise SpecError(f"{path}: the top level must be a mapping")
+        try:
+            return cls.from_dict(data, default_name=os.path.splitext(os.path.basename(path))[0])
+        except SpecError as exc:
+            raise SpecError(f"{path}: {exc}") from None
+
+    def validate(self) -> None:
+        unknown = [s for s in self.systems if s not in SYSTEM_NAMES]
+        if unknown:
+            raise SpecError(f"unknown system(s) {unknown}; known: {', '.join(SYSTEM_NAMES)}")
+        if self.reps < 1 or self.rounds < 1 or self.warm_saves < 0:
+            raise SpecError("reps and rounds must be >= 1, warm_saves >= 0")
+        if any(w < 1 for w in self.world_sizes):
+            raise SpecError("world_sizes must be >= 1")
+        if len({w.name for w in self.workloads}) != len(self.workloads):
+            raise SpecError("workload names must be unique")
+        if self.asyncckpt:  # (imports torch: only when there is something to check)
+            from asyncckpt import Config
+
+            try:
+                Config.from_dict(dict(self.asyncckpt), source="asyncckpt")
+            except ValueError as exc:
+                raise SpecError(str(exc)) from None
+
+    def with_overrides(self, *, reps: int | None = None, systems: list[str] | None = None) -> "RunSpec":
+        changes: dict[str, Any] = {}
+        if reps is not None:
+            changes["reps"] = reps
+        if systems:
+            changes["systems"] = tuple(systems)
+        spec = dataclasses.replace(self, **changes)
+        spec.validate()
+        return spec
+
+
+def _only(data: Mapping, known: set[str], prefix: str) -> None:
+    unknown = sorted(str(k) for k in data if k not in known)
+    if unknown:
+        raise SpecError(f"unknown key {prefix}{unknown[0]!r}; known keys here: {', '.join(sorted(known))}")

@@ -1,0 +1,108 @@
+"""The targets of issue 4, each checked as a ratio of medians measured in the same run.
+
+``asyncckpt`` (the default mode: compression on, no ``prepare()``) is the system held to the targets, except
+for the first-save stall, which may use ``prepare()`` (``asyncckpt_prepared``). A target whose figures are
+missing (a system not run, or failed) is N/A, never PASS. The issue states them for the 1.5 GB workload; they
+are evaluated for every workload of the run.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .report import fmt_bytes, fmt_time, run_label
+
+MAIN = "asyncckpt"
+PREPARED = "asyncckpt_prepared"
+DCP_ASYNC = "dcp_async"
+TORCH_SAVE = "torch_save"
+GROWTH_SLACK_FRACTION = 0.02  # "no growth": RSS after the last save within 2% of the state (+16 MiB) of the 2nd
+GROWTH_SLACK_BYTES = 16 << 20
+
+
+def _med(run: dict, system: str, metric: str) -> float | None:
+    st = (run.get("summary", {}).get(system) or {}).get(metric)
+    return None if not st else st["median"]
+
+
+def _floor(run: dict, metric: str) -> float | None:
+    st = (run.get("floor_summary") or {}).get(metric)
+    return None if not st else st["median"]
+
+
+def _check(out: list, run: dict, target: str, a: float | None, b: float | None, limit: float, *,
+           what: str = "", fmt=fmt_time, detail: str = "") -> None:
+    if a is None or b is None or not b:
+        out.append({"run": run_label(run), "target": target, "measured": "–", "limit": f"≤ {limit:g}×",
+                    "result": "N/A", "value": None, "detail": detail or "figures missing in this run"})
+        return
+    r = a / b
+    out.append({"run": run_label(run), "target": target, "value": r, "limit": f"≤ {limit:g}×",
+                "measured": f"{r:.3f}× ({fmt(a)} / {fmt(b)}{' ' + what if what else ''})",
+                "result": "PASS" if r <= limit else "MISS", "detail": detail})
+
+
+def evaluate(doc: dict) -> list[dict]:
+    out: list[dict] = []
+    runs = doc["runs"]
+    for run in runs:
+        if run["world"] != 1:
+            continue
+        raw = run["raw_bytes"]
+        dtype = (run.get("workload_info") or {}).get("dtype", "float32")
+        _check(out, run, "warm stall ≤ 0.8 × dcp.async_save warm stall",
+               _med(run, MAIN, "stall_warm_s"), _med(run, DCP_ASYNC, "stall_warm_s"), 0.8)
+        _check(out, run, "warm stall ≤ 1.3 × memcpy floor",
+               _med(run, MAIN, "stall_warm_s"), _floor(run, "memcpy_s"), 1.3)
+        unprepared = _med(run, MAIN, "stall_first_s")
+        dcp_first = _med(run, DCP_ASYNC, "stall_first_s")
+        prep = _med(run, PREPARED, "prepare_s")
+        _check(out, run, "first-save stall ≤ 0.25 × dcp.async_save first-save stall (with prepare())",
+               _med(run, PREPARED, "stall_first_s"), dcp_first, 0.25,
+               detail=(f"prepare() itself took {fmt_time(prep)}" if prep is not None else "")
+               + (f"; without prepare() the first save stalls {fmt_time(unprepared)}"
+                  + (f" ({unprepared / dcp_first:.2f}× dcp's)" if dcp_first else "") if unprepared is not None else ""))
+        _check(out, run, "time to durable ≤ 0.6 × dcp.async_save",
+               _med(run, MAIN, "ttd_warm_s"), _med(run, DCP_ASYNC, "ttd_warm_s"), 0.6)
+        _check(out, run, "time to durable ≤ 0.5 × torch.save+fsync",
+               _med(run, MAIN, "ttd_warm_s"), _med(run, TORCH_SAVE, "ttd_warm_s"), 0.5)
+        limit = 0.70 if dtype in ("bfloat16", "bf16") else 0.86
+        _check(out, run, f"bytes on disk ≤ {limit:g} × raw ({dtype})", _med(run, MAIN, "bytes_on_disk"), raw, limit,
+               fmt=fmt_bytes)
+        codec = _floor(run, "codec_compress_threads_MBps")
+        disk = _floor(run, "disk_MBps")
+        if codec is not None and disk is not None:
+            threads = int(_floor(run, "codec_threads") or 0)
+            out.append({"run": run_label(run), "target": "codec keeps the writer disk-bound (codec floor ≥ disk floor)",
+                        "value": codec / disk, "limit": "≥ 1×",
+                        "measured": f"{codec / disk:.2f}× ({codec:.0f} MB/s on {threads} threads / {disk:.0f} MB/s disk)",
+                        "result": "PASS" if codec >= disk else "MISS",
+                        "detail": "" if codec >= disk else "the compressed writer is CPU-bound on this machine"})
+        _check(out, run, "load time ≤ 1.0 × torch.load", _med(run, MAIN, "load_s"), _med(run, TORCH_SAVE, "load_s"), 1.0)
+        for system in (MAIN, PREPARED):
+            _check(out, run, f"staging memory ≤ 1.05 × state bytes (`{system}`)",
+                   _med(run, system, "staging_bytes"), raw, 1.05, fmt=fmt_bytes)
+        out.append(_growth(run, raw))
+    for run in runs:
+        if run["world"] == 1:
+            continue
+        base = next((r for r in runs if r["workload"] == run["workload"] and r["world"] == 1), None)
+        _check(out, run, f"world size {run['world']} replicated: time to durable ≤ 0.7 × world size 1",
+               _med(run, MAIN, "ttd_warm_s"), _med(base, MAIN, "ttd_warm_s") if base else None, 0.7)
+    return out
+
+
+def _growth(run: dict, raw: int) -> dict[str, Any]:
+    s = run.get("summary", {}).get(MAIN) or {}
+    g = s.get("growth_bytes")
+    allocs = s.get("growth_allocations")
+    n = int(s["growth_saves"]["median"]) if s.get("growth_saves") else None
+    target = f"no memory growth over {n or 'N'} saves"
+    slack = GROWTH_SLACK_FRACTION * raw + GROWTH_SLACK_BYTES
+    if g is None:
+        return {"run": run_label(run), "target": target, "measured": "–", "limit": "–", "result": "N/A", "value": None,
+                "detail": "growth not measured in this run"}
+    ok = g["median"] <= slack and (allocs is None or allocs["median"] == 0)
+    return {"run": run_label(run), "target": target, "value": g["median"],
+            "measured": f"RSS {fmt_bytes(g['median'])} from save 2 to {n}"
+                        + (f", {int(allocs['median'])} new staging allocations" if allocs is not None else ""),
+            "limit": f"≤ {fmt_bytes(slack)} and 0 allocations", "result": "PASS" if ok else "MISS", "detail": ""}

@@ -1,0 +1,285 @@
+"""Shared fixtures of the core tests: a fast config, a small model + AdamW + scheduler factory, savers that are
+closed after each test, a gate that holds the background writer until a test releases it, and a bit-exact
+comparison of nested states (NaN payloads included)."""
+from __future__ import annotations
+
+import asyncio
+import errno
+import collections
+import concurrent.futures
+import math
+import os
+import random
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import asyncckpt
+
+# Small chunks (several per tensor), two encode threads, normal priority, no fsync: fast on a 2-core machine.
+# The few tests about durability use fsync on explicitly.
+FAST = {"codec": {"chunk_mib": 1 / 64}, "writer": {"threads_per_node": 2, "nice": 0, "fsync": False}}
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@pytest.fixture
+def fast_config():
+    """``fast_config(**overrides)`` → an ``asyncckpt.Config`` based on FAST; nested keys as dicts."""
+    return lambda **over: asyncckpt.Config.from_dict(merge(FAST, over))
+
+
+@pytest.fixture
+def save_dir(tmp_path):
+    return str(tmp_path / "ckpts")
+
+
+# ---------------------------------------------------------------------------------------- model factory
+class Net(torch.nn.Module):
+    """Small MLP with dropout (so resuming needs the RNG state) and a frozen-able first layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(8, 32)
+        self.drop = torch.nn.Dropout(0.25)
+        self.hidden = torch.nn.Linear(32, 32)
+        self.out = torch.nn.Linear(32, 4)
+        self.register_buffer("seen", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x):
+        self.seen += x.shape[0]
+        return self.out(self.drop(torch.relu(self.hidden(self.drop(torch.relu(self.inp(x)))))))
+
+
+class Trainer:
+    def __init__(self, seed: int, freeze_input: bool = False):
+        torch.manual_seed(seed)
+        self.model = Net()
+        if freeze_input:
+            self.model.inp.requires_grad_(False)
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-2,
+                                           weight_decay=0.1)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=2, gamma=0.5)
+
+    def step(self) -> float:
+        """One step whose data and dropout masks come from the torch, python and numpy RNGs."""
+        self.model.train()
+        x = torch.randn(16, 8) * (1.0 + random.random()) + float(np.random.rand())
+        y = torch.randn(16, 4)
+        loss = torch.nn.functional.mse_loss(self.model(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss.item()
+
+    def train(self, n: int) -> None:
+        for _ in range(n):
+            self.step()
+
+
+@pytest.fixture
+def make_trainer():
+    """``make_trainer(seed=0, freeze_input=False)`` → a Trainer (model, optimizer, scheduler, step())."""
+    return lambda seed=0, freeze_input=False: Trainer(seed, freeze_input)
+
+
+@pytest.fixture
+def make_saver(fast_config):
+    """``make_saver(trainer_or_model, optimizer=None, scheduler=None, **config_overrides)``; closed at teardown."""
+    savers: list[asyncckpt.AsyncCheckpointer] = []
+
+    def make(obj, optimizer=None, scheduler=None, **over):
+        if isinstance(obj, Trainer):
+            obj, optimizer, scheduler = obj.model, obj.optimizer, obj.scheduler
+        saver = asyncckpt.AsyncCheckpointer(obj, optimizer, lr_scheduler=scheduler, config=fast_config(**over))
+        savers.append(saver)
+        return saver
+
+    yield make
+    for s in savers:
+        try:
+            s.close(timeout=30)
+        except Exception:  # noqa: BLE001 - a test that injected a failure may leave it unobserved
+            pass
+
+
+# ------------------------------------------------------------------------------------------ writer gate
+class WriterGate:
+    """Holds every save of an engine before it writes anything, until :meth:`open` (deterministic
+    backpressure and aliasing tests: no sleeping). The background never waits more than 30 s."""
+
+    def __init__(self):
+        self._opened: concurrent.futures.Future = concurrent.futures.Future()
+        self.entered = threading.Event()
+        self.calls = 0
+
+    def install(self, monkeypatch, engine) -> "WriterGate":
+        real = engine.writer.write_rank
+
+        async def gated(**kwargs):
+            self.calls += 1
+            self.entered.set()
+            await asyncio.wait_for(asyncio.wrap_future(self._opened), timeout=30)
+            return await real(**kwargs)
+
+        monkeypatch.setattr(engine.writer, "write_rank", gated)
+        return self
+
+    def open(self) -> None:
+        if not self._opened.done():
+            self._opened.set_result(None)
+
+
+@pytest.fixture
+def writer_gate(monkeypatch):
+    """``gate = writer_gate(saver.engine)``; opened at teardown so no background save stays blocked."""
+    gates: list[WriterGate] = []
+
+    def install(engine) -> WriterGate:
+        gate = WriterGate().install(monkeypatch, engine)
+        gates.append(gate)
+        return gate
+
+    yield install
+    for g in gates:
+        g.open()
+
+
+def done_event(fut) -> threading.Event:
+    """An event set when ``fut`` resolves, without observing its outcome."""
+    ev = threading.Event()
+    fut.add_done_callback(lambda _: ev.set())
+    return ev
+
+
+@pytest.fixture
+def wait_resolved():
+    """``wait_resolved(fut)``: block (at most 30 s) until the future resolves, without observing it."""
+
+    def wait(fut, timeout: float = 30.0) -> None:
+        assert done_event(fut).wait(timeout), f"{fut!r} did not resolve within {timeout}s"
+
+    return wait
+
+
+# ------------------------------------------------------------------------------------ state comparison
+def tensor_bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes in logical order, as uint8 (NaN payloads, -0.0 and padding bits included)."""
+    flat = torch.empty(t.numel(), dtype=t.dtype)  # fresh, standard strides (size-1 dims may keep odd ones)
+    flat.copy_(t.detach().cpu().reshape(-1))
+    return flat.view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+
+
+def assert_same(a, b, path: str = "<root>") -> None:
+    """Bit-exact equality of nested states: same container types, keys, tensor dtypes/shapes/devices/bytes,
+    floats equal or both NaN, numpy arrays byte-equal."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), f"{path}: tensor vs {type(b).__name__}"
+        assert a.dtype == b.dtype, f"{path}: dtype {a.dtype} vs {b.dtype}"
+        assert a.shape == b.shape, f"{path}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+        assert a.device == b.device, f"{path}: device {a.device} vs {b.device}"
+        assert torch.equal(tensor_bits(a), tensor_bits(b)), f"{path}: tensor bytes differ"
+        return
+    if isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape, f"{path}: ndarray differs"
+        assert a.tobytes() == b.tobytes(), f"{path}: ndarray bytes differ"
+        return
+    assert type(a) is type(b), f"{path}: {type(a).__name__} vs {type(b).__name__}"
+    if isinstance(a, dict):
+        assert list(a.keys()) == list(b.keys()), f"{path}: keys {list(a)} vs {list(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{path}/{k}")
+        if isinstance(a, collections.OrderedDict):
+            assert_same(getattr(a, "_metadata", None), getattr(b, "_metadata", None), f"{path}/_metadata")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{path}: length {len(a)} vs {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}/{i}")
+    elif isinstance(a, float):
+        assert (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b)), \
+            f"{path}: {a!r} vs {b!r}"
+    elif isinstance(a, np.generic):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), f"{path}: {a!r} vs {b!r}"
+    else:
+        assert a == b, f"{path}: {a!r} vs {b!r}"
+
+
+@pytest.fixture
+def same():
+    """``same(a, b)``: assert nested states are bit-exactly equal (see :func:`assert_same`)."""
+    return assert_same
+
+
+@pytest.fixture
+def bits():
+    return tensor_bits
+
+
+def partials(save_dir: str) -> list[str]:
+    """Leftover partial directories and temporary files in ``save_dir``."""
+    if not os.path.isdir(save_dir):
+        return []
+    return sorted(n for n in os.listdir(save_dir) if n.endswith(".partial") or n.endswith(".tmp"))
+
+
+@pytest.fixture
+def leftovers():
+    return partials
+
+
+def read_latest(save_dir: str) -> str | None:
+    try:
+        with open(os.path.join(save_dir, "latest")) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
+
+
+@pytest.fixture
+def latest():
+    return read_latest
+
+
+# ------------------------------------------------------------------------------------- failure injection
+class FailingCodec:
+    """Stands in for an engine's chunk codec: the first ``ok_chunks`` chunks encode normally, every later one
+    raises ``OSError(ENOSPC)`` (the disk filled up mid-file) until :meth:`heal`."""
+
+    def __init__(self, real, ok_chunks: int):
+        self.real = real
+        self.ok_chunks = ok_chunks
+        self.calls = 0
+        self.failures = 0
+        self._lock = threading.Lock()
+
+    def encode(self, raw, itemsize):
+        with self._lock:
+            self.calls += 1
+            fail = self.calls > self.ok_chunks
+            self.failures += fail
+        if fail:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        return self.real.encode(raw, itemsize)
+
+    def heal(self) -> None:
+        self.ok_chunks = float("inf")
+
+
+@pytest.fixture
+def failing_codec(monkeypatch):
+    """``failing_codec(engine, ok_chunks=2)`` → the installed :class:`FailingCodec`."""
+
+    def install(engine, ok_chunks: int = 2) -> FailingCodec:
+        codec = FailingCodec(engine.writer.codec, ok_chunks)
+        monkeypatch.setattr(engine.writer, "codec", codec)
+        return codec
+
+    return install

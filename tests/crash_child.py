@@ -1,0 +1,401 @@
+"""The process that tests/test_crash.py kills: it trains a tiny model and saves asynchronously in a loop.
+
+Run by a forkserver (torch and asyncckpt preloaded, so a new child starts in milliseconds) with a
+``multiprocessing`` connection to the parent. The child announces every phase boundary of the save pipeline
+on that connection *before* calling through (staging, creating the partial directory, cleaning leftovers,
+encoding and writing chunks, fsync, the rank index, the manifest, renames, the ``latest`` replace, retention).
+Given a target (phase, n) it stops at the n-th announcement of that phase and waits there, so the parent
+SIGKILLs it exactly between two steps; without one the parent kills it at a random time.
+
+Side files in the save directory's parent, for the parent's checks:
+
+* ``planned.jsonl``: ``{"tag", "digest"}`` of the state about to be saved, written *before* the save starts
+  (the tag may be published before the child learns it, so the parent must already know its digest).
+* ``resolved.jsonl``: ``{"tag", "digest"}`` once its future resolved: a checkpoint the trainer was told is
+  durable, which therefore must never be lost.
+
+The same module holds the helpers the parent uses (:func:`digest`, :func:`make_model`) and the bodies of the
+multi-rank and disk-full children.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import signal
+import threading
+import traceback
+from collections import deque
+from typing import Any
+
+import numpy as np
+import torch
+
+import asyncckpt
+import asyncckpt.codec
+import asyncckpt.commit
+import asyncckpt.staging
+import asyncckpt.writer
+
+# The first optimizer pulls in torch's lazily imported compile machinery (about a second): do it once here,
+# in the forkserver that preloads this module, rather than in every child.
+torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+
+SIDE_PLANNED = "planned.jsonl"
+SIDE_RESOLVED = "resolved.jsonl"
+PHASE_GROUPS = {  # fine-grained marker → the phase of the issue it belongs to
+    "startup": "startup", "stage": "staging", "prepare": "commit (prepare)", "cleanup": "cleanup of leftovers",
+    "encode": "writing", "write": "writing", "index": "writing", "fsync": "fsync", "fsync_dir": "fsync",
+    "manifest": "commit (manifest)", "rename": "rename", "replace_old": "rename", "exchange": "rename",
+    "latest": "latest replace",
+    "latest_replace": "latest replace", "retention_rename": "retention", "retention_remove": "retention",
+    "resolved": "after resolve", "done": "idle",
+}
+
+
+# ------------------------------------------------------------------------------------------ shared helpers
+def make_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator) -> None:
+    x = torch.randn(8, 16, generator=gen)
+    model(x).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def digest(obj: Any) -> str:
+    """A bit-exact digest of nested state: container types, keys, order, tensor dtype, shape and bytes."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def _feed(h, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, np.ndarray):
+        h.update(f"A{obj.dtype.str}{obj.shape}|".encode())
+        h.update(np.ascontiguousarray(obj).tobytes())
+    elif isinstance(obj, dict):
+        h.update(f"D{type(obj).__name__}{len(obj)}|".encode())
+        items = list(obj.items())
+        if type(obj) is dict:  # plain dicts come back in sorted key order (the skeleton is sorted JSON)
+            items.sort(key=lambda kv: repr(kv[0]))
+        for k, v in items:
+            _feed(h, k)
+            _feed(h, v)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{type(obj).__name__}{len(obj)}|".encode())
+        if all(type(v) in (int, float, str, bool, type(None)) for v in obj):  # e.g. the python RNG state
+            h.update(repr([(type(v).__name__, v) for v in obj]).encode())
+            return
+        for v in obj:
+            _feed(h, v)
+    else:
+        h.update(f"S{type(obj).__name__}:{obj!r}|".encode())
+
+
+def append_line(path: str, doc: dict) -> None:
+    """One os.write per line on an O_APPEND file: a SIGKILL leaves whole lines only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, (json.dumps(doc) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def read_lines(path: str) -> list[dict]:
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def forkserver_context() -> mp.context.BaseContext:
+    """A forkserver with torch, asyncckpt and this module preloaded: a child starts in milliseconds, not
+    seconds. Python 3.11's forkserver ignores the parent's sys.path (fixed in 3.12), so this directory goes
+    on its PYTHONPATH while it starts; an import that fails there would be silently redone in every child."""
+    import multiprocessing.forkserver
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "asyncckpt", "crash_child"])
+    here = os.path.dirname(os.path.abspath(__file__))
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = here + (os.pathsep + old if old else "")
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
+    return ctx
+
+
+# ------------------------------------------------------------------------------------------------ markers
+class Announcer:
+    """Sends ("m", phase, detail) to the parent before each hooked call. At the ``target`` (phase, n) — the
+    n-th announcement of that phase — it sends ("stop", phase, detail) instead and waits there for the
+    SIGKILL, so the parent kills it exactly between two steps without a round trip at every other step."""
+
+    def __init__(self, conn, target: tuple[str, int] | None):
+        self.conn = conn
+        self.target = tuple(target) if target else None
+        self.counts: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, phase: str, detail: str = "") -> None:
+        with self.lock:
+            n = self.counts[phase] = self.counts.get(phase, 0) + 1
+            if (phase, n) != self.target:
+                self.conn.send(("m", phase, detail))
+                return
+            self.conn.send(("stop", phase, detail))
+            self.conn.recv()  # never answered: the parent kills us here
+            os._exit(3)
+
+
+def install_hooks(announce: Announcer) -> None:
+    """Wrap the file-system steps of the save pipeline so each announces itself before it runs."""
+    real = {
+        "stage": asyncckpt.staging.Slot.stage, "encode": asyncckpt.codec.ChunkCodec.encode,
+        "drain": asyncckpt.writer._drain_one, "fsync": os.fsync, "rename": os.rename, "replace": os.replace,
+        "makedirs": os.makedirs, "w_write": asyncckpt.writer.write_durable, "w_fsync_dir": asyncckpt.writer.fsync_dir,
+        "c_write": asyncckpt.commit.write_durable, "c_fsync_dir": asyncckpt.commit.fsync_dir,
+        "c_replace_atomic": asyncckpt.commit.replace_atomic, "c_remove_tree": asyncckpt.commit.remove_tree,
+        "c_exchange": asyncckpt.commit.exchange,
+    }
+
+    def stage(self, items):
+        announce("stage")
+        return real["stage"](self, items)
+
+    def encode(self, raw, itemsize):
+        announce("encode")
+        return real["encode"](self, raw, itemsize)
+
+    async def drain(f, window, pos):
+        announce("write")
+        return await real["drain"](f, window, pos)
+
+    def fsync(fd):
+        announce("fsync")
+        return real["fsync"](fd)
+
+    def rename(src, dst, *a, **kw):
+        name = os.path.basename(os.fspath(dst))
+        announce("retention_rename" if ".deleting" in name else "replace_old" if ".replaced" in name else "rename", name)
+        return real["rename"](src, dst, *a, **kw)
+
+    def replace(src, dst, *a, **kw):
+        announce("latest_replace", os.path.basename(os.fspath(dst)))
+        return real["replace"](src, dst, *a, **kw)
+
+    def makedirs(path, *a, **kw):
+        if os.fspath(path).endswith(".partial"):
+            announce("prepare", os.path.basename(os.fspath(path)))
+        return real["makedirs"](path, *a, **kw)
+
+    def w_write(path, data, fsync=True):
+        announce("index", os.path.basename(path))
+        return real["w_write"](path, data, fsync)
+
+    def fsync_dir_w(path):
+        announce("fsync_dir", os.path.basename(path))
+        return real["w_fsync_dir"](path)
+
+    def fsync_dir_c(path):
+        announce("fsync_dir", os.path.basename(path))
+        return real["c_fsync_dir"](path)
+
+    def c_write(path, data, fsync=True):
+        announce("manifest", os.path.basename(path))
+        return real["c_write"](path, data, fsync)
+
+    def c_replace_atomic(path, data, fsync=True):
+        announce("latest")
+        return real["c_replace_atomic"](path, data, fsync)
+
+    def c_remove_tree(path):
+        name = os.path.basename(path)
+        announce("retention_remove" if ".deleting" in name else "cleanup", name)
+        return real["c_remove_tree"](path)
+
+    def c_exchange(a, b):
+        announce("exchange", os.path.basename(b))
+        return real["c_exchange"](a, b)
+
+    asyncckpt.commit.exchange = c_exchange
+    asyncckpt.staging.Slot.stage = stage
+    asyncckpt.codec.ChunkCodec.encode = encode
+    asyncckpt.writer._drain_one = drain
+    asyncckpt.writer.write_durable = w_write
+    asyncckpt.writer.fsync_dir = fsync_dir_w
+    asyncckpt.commit.write_durable = c_write
+    asyncckpt.commit.fsync_dir = fsync_dir_c
+    asyncckpt.commit.replace_atomic = c_replace_atomic
+    asyncckpt.commit.remove_tree = c_remove_tree
+    os.fsync, os.rename, os.replace, os.makedirs = fsync, rename, replace, makedirs
+
+
+# --------------------------------------------------------------------------------------------- the child
+def saver_config(cfg: dict) -> dict:
+    return {"max_inflight": cfg.get("max_inflight", 1), "keep_last": cfg.get("keep_last", 0),
+            "overwrite": cfg.get("overwrite", False), "commit_timeout_s": 30,
+            "writer": {"threads_per_node": 2, "nice": 0},
+            "codec": {"chunk_mib": 1 / 64, "compression": cfg.get("compression", True)}}
+
+
+def child_main(conn, cfg: dict) -> None:
+    """Resume from ``latest`` if there is one, then train and save ``cfg["saves"]`` times; announce phases."""
+    try:
+        torch.set_num_threads(1)
+        logging.basicConfig(filename=cfg["log"], level=logging.INFO, force=True,
+                            format="%(levelname)s %(name)s: %(message)s")
+        announce = Announcer(conn, cfg.get("target"))
+        if cfg.get("no_exchange"):  # a file system without RENAME_EXCHANGE: overwrite falls back to two renames
+            asyncckpt.commit.exchange = lambda a, b: False
+        install_hooks(announce)
+        announce("startup")
+        save_dir, side = cfg["save_dir"], cfg["side_dir"]
+        model = make_model(cfg["cycle"])
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        gen = torch.Generator().manual_seed(cfg["cycle"])
+        saver = asyncckpt.AsyncCheckpointer(model, opt, config=saver_config(cfg))
+        if os.path.exists(os.path.join(save_dir, "latest")):
+            train_step(model, opt, gen)  # the optimizer has state, as after a real restart's first step
+            saver.load_checkpoint(save_dir)
+        pending: deque = deque()
+
+        def resolve(block: bool) -> None:
+            while pending and (block or pending[0][2].done()):
+                tag, expected, fut = pending.popleft()
+                fut.result(timeout=60)
+                announce("resolved", tag)
+                append_line(os.path.join(side, SIDE_RESOLVED), {"tag": tag, "digest": expected})
+
+        for i in range(cfg["saves"]):
+            train_step(model, opt, gen)
+            tag = cfg.get("tag") or f"c{cfg['cycle']:04d}-s{i}"
+            client = {"cycle": cfg["cycle"], "i": i}
+            expected = digest(saver.state_dict(client))
+            append_line(os.path.join(side, SIDE_PLANNED), {"tag": tag, "digest": expected})
+            pending.append((tag, expected, saver.save_checkpoint(save_dir, tag=tag, client_state=client)))
+            resolve(block=False)
+        resolve(block=True)
+        saver.close(timeout=60)
+        announce("done")
+        conn.recv()  # the parent kills us here, or tells us to exit
+    except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
+        try:
+            conn.send(("error", traceback.format_exc(), ""))
+        finally:
+            os._exit(2)
+    os._exit(0)
+
+
+# ------------------------------------------------------------------------------- multi-rank kill (spawned)
+def two_rank_kill(rank: int, world: int, save_dir: str, victim: int, where: str, timeout_s: float) -> dict:
+    """Both ranks save "before"; then rank ``victim`` SIGKILLs itself mid-save at ``where`` ("write": while
+    writing its data file, "manifest": the publisher, while writing the manifest) or hangs ("hang": its
+    writer blocks forever, its connections stay open). The survivor reports how long its future took to fail and what ``latest`` holds."""
+    import time
+
+    model = make_model(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    cfg = saver_config({})
+    cfg["commit_timeout_s"] = timeout_s
+    gen = torch.Generator().manual_seed(rank)
+    with asyncckpt.AsyncCheckpointer(model, opt, config=cfg) as saver:
+        train_step(model, opt, gen)
+        saver.save_checkpoint(save_dir, tag="before").result(60)
+        before = digest(saver.state_dict())
+        if rank == victim:
+            def die(*a, **kw):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            if where in ("write", "hang"):
+                real = asyncckpt.writer._drain_one
+                count = [0]
+
+                async def drain(f, window, pos):
+                    count[0] += 1
+                    if count[0] == 3:  # a few chunks are on disk, the rest never will be
+                        if where == "hang":
+                            threading.Event().wait()  # alive but silent: the parent kills it later
+                        die()
+                    return await real(f, window, pos)
+
+                asyncckpt.writer._drain_one = drain
+            else:
+                asyncckpt.commit.write_durable = die
+        train_step(model, opt, gen)
+        t0 = time.monotonic()
+        fut = saver.save_checkpoint(save_dir, tag="after")
+        err = fut.exception(timeout_s + 30)
+        elapsed = time.monotonic() - t0
+        latest = open(os.path.join(save_dir, "latest")).read().strip()
+        try:
+            saver.close(timeout=10)
+        except asyncckpt.CheckpointError:
+            pass
+    return {"error": type(err).__name__ if err else None, "is_commit_error": isinstance(err, asyncckpt.CommitError),
+            "message": str(err), "elapsed": elapsed, "latest": latest, "before_digest": before}
+
+
+# ------------------------------------------------------------------------------ disk full (forkserver child)
+def disk_full_child(conn, save_dir: str, limit: int, log: str) -> None:
+    """RLIMIT_FSIZE as a full disk: the save fails with a clear error, the previous checkpoint stays loadable,
+    training goes on, and once the limit is raised again the next save succeeds."""
+    import resource
+
+    out: dict = {}
+    try:
+        torch.set_num_threads(1)
+        logging.basicConfig(filename=log, level=logging.INFO, force=True)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of killing us
+        model = make_model(1)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        gen = torch.Generator().manual_seed(1)
+        cfg = saver_config({"compression": False})
+        with asyncckpt.AsyncCheckpointer(model, opt, config=cfg) as saver:
+            train_step(model, opt, gen)
+            saver.save_checkpoint(save_dir, tag="before").result(60)
+            before = digest(saver.state_dict())
+            soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+            train_step(model, opt, gen)
+            try:
+                saver.save_checkpoint(save_dir, tag="full").result(60)
+                out["full_error"] = None
+            except asyncckpt.CheckpointError as exc:
+                out["full_error"] = f"{type(exc).__name__}: {exc}"
+                out["full_is_write_error"] = isinstance(exc, asyncckpt.WriteError)
+            out["listing_after_failure"] = sorted(os.listdir(save_dir))
+            out["latest_after_failure"] = open(os.path.join(save_dir, "latest")).read().strip()
+            fresh = make_model(5)
+            fresh_opt = torch.optim.Adam(fresh.parameters(), lr=1e-2)
+            train_step(fresh, fresh_opt, torch.Generator().manual_seed(5))
+            with asyncckpt.AsyncCheckpointer(fresh, fresh_opt, config=cfg) as loader:
+                loader.load_checkpoint(save_dir)
+                out["previous_loads_exactly"] = digest(loader.state_dict()) == before
+            for _ in range(3):  # training goes on
+                train_step(model, opt, gen)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # space frees up
+            after = digest(saver.state_dict())
+            res = saver.save_checkpoint(save_dir, tag="after").result(60)
+            out["after_path"] = res.path
+            out["after_loads_exactly"] = digest(asyncckpt.load(save_dir)) == after
+    except BaseException:  # noqa: BLE001
+        out["crash"] = traceback.format_exc()
+    conn.send(out)
+    os._exit(0)
+
