@@ -10,8 +10,8 @@ from .checkpointer import AsyncCheckpointer  # noqa: E402
 from .config import CodecConfig, Config, WriterConfig  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError, CheckpointNotFoundError, CommitError, CommitTimeoutError, ConfigError,
-    CorruptCheckpointError, PickleNotAllowedError, SaverBusyError, TagExistsError, UnsafeCheckpointError,
-    WriteError,
+    CorruptCheckpointError, InvalidTagError, KeyCollisionError, PickleNotAllowedError, SaverBusyError,
+    StateMismatchError, TagExistsError, UnsafeCheckpointError, UnsupportedStateError, WriteError,
 )
 from .future import SaveFuture  # noqa: E402
 from .io_types import SaveResult  # noqa: E402
@@ -20,6 +20,7 @@ from .loader import CheckpointReader, list_tags  # noqa: E402
 __all__ = [
     "AsyncCheckpointer", "save", "load", "wait_all", "Config", "CodecConfig", "WriterConfig", "SaveFuture",
     "SaveResult", "CheckpointReader", "list_tags", "CheckpointError", "CheckpointNotFoundError", "CommitError",
-    "CommitTimeoutError", "ConfigError", "CorruptCheckpointError", "PickleNotAllowedError", "SaverBusyError",
-    "TagExistsError", "UnsafeCheckpointError", "WriteError",
+    "CommitTimeoutError", "ConfigError", "CorruptCheckpointError", "InvalidTagError", "KeyCollisionError",
+    "PickleNotAllowedError", "SaverBusyError", "StateMismatchError", "TagExistsError", "UnsafeCheckpointError",
+    "UnsupportedStateError", "WriteError",
 ]

@@ -35,6 +35,24 @@ class UnsafeCheckpointError(CorruptCheckpointError):
     object without ``allow_pickle``, an absurd size."""
 
 
+class InvalidTagError(CheckpointError, ValueError):
+    """A checkpoint tag that is not a plain directory name (the message names the tag and the rule)."""
+
+
+class UnsupportedStateError(CheckpointError, TypeError):
+    """A value in the state to save cannot be saved faithfully (a meta or nested tensor, a ``longdouble``, an
+    integer too large for JSON, ...); raised at once, on the training thread, naming the key path."""
+
+
+class KeyCollisionError(UnsupportedStateError, ValueError):
+    """Two distinct keys of the saved state would be stored under one key path; the message names both."""
+
+
+class StateMismatchError(CheckpointError, ValueError):
+    """A checkpoint does not fit the model, optimizer or scheduler it is loaded into (missing or unexpected
+    keys, shapes, dtypes, parameter groups). Raised before anything is modified: the live state is unchanged."""
+
+
 class PickleNotAllowedError(CheckpointError, TypeError):
     """A value is not JSON-representable and ``allow_pickle`` is off; the message names the key path."""
 
