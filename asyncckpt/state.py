@@ -12,9 +12,13 @@ The skeleton is plain JSON. Containers and values JSON cannot express are tagged
     {"__t": "float", "value": "nan"}                  nan / inf / -inf
     {"__t": "dtype"|"device"|"size"|"bytes"|"npscalar"|"pickle", ...}
 
-Key paths join container keys with ``/`` (escaped as ``~1``; ``~`` as ``~0``), as JSON pointers do.
+A tensor's key is its key path: one part per container on the way to it, joined with ``/``. Distinct
+positions always get distinct key paths (see :func:`key_part`); records of shared storages are named
+``~s/<key of the first view>``, a namespace no key path can enter. Loading reads every key from the
+skeleton node (``node["key"]``) and never derives it from the path, so any naming a checkpoint used loads.
 Tensors that share storage are saved once: identical views become one entry referenced twice, other views of
-one storage become views of a single storage record, so that they share again after load.
+one storage become views of a single storage record, so that they share again after load. Tensors with a lazy
+conjugate or negative bit are saved as their resolved values, in a storage of their own.
 """
 from __future__ import annotations
 
@@ -22,88 +26,179 @@ import base64
 import collections
 import math
 import pickle
+import sys
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from .errors import PickleNotAllowedError, UnsafeCheckpointError
+from .errors import KeyCollisionError, PickleNotAllowedError, UnsafeCheckpointError, UnsupportedStateError
 from .format import DTYPES, dtype_name
 from .io_types import FlatState, StageItem, ViewItem
 from .placement import describe_dtensor, is_dtensor
 
 TAG = "__t"
+MAX_DEPTH = 256  # containers (dict, OrderedDict, list, tuple, key objects) nested in a state, at save and at load
+MAX_INT_DIGITS = 4300  # CPython's default limit for int <-> decimal text; JSON stores ints as decimal text
+STORAGE_PREFIX = "~s/"  # shared-storage records: "~s" is never a key-path part
+METADATA_PART = "~m"  # an OrderedDict's _metadata attribute
+_INT_BOUND = 10 ** MAX_INT_DIGITS
+_LONG_DOUBLES = (np.longdouble, np.clongdouble)  # their bytes mean different things on different platforms
 
 
-def escape(key: Any) -> str:
-    return str(key).replace("~", "~0").replace("/", "~1")
+def escape(key: str) -> str:
+    """A string key as a key-path part: ``~`` -> ``~0``, ``/`` -> ``~1`` (as JSON pointers do); ``""`` -> ``~e``."""
+    return key.replace("~", "~0").replace("/", "~1") if key else "~e"
 
 
-def join(prefix: str, key: Any) -> str:
-    return f"{prefix}/{escape(key)}" if prefix else escape(key)
+def key_part(key: Any, index: int) -> str:
+    """The key-path part of the ``index``-th entry of a dict. Injective within one dict: an escaped string
+    never holds ``~`` followed by anything but ``0``/``1``; every other key gets ``~`` and a type letter."""
+    kind = type(key)
+    if kind is str:
+        return escape(key)
+    if kind is bool:
+        return "~b1" if key else "~b0"
+    if kind is int:
+        return f"~i{key}"
+    if key is None:
+        return "~n"
+    if kind is float and key == key:  # repr tells every float apart (-0.0, inf); NaN keys need their index
+        return f"~f{key!r}"
+    return f"~k{index}"  # any other key object (tuple, tensor, dtype, enum, NaN, subclasses): its position
+
+
+def join(prefix: str, part: str) -> str:
+    return f"{prefix}/{part}" if prefix else part
+
+
+def _readable(trail: Any) -> str:
+    """A trail of keys (``(parent_trail, step)`` pairs) as Python subscripts: ``['m'][1]``."""
+    steps = []
+    while trail is not None:
+        trail, step = trail
+        steps.append(step.text if isinstance(step, _Step) else f"[{step!r}]")
+    return "".join(reversed(steps)) or "<root>"
+
+
+class _Step:
+    """A trail step that is not a subscript (an OrderedDict's ``_metadata``, a dict key object)."""
+
+    def __init__(self, text: str):
+        self.text = text
 
 
 def _device_str(t: torch.Tensor) -> str:
     return str(t.device)
 
 
+def _where(path: str) -> str:
+    return f"key path {path or '<root>'!r}"
+
+
+def _int_digits() -> int:
+    """The most decimal digits an int may have: MAX_INT_DIGITS, or less if this interpreter allows less."""
+    limit = sys.get_int_max_str_digits() if hasattr(sys, "get_int_max_str_digits") else 0
+    return min(limit, MAX_INT_DIGITS) if limit else MAX_INT_DIGITS
+
+
 class _Flattener:
     def __init__(self, allow_pickle: bool, replicated: Callable[[str], bool] | None):
         self.allow_pickle = allow_pickle
         self.replicated = replicated
+        self.int_digits = _int_digits()
+        self.int_bound = _INT_BOUND if self.int_digits == MAX_INT_DIGITS else 10 ** self.int_digits
         self.tensors: list[tuple[str, torch.Tensor, bool, tuple, tuple, int | None]] = []
         self.by_identity: dict[tuple, str] = {}
+        self.arrays: dict[int, tuple[np.ndarray, str]] = {}  # id -> (the array, kept alive; its key)
+        self.trails: dict[str, Any] = {}  # key path -> trail of the tensor saved under it (collision guard)
 
-    def tensor(self, t: torch.Tensor, path: str, replicated: bool = False, global_shape: tuple = (),
+    def tensor(self, t: torch.Tensor, path: str, trail: Any, replicated: bool = False, global_shape: tuple = (),
                global_offset: tuple = ()) -> str:
-        if t.is_sparse or t.layout != torch.strided:
-            raise TypeError(f"{path}: {t.layout} tensors are not supported; convert to dense first")
-        dtype_name(t.dtype)  # raises a clear error for unsupported dtypes
+        if t.is_nested:
+            raise UnsupportedStateError(f"cannot save the nested tensor at {_where(path)}: nested tensors are not "
+                                        "supported; save its components (t.unbind()) instead")
+        if t.layout != torch.strided:
+            raise UnsupportedStateError(f"cannot save the {t.layout} tensor at {_where(path)}: only dense (strided) "
+                                        "tensors are supported; convert to dense first")
+        if t.device.type == "meta":
+            raise UnsupportedStateError(f"cannot save the meta tensor at {_where(path)}: it has no data; "
+                                        "materialize it (to_empty() and initialize) first")
+        try:
+            dtype_name(t.dtype)
+        except TypeError as exc:
+            raise UnsupportedStateError(f"cannot save the tensor at {_where(path)}: {exc}") from None
         storage = t.untyped_storage()
         ptr = storage.data_ptr() if storage.nbytes() and t.numel() else None
+        lazy = t.is_conj() or t.is_neg()
         if ptr is not None:
-            ident = (t.device, ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            ident = (t.device, ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.is_conj(), t.is_neg())
             if ident in self.by_identity:
                 return self.by_identity[ident]  # the very same view saved twice (tied weights): one entry
             self.by_identity[ident] = path
-        self.tensors.append((path, t.detach(), replicated, global_shape, global_offset, ptr))
+        if path in self.trails:  # cannot happen with key_part; a last line against saving one tensor for another
+            raise KeyCollisionError(f"two tensors of the state would be saved under one key path {path!r}: "
+                                    f"{_readable(self.trails[path])} and {_readable(trail)}")
+        self.trails[path] = trail
+        t = t.detach()
+        if lazy:  # the bytes hold the unconjugated / unnegated values: save what the tensor reads as
+            t = t.resolve_conj().resolve_neg()
+            ptr = None  # a fresh storage of its own, never grouped with the one it viewed
+        self.tensors.append((path, t, replicated, global_shape, global_offset, ptr))
         return path
 
-    def walk(self, obj: Any, path: str) -> Any:
+    def walk(self, obj: Any, path: str, trail: Any, depth: int) -> Any:
+        """The skeleton node of ``obj``, ``depth`` containers deep (the root is at depth 1)."""
         if is_dtensor(obj):
-            local, info, offset = describe_dtensor(obj, path)
+            try:
+                local, info, offset = describe_dtensor(obj, path)
+            except TypeError as exc:
+                raise UnsupportedStateError(str(exc)) from None
             if info.sharded:
-                key = self.tensor(local, path, False, info.global_shape, offset)
+                key = self.tensor(local, path, trail, False, info.global_shape, offset)
             else:
-                key = self.tensor(local, path, True)
+                key = self.tensor(local, path, trail, True)
             return {TAG: "dtensor", "key": key, **info.to_json()}
         if isinstance(obj, torch.Tensor):
             replicated = self.replicated is not None and self.replicated(path)
-            return {TAG: "tensor", "key": self.tensor(obj, path, replicated)}
+            return {TAG: "tensor", "key": self.tensor(obj, path, trail, replicated)}
+        if isinstance(obj, np.generic) and obj.dtype.kind in "biufc":  # before float: np.float64 is a float
+            if isinstance(obj, _LONG_DOUBLES):
+                raise UnsupportedStateError(f"cannot save the {obj.dtype} scalar at {_where(path)}: its bytes are "
+                                            "platform-specific; convert it to float64 / complex128")
+            return {TAG: "npscalar", "dtype": obj.dtype.str, "value": base64.b64encode(obj.tobytes()).decode()}
         if obj is None or isinstance(obj, (bool, str)):
             return obj
         if isinstance(obj, int):
-            return obj
+            return self.integer(obj, path)
         if isinstance(obj, float):
             if math.isfinite(obj):
                 return obj
-            return {TAG: "float", "value": repr(obj)}
+            return {TAG: "float", "value": repr(float(obj))}
+        if isinstance(obj, (dict, list, tuple)) and depth > MAX_DEPTH:
+            raise UnsupportedStateError(f"the state is nested deeper than MAX_DEPTH ({MAX_DEPTH}) containers at "
+                                        f"{_where(path)} ({_readable(trail)})")
         if isinstance(obj, dict):
-            if isinstance(obj, collections.OrderedDict) or type(obj) is not dict:
-                if type(obj) not in (dict, collections.OrderedDict):
-                    return self.opaque(obj, path)
+            if type(obj) is collections.OrderedDict:
+                out = {TAG: "odict", "items": self.items(obj, path, trail, depth)}
                 meta = getattr(obj, "_metadata", None)
-                out = {TAG: "odict", "items": [[self.key(k, path), self.walk(v, join(path, k))] for k, v in obj.items()]}
                 if meta is not None:
-                    out["metadata"] = self.walk(meta, join(path, "_metadata"))
+                    meta_trail = (trail, _Step("._metadata"))
+                    out["metadata"] = self.walk(meta, join(path, METADATA_PART), meta_trail, depth + 1)
                 return out
-            if all(isinstance(k, str) for k in obj) and TAG not in obj:
-                return {k: self.walk(v, join(path, k)) for k, v in obj.items()}
-            return {TAG: "dict", "items": [[self.key(k, path), self.walk(v, join(path, k))] for k, v in obj.items()]}
-        if isinstance(obj, list) and type(obj) is list:
-            return [self.walk(v, join(path, i)) for i, v in enumerate(obj)]
-        if type(obj) is tuple:
-            return {TAG: "tuple", "items": [self.walk(v, join(path, i)) for i, v in enumerate(obj)]}
+            if type(obj) is not dict:
+                return self.opaque(obj, path)
+            if TAG not in obj and all(type(k) is str for k in obj):
+                out = {}
+                for k, v in obj.items():
+                    out[k] = self.walk(v, join(path, escape(k)), (trail, k), depth + 1)
+                return out
+            return {TAG: "dict", "items": self.items(obj, path, trail, depth)}
+        if type(obj) is list or type(obj) is tuple:
+            items = []
+            for i, v in enumerate(obj):
+                items.append(self.walk(v, join(path, str(i)), (trail, i), depth + 1))
+            return items if type(obj) is list else {TAG: "tuple", "items": items}
         if isinstance(obj, torch.dtype):
             return {TAG: "dtype", "value": dtype_name(obj)}
         if isinstance(obj, torch.device):
@@ -112,26 +207,64 @@ class _Flattener:
             return {TAG: "size", "value": list(obj)}
         if isinstance(obj, (bytes, bytearray)):
             return {TAG: "bytes", "value": base64.b64encode(bytes(obj)).decode()}
-        if isinstance(obj, np.ndarray) and obj.dtype.kind in "biufc" and obj.dtype.byteorder in "=|<":
-            t = torch.from_numpy(np.ascontiguousarray(obj))
-            return {TAG: "ndarray", "key": self.tensor(t, path), "shape": list(obj.shape)}
-        if isinstance(obj, np.generic) and obj.dtype.kind in "biufc":
-            return {TAG: "npscalar", "dtype": obj.dtype.str, "value": base64.b64encode(obj.tobytes()).decode()}
+        if type(obj) is np.ndarray:
+            return self.ndarray(obj, path, trail)
         return self.opaque(obj, path)
 
-    def key(self, k: Any, path: str) -> Any:
-        if isinstance(k, (str, int, bool)) or k is None:
+    def items(self, obj: dict, path: str, trail: Any, depth: int) -> list:
+        out = []
+        for i, (k, v) in enumerate(obj.items()):
+            node = self.key(k, i, path, trail, depth)  # first: it refuses ints too long for key_part
+            out.append([node, self.walk(v, join(path, key_part(k, i)), (trail, k), depth + 1)])
+        return out
+
+    def key(self, k: Any, index: int, path: str, trail: Any, depth: int) -> Any:
+        """A dict key as JSON: itself if JSON gives it back as the same type and value, else a node."""
+        kind = type(k)
+        if kind is str or kind is bool or k is None or (kind is float and math.isfinite(k)):
             return k
-        if isinstance(k, float) and math.isfinite(k):
-            return k
-        return self.walk(k, join(path, repr(k)))
+        if kind is int:
+            return self.integer(k, path)
+        kpath = join(path, f"~K{index}")  # the key object itself (it may hold tensors)
+        node = self.walk(k, kpath, (trail, _Step(f".keys()[{index}]")), depth + 1)
+        if not (isinstance(node, dict) and TAG in node):  # a str/int/float subclass (an enum...) would load as
+            return self.opaque(k, kpath)  # its base type: keep its type, or refuse
+        return node
+
+    def integer(self, n: int, path: str) -> int:
+        if -self.int_bound < n < self.int_bound:
+            return n
+        raise UnsupportedStateError(f"cannot save the int at {_where(path)}: it has more than "
+                                    f"{self.int_digits} decimal digits (JSON stores ints as decimal "
+                                    "text and Python refuses to read longer ones); store it as bytes")
+
+    def ndarray(self, a: np.ndarray, path: str, trail: Any) -> Any:
+        seen = self.arrays.get(id(a))
+        if seen is not None:  # the same array object saved twice: one entry
+            return {TAG: "ndarray", "key": seen[1], "shape": list(a.shape)}
+        if a.dtype.type in _LONG_DOUBLES:
+            raise UnsupportedStateError(f"cannot save the {a.dtype} array at {_where(path)}: its bytes are "
+                                        "platform-specific; convert it to float64 / complex128")
+        if a.dtype.kind not in "biufc" or a.dtype.byteorder not in "=|<":
+            return self.opaque(a, path)
+        # a copy of its own: arrays viewing one buffer would otherwise share memory torch does not see as shared
+        t = torch.from_numpy(np.array(a, copy=True, order="C"))
+        key = self.tensor(t, path, trail)
+        self.arrays[id(a)] = (a, key)
+        return {TAG: "ndarray", "key": key, "shape": list(a.shape)}
 
     def opaque(self, obj: Any, path: str) -> Any:
+        name = f"{type(obj).__module__}.{type(obj).__qualname__}"
         if not self.allow_pickle:
             raise PickleNotAllowedError(
-                f"cannot save {type(obj).__module__}.{type(obj).__qualname__} at key path {path or '<root>'!r}: "
-                "it is not JSON-representable; convert it, or pass allow_pickle=True at save and load")
-        return {TAG: "pickle", "value": base64.b64encode(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)).decode()}
+                f"cannot save {name} at {_where(path)}: it is not JSON-representable; convert it, or pass "
+                "allow_pickle=True at save and load")
+        try:
+            data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # noqa: BLE001 - pickling runs arbitrary __reduce__ code
+            raise UnsupportedStateError(f"cannot save {name} at {_where(path)}: it cannot be pickled "
+                                        f"({type(exc).__name__}: {exc})") from None
+        return {TAG: "pickle", "value": base64.b64encode(data).decode()}
 
 
 def flatten(state: Any, *, allow_pickle: bool = False, replicated: Callable[[str], bool] | None = None) -> FlatState:
@@ -140,7 +273,7 @@ def flatten(state: Any, *, allow_pickle: bool = False, replicated: Callable[[str
     ``replicated(key_path)`` says which plain tensors are identical on every rank (DDP state): those are
     written once in total. DTensors carry their own layout."""
     f = _Flattener(allow_pickle, replicated)
-    skeleton = f.walk(state, "")
+    skeleton = f.walk(state, "", None, 1)
     items, views = _group_storages(f.tensors)
     return FlatState(skeleton, items, views)
 
@@ -169,7 +302,7 @@ def _group_storages(tensors: list[tuple]) -> tuple[list[StageItem], list[ViewIte
         lo = min(s[0][0] for s in spans)
         lo -= lo % max(t.element_size() for _, _, t in spans)  # every view's offset from lo stays dtype-aligned
         hi = max(s[0][1] for s in spans)
-        base_key = f"#storage/{spans[0][1]}"  # named after its first view: stable across ranks
+        base_key = STORAGE_PREFIX + spans[0][1]  # named after its first view: stable across ranks
         storage = members[0][1].untyped_storage()
         span = torch.empty(0, dtype=torch.uint8, device=members[0][1].device).set_(storage, lo, (hi - lo,), (1,))
         items.append(StageItem(base_key, span, torch.uint8, (hi - lo,), _device_str(span), replicated=rep))
@@ -189,18 +322,34 @@ def _byte_span(t: torch.Tensor) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------- unflatten
+def _too_deep(where: str, path: str) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(f"{where}: the skeleton is nested deeper than MAX_DEPTH ({MAX_DEPTH}) containers "
+                                 f"at {_where(path)}")
+
+
 def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor], *, allow_pickle: bool = False, where: str = "") -> Any:
     """Rebuild the nested state from a skeleton and loaded tensors. Never executes code unless a pickled
-    entry is met *and* ``allow_pickle`` is on."""
+    entry is met *and* ``allow_pickle`` is on. Tensors are looked up by the key their node names; the key path
+    built on the way serves error messages only."""
 
-    def build(node: Any, path: str) -> Any:
+    def build(node: Any, path: str, depth: int) -> Any:
         if isinstance(node, list):
-            return [build(v, join(path, i)) for i, v in enumerate(node)]
+            if depth > MAX_DEPTH:
+                raise _too_deep(where, path)
+            out = []
+            for i, v in enumerate(node):
+                out.append(build(v, join(path, str(i)), depth + 1))
+            return out
         if not isinstance(node, dict):
             return node
         kind = node.get(TAG)
+        if kind in (None, "dict", "odict", "tuple") and depth > MAX_DEPTH:
+            raise _too_deep(where, path)
         if kind is None:
-            return {k: build(v, join(path, k)) for k, v in node.items()}
+            plain = {}
+            for k, v in node.items():
+                plain[k] = build(v, join(path, escape(k)), depth + 1)
+            return plain
         try:
             if kind in ("tensor", "dtensor"):
                 return tensors[node["key"]]
@@ -208,13 +357,18 @@ def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor], *, allow_pickle: 
                 t = tensors[node["key"]]
                 return t.cpu().numpy().reshape(node["shape"])
             if kind in ("dict", "odict"):
-                cls = dict if kind == "dict" else collections.OrderedDict
-                out = cls((build_key(k, path), build(v, join(path, k))) for k, v in node["items"])
+                out = dict() if kind == "dict" else collections.OrderedDict()
+                for i, (k, v) in enumerate(node["items"]):
+                    key = build(k, join(path, f"~K{i}"), depth + 1) if isinstance(k, (dict, list)) else k
+                    out[key] = build(v, join(path, key_part(key, i)), depth + 1)
                 if kind == "odict" and "metadata" in node:
-                    out._metadata = build(node["metadata"], join(path, "_metadata"))
+                    out._metadata = build(node["metadata"], join(path, METADATA_PART), depth + 1)
                 return out
             if kind == "tuple":
-                return tuple(build(v, join(path, i)) for i, v in enumerate(node["items"]))
+                items = []
+                for i, v in enumerate(node["items"]):
+                    items.append(build(v, join(path, str(i)), depth + 1))
+                return tuple(items)
             if kind == "float":
                 value = node["value"]
                 if value not in ("nan", "inf", "-inf"):
@@ -236,43 +390,49 @@ def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor], *, allow_pickle: 
             if kind == "pickle":
                 if not allow_pickle:
                     raise UnsafeCheckpointError(
-                        f"{where}: key path {path or '<root>'!r} holds a pickled Python object; refusing to "
+                        f"{where}: {_where(path)} holds a pickled Python object; refusing to "
                         "unpickle it (pickle can run arbitrary code). Pass allow_pickle=True only for checkpoints you trust")
                 return pickle.loads(base64.b64decode(node["value"], validate=True))
         except UnsafeCheckpointError:
             raise
         except (KeyError, TypeError, ValueError, IndexError, OverflowError, RuntimeError) as exc:  # e.g. a bad device string
-            raise UnsafeCheckpointError(f"{where}: malformed skeleton node at key path {path or '<root>'!r}: {exc!r}") from None
-        raise UnsafeCheckpointError(f"{where}: unknown skeleton node type {kind!r} at key path {path or '<root>'!r}")
+            raise UnsafeCheckpointError(f"{where}: malformed skeleton node at {_where(path)}: {exc!r}") from None
+        raise UnsafeCheckpointError(f"{where}: unknown skeleton node type {kind!r} at {_where(path)}")
 
-    def build_key(k: Any, path: str) -> Any:
-        if isinstance(k, (dict, list)):
-            return build(k, path)
-        return k
-
-    try:
-        return build(skeleton, "")
-    except RecursionError:  # a forged skeleton nested deeper than Python's stack
-        raise UnsafeCheckpointError(f"{where}: the skeleton is nested too deeply") from None
+    return build(skeleton, "", 1)
 
 
-def skeleton_tensor_refs(skeleton: Any) -> dict[str, dict]:
-    """Every tensor node a skeleton references, by key (used to load only what a rank needs)."""
+def skeleton_tensor_refs(skeleton: Any, where: str = "") -> dict[str, dict]:
+    """Every tensor node a skeleton references, by key (used to load only what a rank needs). Walks the
+    containers :func:`unflatten` builds, counting depth the same way; other nodes hold no tensors."""
     out: dict[str, dict] = {}
 
-    def visit(node: Any) -> None:
+    def visit(node: Any, depth: int) -> None:
         if isinstance(node, list):
-            for v in node:
-                visit(v)
+            children = node
         elif isinstance(node, dict):
-            if node.get(TAG) in ("tensor", "ndarray", "dtensor") and isinstance(node.get("key"), str):
-                out[node["key"]] = node
+            kind = node.get(TAG)
+            if kind in ("tensor", "ndarray", "dtensor"):
+                if isinstance(node.get("key"), str):
+                    out[node["key"]] = node
+                return
+            if kind is None:
+                children = list(node.values())
+            elif kind in ("dict", "odict") and isinstance(node.get("items"), list):
+                children = [x for pair in node["items"] if isinstance(pair, list) for x in pair]
+                if "metadata" in node:
+                    children.append(node["metadata"])
+            elif kind == "tuple" and isinstance(node.get("items"), list):
+                children = node["items"]
             else:
-                for v in node.values():
-                    visit(v)
+                return  # a scalar node, or a malformed one unflatten refuses
+        else:
+            return
+        if depth > MAX_DEPTH:
+            raise UnsafeCheckpointError(f"{where or 'rank index'}: the skeleton is nested deeper than "
+                                        f"MAX_DEPTH ({MAX_DEPTH}) containers")
+        for child in children:
+            visit(child, depth + 1)
 
-    try:
-        visit(skeleton)
-    except RecursionError:  # a forged skeleton nested deeper than Python's stack
-        raise UnsafeCheckpointError("the skeleton is nested too deeply") from None
+    visit(skeleton, 1)
     return out
