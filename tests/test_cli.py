@@ -246,10 +246,10 @@ def test_inspect_shows_views_of_shared_storage(tmp_path):
     r = run("inspect", str(tmp_path / "v1"))
     assert r.exit_code == 0, r.output
     line = next(ln for ln in r.output.splitlines() if ln.strip().startswith("b "))
-    assert "[2, 5]" in line and "view of #storage/a at byte 40" in line
+    assert "[2, 5]" in line and "view of ~s/a at byte 40" in line
     d = json.loads(run("inspect", str(tmp_path / "v1"), "--json").output)
     b = next(t for t in d["tensors"] if t["key"] == "b")
-    assert (b["view_of"], b["byte_offset"], b["stride"], b["chunks"]) == ("#storage/a", 40, [5, 1], 0)
+    assert (b["view_of"], b["byte_offset"], b["stride"], b["chunks"]) == ("~s/a", 40, [5, 1], 0)
     assert run("verify", str(tmp_path / "v1")).exit_code == 0
 
 
