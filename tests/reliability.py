@@ -1,8 +1,9 @@
 """Counts for docs/RELIABILITY.md, recorded by the reliability tests as they run.
 
 ``record(category, case, tried, held)`` appends one JSON line to the file named by the environment variable
-``ASYNCCKPT_RELIABILITY_RECORDS`` (set for the session by the root ``conftest.py``); without it, recording is
-a no-op. The root conftest renders the table at the end of a session in which every reliability test passed.
+``ASYNCCKPT_RELIABILITY_RECORDS`` (set for the session by the root ``conftest.py`` when pytest runs with
+``--reliability-report=PATH``, as ``make reliability`` does); without it, recording is a no-op. The root
+conftest renders the table to PATH at the end of a session in which every reliability test passed.
 """
 from __future__ import annotations
 
