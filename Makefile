@@ -10,7 +10,9 @@ STAMP      := $(VENV)/.installed
 # The TORCH_SPEC the stamp was made with: a different one for an existing VENV reinstalls torch.
 SPEC       := $(VENV)/.spec
 PYTEST_ARGS ?=
-RELIABILITY_TESTS := tests/test_crash.py tests/test_faults.py tests/test_corruption.py tests/test_hostile.py
+# The modules of tests/reliability.py's MODULES.
+RELIABILITY_TESTS := tests/test_crash.py tests/test_faults.py tests/test_corruption.py tests/test_hostile.py \
+                     tests/test_pickle_policy.py
 
 .PHONY: venv demo test reliability bench-deps bench bench-many-small clean FORCE
 

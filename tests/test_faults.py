@@ -130,6 +130,15 @@ def assert_next_save_works(save_dir, saver, latest, tag="next"):
     assert asyncckpt.CheckpointReader(save_dir, tag).verify()["chunks"] > 0
 
 
+def test_patch_existing_fails_loudly_for_a_missing_hook(monkeypatch):
+    """A fault aimed at a name asyncckpt does not have (renamed, removed) is an error, not a silent no-op."""
+    for patch in (monkeypatch, None):
+        with pytest.raises(AttributeError, match="'_no_such_step'"):
+            patch_existing(patch, asyncckpt.writer, "_no_such_step", lambda: None)
+    assert not hasattr(asyncckpt.writer, "_no_such_step")
+    assert patch_existing(monkeypatch, asyncckpt.writer, "_drain_one", None) is not None
+
+
 # ------------------------------------------------------------------------------------------------ disk full
 def test_disk_full_rlimit_fsize_child(tmp_path):
     """RLIMIT_FSIZE in a child (SIGXFSZ ignored, so write() fails with EFBIG) is a disk that fills up."""
