@@ -1,18 +1,28 @@
 # asyncckpt — two commands on a fresh machine: `make demo` and `make test`.
+# Another interpreter or torch build gets its own virtual environment, e.g.
+#   make test PYTHON=python3.12 VENV=.venv-py312 TORCH_SPEC="torch==2.5.1 --index-url https://download.pytorch.org/whl/cu124"
 PYTHON     ?= python3
 VENV       ?= .venv
-# Pinned so a fresh machine gets the local CPU build; override for CUDA, e.g.
-#   make test TORCH_SPEC="torch==2.5.1 --index-url https://download.pytorch.org/whl/cu124"
+# Pinned so a fresh machine gets the local CPU build; override for CUDA (as above).
 TORCH_SPEC ?= torch==2.13.0
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.installed
+# The TORCH_SPEC the stamp was made with: a different one for an existing VENV reinstalls torch.
+SPEC       := $(VENV)/.spec
 PYTEST_ARGS ?=
+# The modules of tests/reliability.py's MODULES.
+RELIABILITY_TESTS := tests/test_crash.py tests/test_faults.py tests/test_corruption.py tests/test_hostile.py \
+                     tests/test_pickle_policy.py
 
-.PHONY: venv demo test bench bench-smoke clean lint
+.PHONY: venv demo test reliability bench-deps bench bench-many-small clean FORCE
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(SPEC): FORCE
+	@mkdir -p $(VENV)
+	@echo '$(TORCH_SPEC)' | cmp -s - $@ || echo '$(TORCH_SPEC)' > $@
+
+$(STAMP): pyproject.toml Makefile $(SPEC)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
@@ -21,14 +31,22 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/python scripts/train_demo.py --out .demo_ckpt --steps 60 --save-every 10
 
+# Never writes a tracked file (docs/RELIABILITY.md is `make reliability`'s).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Runs the reliability tests and, if every one of them passed, rewrites docs/RELIABILITY.md.
+reliability: $(STAMP)
+	$(BIN)/python -m pytest -q --reliability-report=docs/RELIABILITY.md $(PYTEST_ARGS) $(RELIABILITY_TESTS)
 
 bench-deps: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
 
 bench: bench-deps
 	$(BIN)/python -m benchmarks --config benchmarks/configs/gpt_1p5gb.yaml
+
+bench-many-small: bench-deps
+	$(BIN)/python -m benchmarks --config benchmarks/configs/many_small.yaml
 
 clean:
 	rm -rf $(VENV) .demo_ckpt .pytest_cache build *.egg-info

@@ -1,5 +1,7 @@
-"""Root conftest: collects the counts the reliability tests record (tests/reliability.py) and renders
-docs/RELIABILITY.md at the end of a session in which every reliability test ran and passed."""
+"""Root conftest: with ``--reliability-report=PATH`` (what ``make reliability`` passes), collects the counts
+the reliability tests record (tests/reliability.py) and renders them to PATH (docs/RELIABILITY.md) at the end
+of a session in which every reliability test ran and passed. Without the option nothing is recorded and no
+file is written: ``make test`` never rewrites a tracked file."""
 from __future__ import annotations
 
 import datetime
@@ -13,8 +15,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import reliability  # noqa: E402
 
-REPORT = os.path.join(ROOT, "docs", "RELIABILITY.md")
-COMMAND = ".venv/bin/python -m pytest " + " ".join(reliability.MODULES)
+OPTION = "--reliability-report"
+COMMAND = "make reliability"
 
 
 class _Tracker:
@@ -31,8 +33,16 @@ def _module(nodeid: str) -> str | None:
     return path if path in reliability.MODULES else None
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption(OPTION, metavar="PATH", default=None,
+                     help="write the reliability report (docs/RELIABILITY.md) to PATH if every reliability test "
+                          f"ran and passed ({' '.join(reliability.MODULES)})")
+
+
 def pytest_configure(config) -> None:
     if hasattr(config, "workerinput"):  # an xdist worker: the controller owns the records file
+        return
+    if not config.getoption(OPTION):
         return
     fd, path = tempfile.mkstemp(prefix="asyncckpt-reliability-", suffix=".jsonl")
     os.close(fd)
@@ -90,6 +100,7 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     path = os.environ.get(reliability.ENV)
     if tracker is None or not path:
         return
+    report = os.path.abspath(session.config.getoption(OPTION))
     try:
         records = reliability.load(path)
         ran = tracker.passed | tracker.skipped
@@ -100,15 +111,20 @@ def pytest_sessionfinish(session, exitstatus) -> None:
             command = "".join(knobs) + COMMAND
             date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
             text = reliability.render(records, date=date, command=command, environment=_environment())
-            os.makedirs(os.path.dirname(REPORT), exist_ok=True)
-            tmp = REPORT + ".tmp"
+            os.makedirs(os.path.dirname(report), exist_ok=True)
+            tmp = report + ".tmp"
             with open(tmp, "w") as f:
                 f.write(text)
-            os.replace(tmp, REPORT)
-            reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-            if reporter is not None:
-                reporter.write_line(f"reliability report written to {os.path.relpath(REPORT, ROOT)}")
+            os.replace(tmp, report)
+            message = f"reliability report written to {report}"
+        else:
+            message = (f"reliability report NOT written to {report}: it needs every test of "
+                       f"{', '.join(reliability.MODULES)} run and passed")
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(message)
     finally:
+        del os.environ[reliability.ENV]
         try:
             os.unlink(path)
         except OSError:

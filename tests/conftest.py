@@ -1,4 +1,4 @@
-"""Shared fixtures of the core tests: a fast config, a small model + AdamW + scheduler factory, savers that are
+"""Shared fixtures of the core tests: a fast config, the tests/trainer.py Trainer factory, savers that are
 closed after each test, a gate that holds the background writer until a test releases it, and a bit-exact
 comparison of nested states (NaN payloads included)."""
 from __future__ import annotations
@@ -9,7 +9,6 @@ import collections
 import concurrent.futures
 import math
 import os
-import random
 import threading
 
 import numpy as np
@@ -17,6 +16,8 @@ import pytest
 import torch
 
 import asyncckpt
+from patching import patch_existing
+from trainer import Trainer
 
 # Small chunks (several per tensor), two encode threads, normal priority, no fsync: fast on a 2-core machine.
 # The few tests about durability use fsync on explicitly.
@@ -42,52 +43,10 @@ def save_dir(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- model factory
-class Net(torch.nn.Module):
-    """Small MLP with dropout (so resuming needs the RNG state) and a frozen-able first layer."""
-
-    def __init__(self):
-        super().__init__()
-        self.inp = torch.nn.Linear(8, 32)
-        self.drop = torch.nn.Dropout(0.25)
-        self.hidden = torch.nn.Linear(32, 32)
-        self.out = torch.nn.Linear(32, 4)
-        self.register_buffer("seen", torch.zeros((), dtype=torch.int64))
-
-    def forward(self, x):
-        self.seen += x.shape[0]
-        return self.out(self.drop(torch.relu(self.hidden(self.drop(torch.relu(self.inp(x)))))))
-
-
-class Trainer:
-    def __init__(self, seed: int, freeze_input: bool = False):
-        torch.manual_seed(seed)
-        self.model = Net()
-        if freeze_input:
-            self.model.inp.requires_grad_(False)
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-2,
-                                           weight_decay=0.1)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=2, gamma=0.5)
-
-    def step(self) -> float:
-        """One step whose data and dropout masks come from the torch, python and numpy RNGs."""
-        self.model.train()
-        x = torch.randn(16, 8) * (1.0 + random.random()) + float(np.random.rand())
-        y = torch.randn(16, 4)
-        loss = torch.nn.functional.mse_loss(self.model(x), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.scheduler.step()
-        return loss.item()
-
-    def train(self, n: int) -> None:
-        for _ in range(n):
-            self.step()
-
-
 @pytest.fixture
 def make_trainer():
-    """``make_trainer(seed=0, freeze_input=False)`` → a Trainer (model, optimizer, scheduler, step())."""
+    """``make_trainer(seed=0, freeze_input=False)`` → a tests/trainer.py Trainer (model, optimizer, scheduler,
+    step())."""
     return lambda seed=0, freeze_input=False: Trainer(seed, freeze_input)
 
 
@@ -130,7 +89,7 @@ class WriterGate:
             await asyncio.wait_for(asyncio.wrap_future(self._opened), timeout=30)
             return await real(**kwargs)
 
-        monkeypatch.setattr(engine.writer, "write_rank", gated)
+        patch_existing(monkeypatch, engine.writer, "write_rank", gated)
         return self
 
     def open(self) -> None:
@@ -279,7 +238,7 @@ def failing_codec(monkeypatch):
 
     def install(engine, ok_chunks: int = 2) -> FailingCodec:
         codec = FailingCodec(engine.writer.codec, ok_chunks)
-        monkeypatch.setattr(engine.writer, "codec", codec)
+        patch_existing(monkeypatch, engine.writer, "codec", codec)
         return codec
 
     return install

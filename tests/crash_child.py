@@ -14,23 +14,20 @@ Side files in the save directory's parent, for the parent's checks:
 * ``resolved.jsonl``: ``{"tag", "digest"}`` once its future resolved: a checkpoint the trainer was told is
   durable, which therefore must never be lost.
 
-The same module holds the helpers the parent uses (:func:`digest`, :func:`make_model`) and the bodies of the
-multi-rank and disk-full children.
+The same module holds the bodies of the multi-rank and disk-full children. The model, its training step and
+the digest come from tests/trainer.py; every hook is installed with tests/patching.patch_existing, so a hook
+point asyncckpt no longer has fails the child loudly instead of testing nothing.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import multiprocessing as mp
 import os
 import signal
 import threading
 import traceback
 from collections import deque
-from typing import Any
 
-import numpy as np
 import torch
 
 import asyncckpt
@@ -38,6 +35,8 @@ import asyncckpt.codec
 import asyncckpt.commit
 import asyncckpt.staging
 import asyncckpt.writer
+from patching import patch_existing
+from trainer import digest, mlp, train_step
 
 # The first optimizer pulls in torch's lazily imported compile machinery (about a second): do it once here,
 # in the forkserver that preloads this module, rather than in every child.
@@ -55,53 +54,7 @@ PHASE_GROUPS = {  # fine-grained marker → the phase of the issue it belongs to
 }
 
 
-# ------------------------------------------------------------------------------------------ shared helpers
-def make_model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
-
-
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator) -> None:
-    x = torch.randn(8, 16, generator=gen)
-    model(x).pow(2).mean().backward()
-    opt.step()
-    opt.zero_grad()
-
-
-def digest(obj: Any) -> str:
-    """A bit-exact digest of nested state: container types, keys, order, tensor dtype, shape and bytes."""
-    h = hashlib.sha256()
-    _feed(h, obj)
-    return h.hexdigest()
-
-
-def _feed(h, obj: Any) -> None:
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
-        h.update(f"T{t.dtype}{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    elif isinstance(obj, np.ndarray):
-        h.update(f"A{obj.dtype.str}{obj.shape}|".encode())
-        h.update(np.ascontiguousarray(obj).tobytes())
-    elif isinstance(obj, dict):
-        h.update(f"D{type(obj).__name__}{len(obj)}|".encode())
-        items = list(obj.items())
-        if type(obj) is dict:  # plain dicts come back in sorted key order (the skeleton is sorted JSON)
-            items.sort(key=lambda kv: repr(kv[0]))
-        for k, v in items:
-            _feed(h, k)
-            _feed(h, v)
-    elif isinstance(obj, (list, tuple)):
-        h.update(f"L{type(obj).__name__}{len(obj)}|".encode())
-        if all(type(v) in (int, float, str, bool, type(None)) for v in obj):  # e.g. the python RNG state
-            h.update(repr([(type(v).__name__, v) for v in obj]).encode())
-            return
-        for v in obj:
-            _feed(h, v)
-    else:
-        h.update(f"S{type(obj).__name__}:{obj!r}|".encode())
-
-
+# ------------------------------------------------------------------------------------------ side files
 def append_line(path: str, doc: dict) -> None:
     """One os.write per line on an O_APPEND file: a SIGKILL leaves whole lines only."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -117,27 +70,6 @@ def read_lines(path: str) -> list[dict]:
             return [json.loads(line) for line in f if line.strip()]
     except FileNotFoundError:
         return []
-
-
-def forkserver_context() -> mp.context.BaseContext:
-    """A forkserver with torch, asyncckpt and this module preloaded: a child starts in milliseconds, not
-    seconds. Python 3.11's forkserver ignores the parent's sys.path (fixed in 3.12), so this directory goes
-    on its PYTHONPATH while it starts; an import that fails there would be silently redone in every child."""
-    import multiprocessing.forkserver
-
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "asyncckpt", "crash_child"])
-    here = os.path.dirname(os.path.abspath(__file__))
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = here + (os.pathsep + old if old else "")
-    try:
-        multiprocessing.forkserver.ensure_running()
-    finally:
-        if old is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = old
-    return ctx
 
 
 # ------------------------------------------------------------------------------------------------ markers
@@ -233,17 +165,15 @@ def install_hooks(announce: Announcer) -> None:
         announce("exchange", os.path.basename(b))
         return real["c_exchange"](a, b)
 
-    asyncckpt.commit.exchange = c_exchange
-    asyncckpt.staging.Slot.stage = stage
-    asyncckpt.codec.ChunkCodec.encode = encode
-    asyncckpt.writer._drain_one = drain
-    asyncckpt.writer.write_durable = w_write
-    asyncckpt.writer.fsync_dir = fsync_dir_w
-    asyncckpt.commit.write_durable = c_write
-    asyncckpt.commit.fsync_dir = fsync_dir_c
-    asyncckpt.commit.replace_atomic = c_replace_atomic
-    asyncckpt.commit.remove_tree = c_remove_tree
-    os.fsync, os.rename, os.replace, os.makedirs = fsync, rename, replace, makedirs
+    for target, name, new in [
+        (asyncckpt.commit, "exchange", c_exchange), (asyncckpt.staging.Slot, "stage", stage),
+        (asyncckpt.codec.ChunkCodec, "encode", encode), (asyncckpt.writer, "_drain_one", drain),
+        (asyncckpt.writer, "write_durable", w_write), (asyncckpt.writer, "fsync_dir", fsync_dir_w),
+        (asyncckpt.commit, "write_durable", c_write), (asyncckpt.commit, "fsync_dir", fsync_dir_c),
+        (asyncckpt.commit, "replace_atomic", c_replace_atomic), (asyncckpt.commit, "remove_tree", c_remove_tree),
+        (os, "fsync", fsync), (os, "rename", rename), (os, "replace", replace), (os, "makedirs", makedirs),
+    ]:
+        patch_existing(None, target, name, new)
 
 
 # --------------------------------------------------------------------------------------------- the child
@@ -262,11 +192,11 @@ def child_main(conn, cfg: dict) -> None:
                             format="%(levelname)s %(name)s: %(message)s")
         announce = Announcer(conn, cfg.get("target"))
         if cfg.get("no_exchange"):  # a file system without RENAME_EXCHANGE: overwrite falls back to two renames
-            asyncckpt.commit.exchange = lambda a, b: False
+            patch_existing(None, asyncckpt.commit, "exchange", lambda a, b: False)
         install_hooks(announce)
         announce("startup")
         save_dir, side = cfg["save_dir"], cfg["side_dir"]
-        model = make_model(cfg["cycle"])
+        model = mlp(cfg["cycle"])
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         gen = torch.Generator().manual_seed(cfg["cycle"])
         saver = asyncckpt.AsyncCheckpointer(model, opt, config=saver_config(cfg))
@@ -309,7 +239,7 @@ def two_rank_kill(rank: int, world: int, save_dir: str, victim: int, where: str,
     writer blocks forever, its connections stay open). The survivor reports how long its future took to fail and what ``latest`` holds."""
     import time
 
-    model = make_model(0)
+    model = mlp(0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     cfg = saver_config({})
     cfg["commit_timeout_s"] = timeout_s
@@ -334,9 +264,9 @@ def two_rank_kill(rank: int, world: int, save_dir: str, victim: int, where: str,
                         die()
                     return await real(f, window, pos)
 
-                asyncckpt.writer._drain_one = drain
+                patch_existing(None, asyncckpt.writer, "_drain_one", drain)
             else:
-                asyncckpt.commit.write_durable = die
+                patch_existing(None, asyncckpt.commit, "write_durable", die)
         train_step(model, opt, gen)
         t0 = time.monotonic()
         fut = saver.save_checkpoint(save_dir, tag="after")
@@ -362,7 +292,7 @@ def disk_full_child(conn, save_dir: str, limit: int, log: str) -> None:
         torch.set_num_threads(1)
         logging.basicConfig(filename=log, level=logging.INFO, force=True)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of killing us
-        model = make_model(1)
+        model = mlp(1)
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         gen = torch.Generator().manual_seed(1)
         cfg = saver_config({"compression": False})
@@ -381,7 +311,7 @@ def disk_full_child(conn, save_dir: str, limit: int, log: str) -> None:
                 out["full_is_write_error"] = isinstance(exc, asyncckpt.WriteError)
             out["listing_after_failure"] = sorted(os.listdir(save_dir))
             out["latest_after_failure"] = open(os.path.join(save_dir, "latest")).read().strip()
-            fresh = make_model(5)
+            fresh = mlp(5)
             fresh_opt = torch.optim.Adam(fresh.parameters(), lr=1e-2)
             train_step(fresh, fresh_opt, torch.Generator().manual_seed(5))
             with asyncckpt.AsyncCheckpointer(fresh, fresh_opt, config=cfg) as loader:

@@ -1,31 +1,19 @@
-"""Functions run on every rank by tests/test_multirank.py (importable by spawned processes)."""
+"""Functions run on every rank by tests/test_multirank.py (importable by spawned processes). The model and
+its training come from tests/trainer.py; faults are injected with tests/patching.patch_existing."""
 from __future__ import annotations
 
 import os
-import threading
 
 import torch
 import torch.distributed as dist
 
 import asyncckpt
+import asyncckpt.codec
+from patching import patch_existing
+from trainer import mlp, train
 
 CFG = {"commit_timeout_s": 30, "writer": {"threads_per_node": 2}, "codec": {"chunk_mib": 0.25}}
-
-
-def make_model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
-                               torch.nn.ReLU(), torch.nn.Linear(64, 8))
-
-
-def train(model, opt, steps: int, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x = torch.randn(16, 32, generator=g)
-        loss = model(x).pow(2).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+WIDTHS = (32, 64, 64, 8)  # big enough that the RNG states are a small part of a DDP checkpoint
 
 
 def _flat_state(model, opt) -> dict:
@@ -40,14 +28,14 @@ def _flat_state(model, opt) -> dict:
 def ddp_save_load(rank: int, world: int, save_dir: str) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    model = DDP(make_model())
+    model = DDP(mlp(0, WIDTHS))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     with asyncckpt.AsyncCheckpointer(model, opt, config=CFG) as saver:
         assert saver.replicated
         train(model, opt, 3, seed=rank)  # different data per rank; DDP keeps the replicas identical
         res = saver.save_checkpoint(save_dir, client_state={"rank": rank}).result(60)
         expected = _flat_state(model.module, opt)
-        fresh = DDP(make_model(seed=123))
+        fresh = DDP(mlp(123, WIDTHS))
         fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
         with asyncckpt.AsyncCheckpointer(fresh, fresh_opt, config=CFG) as loader:
             path, client = loader.load_checkpoint(save_dir)
@@ -67,7 +55,7 @@ def fsdp_save(rank: int, world: int, save_dir: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (world,))
-    model = make_model()
+    model = mlp(0, WIDTHS)
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, mesh=mesh)
@@ -95,7 +83,7 @@ def fsdp_load(rank: int, world: int, save_dir: str) -> int:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (world,))
-    model = make_model(seed=99)
+    model = mlp(99, WIDTHS)
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, mesh=mesh)
@@ -112,7 +100,7 @@ def fsdp_load(rank: int, world: int, save_dir: str) -> int:
             total = sum(c.length for recs in self.records.values() for _, r in recs for c in r.chunks)
             read.append((self.bytes_read, total))
 
-    asyncckpt.CheckpointReader.load_state = counting
+    patch_existing(None, asyncckpt.CheckpointReader, "load_state", counting)
     with asyncckpt.AsyncCheckpointer(model, opt, config=CFG) as saver:
         saver.load_checkpoint(save_dir, tag="fsdp")
     (bytes_read, total), = read
@@ -130,18 +118,16 @@ def fsdp_load(rank: int, world: int, save_dir: str) -> int:
 
 
 def write_failure(rank: int, world: int, save_dir: str) -> dict:
-    model = make_model()
+    model = mlp(0, WIDTHS)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     with asyncckpt.AsyncCheckpointer(model, opt, config=CFG) as saver:
         train(model, opt, 1, seed=0)
         saver.save_checkpoint(save_dir, tag="good").result(60)
         if rank == 1:
-            import asyncckpt.codec as codec
-
             def boom(self, raw, itemsize):
                 raise OSError(28, "No space left on device (injected)")
 
-            codec.ChunkCodec.encode = boom
+            patch_existing(None, asyncckpt.codec.ChunkCodec, "encode", boom)
         fut = saver.save_checkpoint(save_dir, tag="bad")
         err = fut.exception(60)
         assert isinstance(err, asyncckpt.CommitError), repr(err)
@@ -153,7 +139,7 @@ def write_failure(rank: int, world: int, save_dir: str) -> dict:
 
 
 def tag_mismatch(rank: int, world: int, save_dir: str) -> str:
-    model = make_model()
+    model = mlp(0, WIDTHS)
     with asyncckpt.AsyncCheckpointer(model, None, config=CFG) as saver:
         err = saver.save_checkpoint(save_dir, tag=f"tag{rank}").exception(60)
         assert isinstance(err, asyncckpt.CommitError), repr(err)
@@ -164,17 +150,15 @@ def tag_mismatch(rank: int, world: int, save_dir: str) -> str:
 
 
 def killed_rank(rank: int, world: int, save_dir: str) -> str:
-    model = make_model()
+    model = mlp(0, WIDTHS)
     cfg = dict(CFG, commit_timeout_s=8)
     with asyncckpt.AsyncCheckpointer(model, None, config=cfg) as saver:
         saver.save_checkpoint(save_dir, tag="before").result(60)
         if rank == world - 1:
-            import asyncckpt.codec as codec
-
             def die(self, raw, itemsize):
                 os._exit(17)  # a rank killed while writing
 
-            codec.ChunkCodec.encode = die
+            patch_existing(None, asyncckpt.codec.ChunkCodec, "encode", die)
         fut = saver.save_checkpoint(save_dir, tag="after")
         err = fut.exception(60)  # well inside the harness deadline
         assert isinstance(err, asyncckpt.CommitError), repr(err)
@@ -188,7 +172,7 @@ def killed_rank(rank: int, world: int, save_dir: str) -> str:
 
 def train_while_committing(rank: int, world: int, save_dir: str) -> int:
     """All-reduce on the default group in the training loop while commits run on the saver's own group."""
-    model = make_model()
+    model = mlp(0, WIDTHS)
     cfg = dict(CFG, max_inflight=2)
     futures = []
     total = torch.zeros(1)
@@ -210,7 +194,7 @@ def node_local(rank: int, world: int, root: str) -> list:
     save_dir = os.path.join(root, f"node{node}")
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    model = DDP(make_model())
+    model = DDP(mlp(0, WIDTHS))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     cfg = dict(CFG, use_node_local_storage=True)
     with asyncckpt.AsyncCheckpointer(model, opt, config=cfg) as saver:
@@ -227,7 +211,7 @@ def node_local(rank: int, world: int, root: str) -> list:
 def one_rank_busy_or_failing(rank: int, world: int, save_dir: str) -> dict:
     """A save one rank cannot make (no free slot with on_busy=skip; an error in its own state) is skipped or
     failed on every rank, and the ranks stay in step for the next save."""
-    model = make_model()
+    model = mlp(0, WIDTHS)
     cfg = dict(CFG, on_busy="skip", max_inflight=1, commit_timeout_s=20)
     out = {}
     with asyncckpt.AsyncCheckpointer(model, None, config=cfg) as saver:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import collections
 import os
 import pathlib
-import pickle
 import random
 import shutil
 import signal
@@ -42,8 +41,9 @@ import asyncckpt
 import crash_child as cc
 from asyncckpt.checkpointer import rng_state, set_rng_state
 from asyncckpt.loader import read_latest
-import dist_helpers
+from dist_helpers import forkserver_context, run_ranks
 from reliability import record
+from trainer import digest, mlp
 
 KILLS = int(os.environ.get("ASYNCCKPT_CRASH_KILLS", "50"))
 SEED = int(os.environ.get("ASYNCCKPT_CRASH_SEED", "20240611"))
@@ -93,7 +93,7 @@ class Harness:
         self.ctx = ctx
         self.tmp = tmp_path
         self.cycle = 0
-        self.loader_model = cc.make_model(999)
+        self.loader_model = mlp(999)
         self.loader_opt = torch.optim.Adam(self.loader_model.parameters(), lr=1e-2)
         self.loader = asyncckpt.AsyncCheckpointer(self.loader_model, self.loader_opt, config={"writer": {"threads_per_node": 1}})
         self.cleanups_checked = 0
@@ -189,7 +189,7 @@ class Harness:
         # each newly visible tag is complete and bit-exact
         for tag in tags:
             if tag not in series.verified:
-                assert cc.digest(asyncckpt.load(save_dir, tag)) == planned[tag], f"{tag} differs from what was saved"
+                assert digest(asyncckpt.load(save_dir, tag)) == planned[tag], f"{tag} differs from what was saved"
                 series.verified.add(tag)
         # latest: published, never older than a save the trainer was told is durable, loads exactly
         latest = read_latest(save_dir)
@@ -220,7 +220,7 @@ class Harness:
         try:
             path, client = self.loader.load_checkpoint(save_dir)
             assert path == os.path.join(save_dir, tag)
-            got = cc.digest(self.loader.state_dict(client))
+            got = digest(self.loader.state_dict(client))
         finally:
             set_rng_state(saved_rng)
         assert got == expected, f"load_checkpoint of latest ({tag}) does not restore the saved state"
@@ -228,7 +228,7 @@ class Harness:
 
 @pytest.fixture(scope="module")
 def ctx():
-    return cc.forkserver_context()
+    return forkserver_context()
 
 
 @pytest.fixture
@@ -348,7 +348,7 @@ def test_sigkill_while_overwriting_a_tag(ctx, crash_dir, atomic_exchange):
             tried += 1
             planned = [d["digest"] for d in cc.read_lines(os.path.join(s.root, cc.SIDE_PLANNED))]
             resolved = [d["digest"] for d in cc.read_lines(os.path.join(s.root, cc.SIDE_RESOLVED))]
-            got = cc.digest(asyncckpt.load(s.save_dir))
+            got = digest(asyncckpt.load(s.save_dir))
             assert got in planned, "latest does not load any state that was saved"
             if resolved:
                 assert planned.index(got) >= planned.index(resolved[-1]), "a resolved save was lost"
@@ -369,38 +369,6 @@ def test_sigkill_while_overwriting_a_tag(ctx, crash_dir, atomic_exchange):
         assert restored > 0
 
 
-def run_ranks_forked(ctx, fn, world: int, out_dir: str, *args, timeout: float = 90.0, pg_timeout: float = 30.0,
-                     hung: int | None = None):
-    """tests/dist_helpers.run_ranks, but the ranks come from the preloaded forkserver (seconds faster each).
-    Rank ``hung`` may stop forever: it is SIGKILLed once the others are done."""
-    port = dist_helpers.free_port()
-    procs = [ctx.Process(target=dist_helpers._entry, args=(fn, r, world, port, out_dir, args, {}, pg_timeout), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout
-    for r, p in enumerate(procs):
-        if r != hung:
-            p.join(max(0.1, deadline - time.monotonic()))
-    if hung is not None and procs[hung].is_alive():
-        os.kill(procs[hung].pid, signal.SIGKILL)
-    results = []
-    for r, p in enumerate(procs):
-        p.join(max(0.1, deadline - time.monotonic()))
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-            results.append(dist_helpers.RankResult(r, None, error=f"rank {r} still running after {timeout}s (killed)"))
-            continue
-        path = os.path.join(out_dir, f"rank{r}.pkl")
-        payload = {}
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                payload = pickle.load(f)
-        results.append(dist_helpers.RankResult(r, p.exitcode, payload.get("value"), payload.get("error")))
-    return results
-
-
 @pytest.mark.multirank
 @pytest.mark.parametrize("victim,where", [(1, "write"), (0, "manifest"), (1, "hang")])
 def test_two_ranks_one_killed_mid_save(ctx, tmp_path, caplog, victim, where):
@@ -408,8 +376,8 @@ def test_two_ranks_one_killed_mid_save(ctx, tmp_path, caplog, victim, where):
     CommitError within commit_timeout_s, and ``latest`` stays on the previous tag."""
     timeout_s = 3.0 if where == "hang" else 10.0
     save_dir = str(tmp_path / "ckpt")
-    results = run_ranks_forked(ctx, cc.two_rank_kill, 2, str(tmp_path), save_dir, victim, where, timeout_s,
-                               hung=victim if where == "hang" else None)
+    results = run_ranks(cc.two_rank_kill, 2, str(tmp_path), save_dir, victim, where, timeout_s, ctx=ctx,
+                        pg_timeout=30.0, hung=victim if where == "hang" else None)
     dead, survivor = results[victim], results[1 - victim]
     ok = 0
     try:
@@ -424,10 +392,10 @@ def test_two_ranks_one_killed_mid_save(ctx, tmp_path, caplog, victim, where):
         assert asyncckpt.list_tags(save_dir) == ["before"]
         assert read_latest(save_dir) == "before"
         rank = 1 - victim
-        assert cc.digest(asyncckpt.load(save_dir, rank=rank)) == v["before_digest"]  # bit-exact
+        assert digest(asyncckpt.load(save_dir, rank=rank)) == v["before_digest"]  # bit-exact
         # a new run of the saver removes what the dead job left behind and saves again
         leftovers = [n for n in os.listdir(save_dir) if n.endswith(".partial")]
-        model = cc.make_model(3)
+        model = mlp(3)
         with caplog.at_level("WARNING", logger="asyncckpt.commit"):
             with asyncckpt.AsyncCheckpointer(model, None, config=cc.saver_config({})) as saver:
                 saver.save_checkpoint(save_dir, tag="restart").result(30)

@@ -1,6 +1,11 @@
-"""Faults while saving: a full disk, permission denied, the directory removed underneath a save, a slow disk,
-and long runs of back-to-back saves. Each must end in a clear error or correct backpressure, never a hang and
-never a silent loss: the previous checkpoint stays loadable, training goes on, and the next save works.
+"""Faults while saving: a full disk (real and injected, at every file-system step), permission denied, the
+directory removed underneath a save, a slow disk, long runs of back-to-back saves, and failures nobody looked
+at. Each must end in a clear error or correct backpressure, never a hang and never a silent loss: the future
+fails with a CheckpointError carrying the cause, the partial directory is removed, the previous checkpoint
+stays latest and loads exactly, training goes on, and the next save works. A failure nobody observed is
+raised by the next ``save_checkpoint`` / ``wait`` / ``close``.
+
+Every fault is injected with tests/patching.patch_existing, which fails the test if the hook point is gone.
 """
 from __future__ import annotations
 
@@ -9,11 +14,14 @@ import contextlib
 import errno
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
 import time
+import types
 
+import aiofiles
 import pytest
 import torch
 
@@ -21,19 +29,24 @@ import asyncckpt
 import asyncckpt.commit
 import asyncckpt.writer
 import crash_child as cc
+from asyncckpt import CheckpointError, WriteError
 from asyncckpt.loader import read_latest
+from dist_helpers import forkserver_context
+from patching import patch_existing
 from reliability import record
+from trainer import digest, mlp, train_step
 
 WAIT_S = 30.0  # every wait in this file has this deadline
+QUICK = pytest.mark.timeout(60)  # tests of one or two failing saves
 
 
-class Trainer:
-    """A tiny model, its optimizer and an AsyncCheckpointer; ``save`` remembers the digest of what it saved."""
+class Rig:
+    """A tests/trainer.py model, its optimizer and an AsyncCheckpointer; ``save`` remembers the digest of what
+    it saved."""
 
     def __init__(self, save_dir: str, width: int = 32, seed: int = 0, **config):
         self.save_dir = save_dir
-        torch.manual_seed(seed)
-        self.model = torch.nn.Sequential(torch.nn.Linear(16, width), torch.nn.ReLU(), torch.nn.Linear(width, 8))
+        self.model = mlp(seed, (16, width, 8))
         self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-2)
         self.gen = torch.Generator().manual_seed(seed)
         cfg = {"writer": {"threads_per_node": 2, "nice": 0}, "codec": {"chunk_mib": 1 / 64}, "commit_timeout_s": WAIT_S}
@@ -49,15 +62,15 @@ class Trainer:
                 for p in self.model.parameters():
                     p.add_(1e-3)
         else:
-            cc.train_step(self.model, self.opt, self.gen)
+            train_step(self.model, self.opt, self.gen)
 
     def save(self, tag: str, remember: bool = True):
         if remember:
-            self.digests[tag] = cc.digest(self.saver.state_dict())
+            self.digests[tag] = digest(self.saver.state_dict())
         return self.saver.save_checkpoint(self.save_dir, tag=tag)
 
     def assert_loads(self, tag: str) -> None:
-        assert cc.digest(asyncckpt.load(self.save_dir, tag)) == self.digests[tag], f"{tag} does not load exactly"
+        assert digest(asyncckpt.load(self.save_dir, tag)) == self.digests[tag], f"{tag} does not load exactly"
 
     def assert_intact(self, good: str, failed: str | None = None) -> None:
         """``good`` is still latest and loads exactly; ``failed`` left no tag and no partial directory."""
@@ -88,10 +101,48 @@ def fast_dir(tmp_path):
         shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture
+def trained(make_trainer):
+    t = make_trainer()
+    t.train(1)
+    return t
+
+
+def good_then(save_dir, trainer, saver):
+    """Publish tag 'good' and return the model state it holds."""
+    saver.save_checkpoint(save_dir, tag="good").result(timeout=30)
+    expected = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train(1)  # the failing save holds different values
+    return expected
+
+
+def assert_previous_intact(save_dir, expected, leftovers, latest, same):
+    assert latest(save_dir) == "good"
+    assert leftovers(save_dir) == []
+    assert asyncckpt.list_tags(save_dir) == ["good"]
+    same(dict(asyncckpt.load(save_dir)["module"]), expected)
+    assert asyncckpt.CheckpointReader(save_dir).verify()["chunks"] > 0
+
+
+def assert_next_save_works(save_dir, saver, latest, tag="next"):
+    res = saver.save_checkpoint(save_dir, tag=tag).result(timeout=30)
+    assert res.path == os.path.join(save_dir, tag) and latest(save_dir) == tag
+    assert asyncckpt.CheckpointReader(save_dir, tag).verify()["chunks"] > 0
+
+
+def test_patch_existing_fails_loudly_for_a_missing_hook(monkeypatch):
+    """A fault aimed at a name asyncckpt does not have (renamed, removed) is an error, not a silent no-op."""
+    for patch in (monkeypatch, None):
+        with pytest.raises(AttributeError, match="'_no_such_step'"):
+            patch_existing(patch, asyncckpt.writer, "_no_such_step", lambda: None)
+    assert not hasattr(asyncckpt.writer, "_no_such_step")
+    assert patch_existing(monkeypatch, asyncckpt.writer, "_drain_one", None) is not None
+
+
 # ------------------------------------------------------------------------------------------------ disk full
 def test_disk_full_rlimit_fsize_child(tmp_path):
     """RLIMIT_FSIZE in a child (SIGXFSZ ignored, so write() fails with EFBIG) is a disk that fills up."""
-    ctx = cc.forkserver_context()
+    ctx = forkserver_context()
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=cc.disk_full_child, args=(child, str(tmp_path / "ckpt"), 8192, str(tmp_path / "log")),
                        daemon=True)
@@ -154,7 +205,7 @@ def test_disk_full_real_enospc_at_every_fill_level(tmp_path):
     where: dict[str, int] = {}  # WriteError: while writing files; CommitError: while publishing
     with small_tmpfs(mnt, 2048):
         save_dir = os.path.join(mnt, "ckpt")
-        t = Trainer(save_dir, width=256, keep_last=2, codec={"compression": False})  # about 40 KiB per save
+        t = Rig(save_dir, width=256, keep_last=2, codec={"compression": False})  # about 40 KiB per save
         try:
             t.save("base").result(WAIT_S)
             size = sum(os.path.getsize(os.path.join(save_dir, "base", n)) for n in os.listdir(os.path.join(save_dir, "base")))
@@ -189,6 +240,89 @@ def test_disk_full_real_enospc_at_every_fill_level(tmp_path):
     assert failed_saves >= 3 and tried == held
 
 
+@QUICK
+@pytest.mark.parametrize("fsync", [False, True])
+def test_disk_full_in_the_writer(fsync, save_dir, trained, make_saver, failing_codec, leftovers, latest, same):
+    saver = make_saver(trained, writer={"fsync": fsync, "threads_per_node": 2})
+    expected = good_then(save_dir, trained, saver)
+    codec = failing_codec(saver.engine, ok_chunks=3)  # a few chunks reach the file first
+    fut = saver.save_checkpoint(save_dir, tag="bad")
+    exc = fut.exception(timeout=30)
+    assert isinstance(exc, WriteError) and isinstance(exc, CheckpointError) and isinstance(exc, OSError)
+    assert isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.ENOSPC
+    assert "No space left" in str(exc) and "'bad'" in str(exc)
+    with pytest.raises(WriteError):
+        fut.result(timeout=0)
+    assert codec.calls > 3 and codec.failures >= 1
+    assert not os.path.exists(os.path.join(save_dir, "bad"))
+    assert_previous_intact(save_dir, expected, leftovers, latest, same)
+    codec.heal()
+    assert_next_save_works(save_dir, saver, latest)
+    saver.close()  # the failure was observed: nothing left to raise
+
+
+class _FullDiskFile:
+    """An aiofiles file whose writes fail with ENOSPC after ``ok_writes`` successful writes."""
+
+    def __init__(self, f, budget: dict):
+        self._f = f
+        self._budget = budget
+
+    async def write(self, data):
+        if self._budget["ok_writes"] <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device (injected write)")
+        self._budget["ok_writes"] -= 1
+        return await self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+@QUICK
+def test_disk_full_in_the_file_write(save_dir, trained, make_saver, monkeypatch, leftovers, latest, same):
+    saver = make_saver(trained)
+    expected = good_then(save_dir, trained, saver)
+    real_open = aiofiles.open
+    budget = {"ok_writes": 2}
+
+    class _Ctx:
+        def __init__(self, *a, **k):
+            self._cm = real_open(*a, **k)
+
+        async def __aenter__(self):
+            return _FullDiskFile(await self._cm.__aenter__(), budget)
+
+        async def __aexit__(self, *exc):
+            return await self._cm.__aexit__(*exc)
+
+    patch_existing(monkeypatch, asyncckpt.writer.aiofiles, "open", _Ctx)
+    fut = saver.save_checkpoint(save_dir, tag="bad")
+    exc = fut.exception(timeout=30)
+    assert isinstance(exc, WriteError) and exc.__cause__.errno == errno.ENOSPC
+    assert budget["ok_writes"] == 0  # two writes went through: the file was cut mid-way
+    assert_previous_intact(save_dir, expected, leftovers, latest, same)
+    monkeypatch.undo()
+    assert_next_save_works(save_dir, saver, latest)
+
+
+@QUICK
+@pytest.mark.parametrize("step", ["write_durable", "replace_atomic"])  # the manifest, then `latest`
+def test_publish_failure(step, save_dir, trained, make_saver, monkeypatch, leftovers, latest, same):
+    saver = make_saver(trained)
+    expected = good_then(save_dir, trained, saver)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, f"No space left on device (injected in {step})")
+
+    patch_existing(monkeypatch, asyncckpt.commit, step, full)
+    exc = saver.save_checkpoint(save_dir, tag="bad").exception(timeout=30)
+    assert isinstance(exc, WriteError) and exc.__cause__.errno == errno.ENOSPC and step in str(exc)
+    monkeypatch.undo()
+    assert not os.path.exists(os.path.join(save_dir, "bad"))
+    assert_previous_intact(save_dir, expected, leftovers, latest, same)
+    assert_next_save_works(save_dir, saver, latest)
+
+
 # ------------------------------------------------------------------------------------------ permission denied
 def _deny(path_part: str):
     def raiser(*args, **kwargs):
@@ -197,22 +331,25 @@ def _deny(path_part: str):
     return raiser
 
 
-PERMISSION_CASES = ["data file open", "rank index write", "partial directory", "publish rename", "latest replace",
-                    "save_dir under a file"]
+PERMISSION_CASES = ["data file open", "rank index write", "partial directory (read-only save_dir)", "publish rename",
+                    "latest replace", "save_dir under a file"]
 
 
 @pytest.mark.parametrize("case", PERMISSION_CASES)
 def test_permission_denied(tmp_path, monkeypatch, case):
-    """As root, chmod does not deny anything, so the denial is injected at each file-system step (or the
-    save directory is a path under a regular file). The save fails with an error naming the cause; the
-    previous checkpoint stays latest and loads; the next save, without the fault, succeeds."""
+    """Permission denied at each file-system step: a real read-only save_dir when not root; as root, chmod
+    denies nothing, so the denial is injected at that step (or the save directory is a path under a regular
+    file). The save fails with a WriteError naming the tag and chaining the OS error; the previous checkpoint
+    stays the only tag, latest, loads exactly and verifies, nothing partial is left; the next save, without the
+    fault, succeeds."""
     save_dir = str(tmp_path / "ckpt")
-    t = Trainer(save_dir)
+    t = Rig(save_dir)
     ok = 0
+    restore_mode = None
     try:
         t.save("good").result(WAIT_S)
         t.step()
-        expect = "Permission denied"
+        expect, cause = "Permission denied", errno.EACCES
         with monkeypatch.context() as m:
             if case == "data file open":
                 real_open = asyncckpt.writer.aiofiles.open
@@ -222,10 +359,13 @@ def test_permission_denied(tmp_path, monkeypatch, case):
                         raise PermissionError(errno.EACCES, "Permission denied (injected)", str(path))
                     return real_open(path, *a, **kw)
 
-                m.setattr(asyncckpt.writer.aiofiles, "open", deny_open)
+                patch_existing(m, asyncckpt.writer.aiofiles, "open", deny_open)
             elif case == "rank index write":
-                m.setattr(asyncckpt.writer, "write_durable", _deny("rank00000.json"))
-            elif case == "partial directory":
+                patch_existing(m, asyncckpt.writer, "write_durable", _deny("rank00000.json"))
+            elif case == "partial directory (read-only save_dir)" and os.geteuid() != 0:
+                restore_mode = os.stat(save_dir).st_mode
+                os.chmod(save_dir, stat.S_IRUSR | stat.S_IXUSR)
+            elif case == "partial directory (read-only save_dir)":
                 real_makedirs = os.makedirs
 
                 def deny_partial(path, *a, **kw):
@@ -233,28 +373,37 @@ def test_permission_denied(tmp_path, monkeypatch, case):
                         raise PermissionError(errno.EACCES, "Permission denied (injected)", str(path))
                     return real_makedirs(path, *a, **kw)
 
-                m.setattr(asyncckpt.commit.os, "makedirs", deny_partial)
+                patch_existing(m, asyncckpt.commit.os, "makedirs", deny_partial)
             elif case == "publish rename":
-                m.setattr(asyncckpt.commit.os, "rename", _deny("rename"))
+                patch_existing(m, asyncckpt.commit.os, "rename", _deny("rename"))
             elif case == "latest replace":
-                m.setattr(asyncckpt.commit, "replace_atomic", _deny("latest"))
+                patch_existing(m, asyncckpt.commit, "replace_atomic", _deny("latest"))
             elif case == "save_dir under a file":
                 (tmp_path / "a_file").write_text("x")
                 t.save_dir = str(tmp_path / "a_file" / "ckpt")
-                expect = "Not a directory"
+                expect, cause = "Not a directory", errno.ENOTDIR
             fut = t.save("denied")
             err = fut.exception(WAIT_S)
-        assert isinstance(err, asyncckpt.CheckpointError), repr(err)
+        if restore_mode is not None:
+            os.chmod(save_dir, restore_mode)
+            restore_mode = None
+        assert isinstance(err, WriteError) and isinstance(err, CheckpointError), repr(err)
         assert expect in str(err) and "'denied'" in str(err), str(err)
-        if case == "save_dir under a file":
-            t.save_dir = save_dir
+        assert isinstance(err.__cause__, OSError) and err.__cause__.errno == cause, "the OS error is chained as the cause"
+        t.save_dir = save_dir
         t.assert_intact("good", failed="denied")
+        assert asyncckpt.list_tags(save_dir) == ["good"]
+        assert not [n for n in os.listdir(save_dir) if n.endswith((".partial", ".tmp"))], os.listdir(save_dir)
+        assert asyncckpt.CheckpointReader(save_dir).verify()["chunks"] > 0
         t.step()
         t.save("after").result(WAIT_S)
         t.assert_loads("after")
         assert read_latest(save_dir) == "after"
+        assert asyncckpt.CheckpointReader(save_dir, "after").verify()["chunks"] > 0
         ok = 1
     finally:
+        if restore_mode is not None:
+            os.chmod(save_dir, restore_mode)
         t.close()
         record("Faults", f"permission denied: {case}", 1, ok)
 
@@ -276,7 +425,7 @@ class Gate:
                                         ("save_dir", "before the manifest")])
 def test_directory_removed_underneath(tmp_path, monkeypatch, what, where):
     save_dir = str(tmp_path / "ckpt")
-    t = Trainer(save_dir)
+    t = Rig(save_dir)
     ok = 0
     try:
         t.save("good").result(WAIT_S)
@@ -289,7 +438,7 @@ def test_directory_removed_underneath(tmp_path, monkeypatch, what, where):
                 gate.hold()
                 return await real_drain(f, window, pos)
 
-            monkeypatch.setattr(asyncckpt.writer, "_drain_one", drain)
+            patch_existing(monkeypatch, asyncckpt.writer, "_drain_one", drain)
         else:
             real_write = asyncckpt.commit.write_durable
 
@@ -297,7 +446,7 @@ def test_directory_removed_underneath(tmp_path, monkeypatch, what, where):
                 gate.hold()
                 return real_write(path, data, fsync)
 
-            monkeypatch.setattr(asyncckpt.commit, "write_durable", write)
+            patch_existing(monkeypatch, asyncckpt.commit, "write_durable", write)
         fut = t.save("gone")
         assert gate.entered.wait(WAIT_S)
         shutil.rmtree(save_dir if what == "save_dir" else os.path.join(save_dir, ".gone.partial"))
@@ -335,9 +484,9 @@ def test_slow_disk_backpressure(fast_dir, monkeypatch, max_inflight, on_busy):
         assert opened.wait(WAIT_S)
         return await real_drain(f, window, pos)
 
-    monkeypatch.setattr(asyncckpt.writer, "_drain_one", slow_drain)
+    patch_existing(monkeypatch, asyncckpt.writer, "_drain_one", slow_drain)
     timeout = 1.0 if on_busy == "wait" else WAIT_S
-    t = Trainer(os.path.join(fast_dir, "ckpt"), max_inflight=max_inflight, on_busy=on_busy, commit_timeout_s=timeout)
+    t = Rig(os.path.join(fast_dir, "ckpt"), max_inflight=max_inflight, on_busy=on_busy, commit_timeout_s=timeout)
     ok = 0
     try:
         futs = {}
@@ -399,8 +548,8 @@ def test_back_to_back_saves_on_a_slow_disk(fast_dir, monkeypatch, max_inflight, 
         await asyncio.sleep(0.0005)  # a slow disk
         return await real_drain(f, window, pos)
 
-    monkeypatch.setattr(asyncckpt.writer, "_drain_one", slow_drain)
-    t = Trainer(os.path.join(fast_dir, "ckpt"), width=1024, max_inflight=max_inflight, on_busy=on_busy, keep_last=3,
+    patch_existing(monkeypatch, asyncckpt.writer, "_drain_one", slow_drain)
+    t = Rig(os.path.join(fast_dir, "ckpt"), width=1024, max_inflight=max_inflight, on_busy=on_busy, keep_last=3,
                 codec={"chunk_mib": 1.0})  # about 0.4 MiB of state per save
     n, warm = 100, 5
     futures: list = []
@@ -443,3 +592,157 @@ def test_back_to_back_saves_on_a_slow_disk(fast_dir, monkeypatch, max_inflight, 
                note=f"{warm} warm-up + {n} saves: published {len(published)}, skipped {skipped}, refused {refused}; "
                     f"staging allocations {t.saver.engine.pool.allocations}, RSS {(rss1 - rss0) / 2**20:+.1f} MiB")
 
+
+# ------------------------------------------------------------------------------ unobserved failures
+def _fail_once(save_dir, saver, failing_codec, wait_resolved, tag="bad"):
+    codec = failing_codec(saver.engine, ok_chunks=0)
+    fut = saver.save_checkpoint(save_dir, tag=tag)
+    wait_resolved(fut)  # resolved, but nobody looked at the outcome
+    codec.heal()
+    return fut
+
+
+@QUICK
+def test_unobserved_failure_raised_by_next_save(save_dir, trained, make_saver, failing_codec, wait_resolved, latest):
+    saver = make_saver(trained)
+    fut = _fail_once(save_dir, saver, failing_codec, wait_resolved)
+    with pytest.raises(WriteError) as ei:
+        saver.save_checkpoint(save_dir, tag="next")
+    assert ei.value is fut.exception()
+    assert not os.path.exists(os.path.join(save_dir, "next"))  # that call saved nothing
+    assert saver.save_checkpoint(save_dir, tag="next").result(timeout=30).tag == "next"  # raised once only
+    saver.wait(timeout=30)
+    assert latest(save_dir) == "next"
+
+
+@QUICK
+def test_unobserved_failure_raised_by_wait(save_dir, trained, make_saver, failing_codec, wait_resolved):
+    saver = make_saver(trained)
+    fut = _fail_once(save_dir, saver, failing_codec, wait_resolved)
+    with pytest.raises(WriteError) as ei:
+        saver.wait(timeout=30)
+    assert ei.value.__cause__.errno == errno.ENOSPC
+    assert saver.wait(timeout=30) == []  # raised once
+    assert fut.done()
+
+
+@QUICK
+def test_unobserved_failure_raised_by_close(save_dir, trained, make_saver, failing_codec, wait_resolved):
+    saver = make_saver(trained)
+    _fail_once(save_dir, saver, failing_codec, wait_resolved)
+    with pytest.raises(WriteError):
+        saver.close(timeout=30)
+    with pytest.raises(CheckpointError, match="closed"):  # closed all the same
+        saver.save_checkpoint(save_dir, tag="late")
+    saver.close()
+
+
+@QUICK
+def test_unobserved_failure_raised_by_context_exit(save_dir, trained, fast_config, failing_codec, wait_resolved):
+    with pytest.raises(WriteError):
+        with asyncckpt.AsyncCheckpointer(trained.model, trained.optimizer, config=fast_config()) as saver:
+            _fail_once(save_dir, saver, failing_codec, wait_resolved)
+    assert saver.engine._closed
+
+
+@QUICK
+def test_context_exit_keeps_the_user_exception(save_dir, trained, fast_config, failing_codec, wait_resolved):
+    with pytest.raises(KeyError, match="mine"):
+        with asyncckpt.AsyncCheckpointer(trained.model, trained.optimizer, config=fast_config()) as saver:
+            _fail_once(save_dir, saver, failing_codec, wait_resolved)
+            raise KeyError("mine")  # not hidden behind the background failure
+
+
+@QUICK
+def test_observed_failure_is_not_raised_again(save_dir, trained, make_saver, failing_codec, wait_resolved):
+    saver = make_saver(trained)
+    fut = _fail_once(save_dir, saver, failing_codec, wait_resolved)
+    assert isinstance(fut.exception(), WriteError)
+    assert saver.save_checkpoint(save_dir, tag="ok").result(timeout=30).tag == "ok"
+    assert [r.tag for r in saver.wait(timeout=30)] == ["ok"]
+    saver.close()
+
+
+@QUICK
+def test_failure_while_collecting_state_releases_the_slot(save_dir, trained, make_saver):
+    saver = make_saver(trained, on_busy="error")
+    with pytest.raises(asyncckpt.PickleNotAllowedError):
+        saver.save_checkpoint(save_dir, tag="x", client_state={"bad": object()})
+    with pytest.raises(TypeError):
+        saver.save_checkpoint(save_dir, tag="y", client_state=42)  # not a mapping
+    assert saver.save_checkpoint(save_dir, tag="x").result(timeout=30).tag == "x"  # the only slot is free
+    assert asyncckpt.list_tags(save_dir) == ["x"]
+
+
+@QUICK
+def test_functional_save_failure(save_dir, fast_config, monkeypatch, leftovers):
+    from asyncckpt import api
+
+    cfg = fast_config(codec={"level": 2})  # its own engine
+    asyncckpt.save({"w": torch.ones(5)}, save_dir, "good", config=cfg).result(timeout=30)
+    engine = api._engine(cfg)
+    patch_existing(monkeypatch, engine.writer, "codec", types.SimpleNamespace(
+        encode=lambda raw, itemsize: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error (injected)"))))
+    fut = asyncckpt.save({"w": torch.zeros(5)}, save_dir, "bad", config=cfg)
+    with pytest.raises(WriteError, match="Input/output error"):
+        fut.result(timeout=30)
+    monkeypatch.undo()
+    assert leftovers(save_dir) == [] and asyncckpt.list_tags(save_dir) == ["good"]
+    assert torch.equal(asyncckpt.load(save_dir)["w"], torch.ones(5))
+    asyncckpt.save({"w": torch.full((5,), 2.0)}, save_dir, "again", config=cfg).result(timeout=30)
+    assert torch.equal(asyncckpt.load(save_dir)["w"], torch.full((5,), 2.0))
+
+
+# ----------------------------------------------------------------------------------- load verification
+@QUICK
+def test_load_verifies_checksums(save_dir, fast_config):
+    state = {"noise": torch.randint(0, 256, (50_000,), dtype=torch.uint8)}  # stored raw: easy to damage
+    asyncckpt.save(state, save_dir, "t", config=fast_config()).result(timeout=30)
+    reader = asyncckpt.CheckpointReader(save_dir, "t")
+    rec = reader.records["noise"][0][1]
+    chunk = rec.chunks[1]
+    assert chunk.codec == "raw"
+    path = os.path.join(save_dir, "t", rec.file)
+    with open(path, "r+b") as f:
+        f.seek(chunk.offset + 7)
+        byte = f.read(1)
+        f.seek(chunk.offset + 7)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(asyncckpt.CorruptCheckpointError, match=r"chunk 1 .*'noise'.*checksum mismatch") as ei:
+        asyncckpt.load(save_dir, "t")
+    assert rec.file in str(ei.value)
+    damaged = asyncckpt.load(save_dir, "t", verify=False)["noise"]  # verification can be turned off
+    assert (damaged != state["noise"]).sum().item() == 1
+
+
+@QUICK
+def test_fsync_before_publish(save_dir, trained, make_saver, monkeypatch):
+    """With fsync on, every file of the tag and the partial directory are fsynced before the rename that
+    publishes it, and save_dir after it; with fsync off, nothing is."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def rename(src, dst, *a, **k):
+        events.append(("rename", os.path.realpath(src)))
+        return real_rename(src, dst, *a, **k)
+
+    patch_existing(monkeypatch, os, "fsync", fsync)
+    patch_existing(monkeypatch, os, "rename", rename)
+    saver = make_saver(trained, writer={"fsync": True})
+    saver.save_checkpoint(save_dir, tag="durable", save_latest=False).result(timeout=30)
+    root = os.path.realpath(save_dir)
+    partial = os.path.join(root, ".durable.partial")
+    publish = events.index(("rename", partial))
+    synced_before = {p for kind, p in events[:publish] if kind == "fsync"}
+    files = set(asyncckpt.CheckpointReader(save_dir, "durable").files)
+    assert files >= {"manifest.json", "rank00000.json", "rank00000-0.bin"}
+    assert {os.path.join(partial, n) for n in files} | {partial} <= synced_before
+    assert ("fsync", root) in events[publish:]
+
+    events.clear()
+    make_saver(trained).save_checkpoint(save_dir, tag="fast").result(timeout=30)  # FAST: fsync off
+    assert not [p for kind, p in events if kind == "fsync" and p.startswith(root)]

@@ -1,8 +1,6 @@
 """Many ranks, one atomic checkpoint: 2-4 gloo processes on 127.0.0.1 (issue 3)."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 

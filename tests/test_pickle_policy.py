@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import asyncckpt
+import asyncckpt.format as fmt
 from asyncckpt import CorruptCheckpointError, PickleNotAllowedError, UnsafeCheckpointError
+from reliability import record
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -84,32 +86,78 @@ def test_tensors_are_never_pickled(save_dir, fast_config):
     assert skeleton["w"] == {"__t": "tensor", "key": "w"} and skeleton["p"]["__t"] == "pickle"
 
 
+def _forge_pickle_node(save_dir: str, tag: str, source: str, source_tag: str, key: str) -> None:
+    """Copy the pickle node of ``key`` from the index of ``source``/``source_tag`` into the index of
+    ``save_dir``/``tag`` (saved without pickle), re-sealed and re-checksummed so only the pickle policy stops it."""
+    index_name = fmt.rank_index_name(0)
+    with open(os.path.join(save_dir, tag, index_name), "rb") as f:
+        index = fmt.unseal(f.read(), "index")
+    with open(os.path.join(source, source_tag, index_name), "rb") as f:
+        index["skeleton"][key] = fmt.unseal(f.read(), "index")["skeleton"][key]
+    data = fmt.seal(index)
+    with open(os.path.join(save_dir, tag, index_name), "wb") as f:
+        f.write(data)
+    with open(os.path.join(save_dir, tag, fmt.MANIFEST), "rb") as f:
+        manifest = fmt.unseal(f.read(), "manifest")
+    manifest["ranks"][0]["xxh3"] = fmt.checksum(data)
+    with open(os.path.join(save_dir, tag, fmt.MANIFEST), "wb") as f:
+        f.write(fmt.seal(manifest))
+
+
 def test_load_refuses_pickled_entries_without_running_code(tmp_path, save_dir, make_trainer, make_saver, fast_config):
+    """Every way of reading a checkpoint (load, CheckpointReader.load_state, load_checkpoint) refuses a pickled
+    entry without allow_pickle, naming its key path, and never runs its code; so does a pickle node forged
+    into a checkpoint saved without pickle. With allow_pickle the same payload does run."""
     marker = str(tmp_path / "marker")
-    asyncckpt.save({"w": torch.ones(3), "cfg": {"evil": Payload(marker)}}, save_dir, "t",
-                   config=fast_config(allow_pickle=True)).result(timeout=30)
-    assert not os.path.exists(marker)  # pickling ran nothing either
+    cases = held = 0
+    try:
+        asyncckpt.save({"w": torch.ones(3), "cfg": {"evil": Payload(marker)}}, save_dir, "t",
+                       config=fast_config(allow_pickle=True)).result(timeout=30)
+        assert not os.path.exists(marker)  # pickling ran nothing either
 
-    with pytest.raises(UnsafeCheckpointError) as ei:
-        asyncckpt.load(save_dir, "t")
-    assert "'cfg/evil'" in str(ei.value) and "allow_pickle" in str(ei.value)
-    assert isinstance(ei.value, CorruptCheckpointError)
-    assert not os.path.exists(marker)
+        cases += 1
+        with pytest.raises(UnsafeCheckpointError) as ei:
+            asyncckpt.load(save_dir, "t")
+        assert "'cfg/evil'" in str(ei.value) and "allow_pickle" in str(ei.value)
+        assert isinstance(ei.value, CorruptCheckpointError)
+        assert not os.path.exists(marker)
+        held += 1
 
-    # AsyncCheckpointer with the default config refuses too, and leaves the model untouched
-    t = make_trainer()
-    saver = make_saver(t, allow_pickle=True)
-    saver.save_checkpoint(save_dir, tag="ckpt", client_state={"evil": Payload(marker)}).result(timeout=30)
-    fresh = make_trainer(seed=4)
-    before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
-    with pytest.raises(UnsafeCheckpointError, match="'client_state/evil'"):
-        make_saver(fresh).load_checkpoint(save_dir, tag="ckpt")
-    assert not os.path.exists(marker)
-    assert all(torch.equal(v, fresh.model.state_dict()[k]) for k, v in before.items())
+        cases += 1
+        with pytest.raises(UnsafeCheckpointError, match="'cfg/evil'"):
+            asyncckpt.CheckpointReader(save_dir, "t").load_state()
+        assert not os.path.exists(marker)
+        held += 1
 
-    # the payload is real: with allow_pickle the code does run (so the checks above mean something)
-    assert asyncckpt.load(save_dir, "t", allow_pickle=True)["cfg"]["evil"] == "unpickled"
-    assert os.path.exists(marker)
+        # AsyncCheckpointer with the default config refuses too, and leaves the model untouched
+        cases += 1
+        t = make_trainer()
+        saver = make_saver(t, allow_pickle=True)
+        saver.save_checkpoint(save_dir, tag="ckpt", client_state={"evil": Payload(marker)}).result(timeout=30)
+        fresh = make_trainer(seed=4)
+        before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
+        with pytest.raises(UnsafeCheckpointError, match="'client_state/evil'"):
+            make_saver(fresh).load_checkpoint(save_dir, tag="ckpt")
+        assert not os.path.exists(marker)
+        assert all(torch.equal(v, fresh.model.state_dict()[k]) for k, v in before.items())
+        held += 1
+
+        # a pickle node forged into a checkpoint saved without pickle is refused the same way
+        cases += 1
+        plain = str(tmp_path / "plain")
+        asyncckpt.save({"w": torch.ones(3), "cfg": {}}, plain, "q", config=fast_config()).result(timeout=30)
+        _forge_pickle_node(plain, "q", save_dir, "t", "cfg")
+        with pytest.raises(UnsafeCheckpointError, match="'cfg/evil'"):
+            asyncckpt.load(plain, "q")
+        assert not os.path.exists(marker)
+        held += 1
+
+        # the payload is real: with allow_pickle the code does run (so the checks above mean something)
+        assert asyncckpt.load(save_dir, "t", allow_pickle=True)["cfg"]["evil"] == "unpickled"
+        assert os.path.exists(marker)
+    finally:
+        record("Forged input", "pickle payload that creates a file (refused, never run)", cases, held,
+               note="load, CheckpointReader, load_checkpoint, and a pickle node forged into a plain checkpoint")
 
 
 def test_pickle_needs_allow_pickle_on_both_sides(save_dir, fast_config):

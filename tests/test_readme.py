@@ -1,0 +1,145 @@
+"""README.md's code blocks run as a reader would run them, so the README cannot drift from the API.
+
+* Every ```python block runs, in README order, in one scratch directory, each in a fresh namespace that holds
+  only what ``README_PRELUDE`` defines (the model, optimizer, scheduler, loader and epoch a snippet assumes
+  the reader already has) plus ``examples/ckpt.yaml`` copied as ``ckpt.yaml``. A block that cannot run that
+  way starts with a line ``# not run: <reason>`` and is reported as skipped with that reason.
+* Every ``asyncckpt ...`` line of a ```bash block runs (through the CLI's entry point) against the
+  checkpoints the python blocks saved there and must exit 0. ``make ...`` lines are NOT executed (they build a
+  virtual environment and run the demo or the whole suite; tests/test_demo.py covers what ``make demo``
+  runs); any other command needs a ``# not run:`` block.
+* Every ```yaml block is a valid ``asyncckpt.Config``.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import traceback
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+import asyncckpt
+from asyncckpt.cli import main as cli_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
+NOT_RUN = "# not run:"
+
+README_PRELUDE = '''
+import types
+
+import torch
+
+class TinyLM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, batch):
+        return types.SimpleNamespace(loss=self.proj(batch).pow(2).mean())
+
+torch.manual_seed(0)
+model = TinyLM()
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+sched = torch.optim.lr_scheduler.StepLR(optimizer, step_size=100)
+loader = [torch.randn(4, 8) for _ in range(500)]
+epoch = 0
+'''
+
+
+def _blocks(lang: str) -> list[tuple[int, str]]:
+    """(line number of the block's first line, text) of every ```lang block of README.md."""
+    with open(README) as f:
+        text = f.read()
+    out = []
+    for m in re.finditer(r"^```(\w*)\n(.*?)^```", text, re.S | re.M):
+        if m.group(1) == lang:
+            out.append((text.count("\n", 0, m.start(2)) + 1, m.group(2)))
+    return out
+
+
+def _not_run(block: str) -> str | None:
+    first = block.lstrip().split("\n", 1)[0]
+    return first[len(NOT_RUN):].strip() if first.startswith(NOT_RUN) else None
+
+
+PYTHON = _blocks("python")
+BASH = _blocks("bash")
+YAML = _blocks("yaml")
+COMMANDS = [(line + i, cmd) for line, block in BASH if _not_run(block) is None
+            for i, cmd in enumerate(block.splitlines()) if shlex.split(cmd, comments=True)]
+
+
+@pytest.fixture(scope="module")
+def readme_dir(tmp_path_factory):
+    """Runs every python block (see the module docstring); yields the directory and each block's outcome."""
+    where = tmp_path_factory.mktemp("readme")
+    shutil.copy(os.path.join(ROOT, "examples", "ckpt.yaml"), where / "ckpt.yaml")
+    outcomes: dict[int, str | None] = {}
+    cwd, rng, threads = os.getcwd(), torch.get_rng_state(), torch.get_num_threads()
+    os.chdir(where)
+    try:
+        for line, block in PYTHON:
+            if _not_run(block) is not None:
+                continue
+            namespace: dict = {"__name__": "__readme__"}
+            exec(compile(README_PRELUDE, "<README_PRELUDE>", "exec"), namespace)
+            try:  # padded so that a traceback names the README line
+                exec(compile("\n" * (line - 1) + block, README, "exec"), namespace)
+                outcomes[line] = None
+            except BaseException:  # noqa: BLE001 - reported by the block's test
+                outcomes[line] = traceback.format_exc()
+            finally:
+                for value in namespace.values():  # a block that failed before its close() leaks no writer
+                    if isinstance(value, asyncckpt.AsyncCheckpointer):
+                        try:
+                            value.close(timeout=30)
+                        except asyncckpt.CheckpointError:
+                            pass
+    finally:
+        os.chdir(cwd)
+        torch.set_rng_state(rng)
+        torch.set_num_threads(threads)
+    yield where, outcomes
+
+
+def test_readme_has_blocks_of_each_kind():
+    assert PYTHON and COMMANDS and YAML
+
+
+@pytest.mark.parametrize("line,block", PYTHON, ids=[f"README.md:{line}" for line, _ in PYTHON])
+def test_python_block_runs(readme_dir, line, block):
+    reason = _not_run(block)
+    if reason is not None:
+        pytest.skip(f"README.md:{line} is marked not run: {reason}")
+    _, outcomes = readme_dir
+    assert outcomes[line] is None, f"README.md:{line} failed:\n{outcomes[line]}"
+
+
+@pytest.mark.parametrize("line,command", COMMANDS, ids=[f"README.md:{line}" for line, _ in COMMANDS])
+def test_shell_command_runs(readme_dir, line, command):
+    argv = shlex.split(command, comments=True)
+    if argv[0] == "make":
+        pytest.skip(f"README.md:{line} `{command.strip()}` is not executed here: make builds a virtual environment "
+                    "and runs the demo or the whole suite")
+    assert argv[0] == "asyncckpt", f"README.md:{line} runs {argv[0]!r}: mark its block `{NOT_RUN} <reason>`"
+    where, outcomes = readme_dir
+    assert all(o is None for o in outcomes.values()), "a python block failed: no checkpoint to run against"
+    cwd = os.getcwd()
+    os.chdir(where)
+    try:
+        result = CliRunner().invoke(cli_main, argv[1:], catch_exceptions=False)
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 0, f"README.md:{line} `{command.strip()}` exited {result.exit_code}:\n{result.output}"
+    assert result.output.strip()
+
+
+@pytest.mark.parametrize("line,block", YAML, ids=[f"README.md:{line}" for line, _ in YAML])
+def test_yaml_block_is_a_valid_config(line, block):
+    asyncckpt.Config.from_dict(yaml.safe_load(block))
