@@ -4,7 +4,8 @@
     asyncckpt inspect DIR/TAG      one tag: ranks, files, sizes, and a table of every tensor (``--json`` too)
     asyncckpt verify DIR[/TAG]     read and check every chunk of every rank (``--all``: every tag in DIR)
 
-Exit status: 0 good; 1 a checkpoint is corrupt (the message names the file, chunk and tensor at fault);
+Exit status: 0 good; 1 a checkpoint is corrupt or refused (the message names the file, chunk and tensor at
+fault; ``inspect DIR`` and ``verify --all`` report every tag, then exit 1 if any was bad, or ``latest`` is);
 2 usage errors and checkpoints that do not exist (the message lists the tags that do).
 
 Only the public reader API of :mod:`asyncckpt.loader` is used: what this prints is what a load would see.
@@ -21,9 +22,9 @@ from typing import Any, Sequence
 import click
 
 from . import __version__
-from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, InvalidTagError
 from .format import LATEST, PARTIAL_SUFFIX, TensorRecord, dtype_name
-from .loader import CheckpointReader, list_tags, read_latest, split_path
+from .loader import CheckpointReader, list_tags, read_latest, refused_tags, split_path
 
 EXIT_OK, EXIT_CORRUPT, EXIT_USAGE = 0, 1, 2
 
@@ -41,7 +42,8 @@ def _is_save_dir(path: str) -> bool:
     """A directory asyncckpt saved into: it has ``latest``, a published tag or a partial directory."""
     if not os.path.isdir(path):
         return False
-    return os.path.lexists(os.path.join(path, LATEST)) or bool(list_tags(path)) or bool(_partials(path))
+    return (os.path.lexists(os.path.join(path, LATEST)) or bool(list_tags(path)) or bool(refused_tags(path))
+            or bool(_partials(path)))
 
 
 def _partials(save_dir: str) -> list[str]:
@@ -77,9 +79,9 @@ def _open(save_dir: str, tag: str | None) -> CheckpointReader:
         raise _Failure(EXIT_USAGE, str(exc)) from None
     except CorruptCheckpointError as exc:
         raise _Failure(EXIT_CORRUPT, f"CORRUPT: {exc}") from None
-    except ValueError as exc:  # an invalid tag name
+    except InvalidTagError as exc:
         raise _Failure(EXIT_USAGE, str(exc)) from None
-    except OSError as exc:
+    except (CheckpointError, OSError) as exc:
         raise _Failure(EXIT_CORRUPT, f"cannot read {os.path.join(save_dir, tag or '')}: {exc}") from None
 
 
@@ -112,9 +114,14 @@ def _ratio_text(ratio: float | None) -> str:
 
 
 def _when(unix: Any) -> str:
-    if not isinstance(unix, (int, float)):
+    """A manifest's ``created_unix`` as a UTC time; "-" for anything that is not a representable time (the
+    manifest is untrusted: 1e300, -1e18, strings, booleans)."""
+    if isinstance(unix, bool) or not isinstance(unix, (int, float)):
         return "-"
-    return datetime.datetime.fromtimestamp(unix, tz=datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    try:
+        return datetime.datetime.fromtimestamp(unix, tz=datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, ValueError, OSError):
+        return "-"
 
 
 def _table(headers: Sequence[str], rows: list[Sequence[Any]], right: Sequence[int] = (), indent: str = "  ") -> list[str]:
@@ -154,8 +161,10 @@ def _tensor_info(key: str, rank: int, rec: TensorRecord) -> dict[str, Any]:
 
 
 def _natural(key: str) -> list:
-    """Sort key that orders ``state/2`` before ``state/10``."""
-    return [int(p) if i % 2 else p for i, p in enumerate(re.split(r"(\d+)", key))]
+    """Sort key that orders ``state/2`` before ``state/10`` (digit runs compare by length, then digits: no int()
+    of a forged 5000-digit key)."""
+    return [(len(p.lstrip("0")), p.lstrip("0"), p) if i % 2 else p
+            for i, p in enumerate(re.split(r"([0-9]+)", key))]
 
 
 def _shape_text(t: dict[str, Any]) -> str:
@@ -173,21 +182,24 @@ def _codecs_text(t: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------ describing
 def describe_dir(save_dir: str) -> dict[str, Any]:
-    """Every published tag in ``save_dir`` with its sizes; a tag that cannot be read carries its error."""
+    """Every published tag in ``save_dir`` with its sizes; a tag that cannot be read carries its error, and
+    entries refused as tags (symlinked tag directories, ...) are listed with ``refused`` and the reason."""
     latest, latest_error = _latest_or_none(save_dir)
     tags = []
     for tag in list_tags(save_dir):
         entry: dict[str, Any] = {"tag": tag, "latest": tag == latest}
         try:
             reader = CheckpointReader(save_dir, tag)
-        except (CheckpointError, OSError, ValueError) as exc:
-            entry["error"] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - one unreadable tag must not hide the others
+            entry["error"] = _error_text(exc)
         else:
             m = reader.manifest
             entry.update(world_size=reader.world_size, global_steps=m.get("global_steps"),
                          created_unix=m.get("created_unix"), raw_bytes=reader.raw_bytes,
                          stored_bytes=reader.stored_bytes, ratio=_ratio(reader.raw_bytes, reader.stored_bytes))
         tags.append(entry)
+    for name, why in refused_tags(save_dir).items():
+        tags.append({"tag": name, "latest": name == latest, "refused": True, "error": why})
     out: dict[str, Any] = {"save_dir": save_dir, "latest": latest, "tags": tags, "partial": _partials(save_dir)}
     if latest_error:
         out["latest_error"] = latest_error
@@ -229,7 +241,8 @@ def _print_dir(d: dict[str, Any]) -> None:
         for t in d["tags"]:
             mark = "*" if t["latest"] else ""
             if "error" in t:
-                rows.append([mark, t["tag"], "-", "-", "-", "-", "-", "unreadable: " + t["error"].splitlines()[0]])
+                what = "refused: " if t.get("refused") else "unreadable: "
+                rows.append([mark, t["tag"], "-", "-", "-", "-", "-", what + (t["error"].splitlines() or [""])[0]])
                 continue
             steps = "-" if t.get("global_steps") is None else t["global_steps"]
             rows.append([mark, t["tag"], steps, t["world_size"], _size(t["raw_bytes"]), _size(t["stored_bytes"]),
@@ -301,6 +314,14 @@ def _run(fn) -> None:
     except _Failure as exc:
         click.echo(str(exc), err=True)
         raise click.exceptions.Exit(exc.code) from None
+    except CheckpointError as exc:  # e.g. a save directory that cannot be listed
+        click.echo(str(exc), err=True)
+        raise click.exceptions.Exit(EXIT_USAGE if isinstance(exc, CheckpointNotFoundError) else EXIT_CORRUPT) from None
+
+
+def _error_text(exc: BaseException) -> str:
+    """An asyncckpt error's own message; any other error (a bug) with its type, so that it is not mistaken."""
+    return str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
 
 
 @main.command("inspect")
@@ -310,8 +331,9 @@ def inspect_cmd(path: str, as_json: bool) -> None:
     """Show the tags in DIR, or one tag in detail (DIR/TAG).
 
     DIR: every published tag, which one `latest` names, world size, raw bytes, bytes on disk and the
-    compression ratio. DIR/TAG: ranks, files, sizes and a table of every tensor (key, dtype, shape,
-    device, chunks, codec mix)."""
+    compression ratio; tags that cannot be read, and entries refused as tags (symlinked tag directories),
+    with the reason (exit status 1 then, and when `latest` is unreadable). DIR/TAG: ranks, files, sizes and
+    a table of every tensor (key, dtype, shape, device, chunks, codec mix)."""
 
     def go() -> None:
         save_dir, tag = _locate(path)
@@ -323,6 +345,11 @@ def inspect_cmd(path: str, as_json: bool) -> None:
                 _print_dir(d)
             if not d["tags"]:
                 raise _Failure(EXIT_USAGE, f"{save_dir}: no published checkpoints")
+            bad = [t["tag"] for t in d["tags"] if "error" in t]
+            if bad or "latest_error" in d:
+                problems = ([f"{LATEST} is unreadable"] if "latest_error" in d else []) + \
+                    ([f"{len(bad)} tag(s) unreadable or refused: {', '.join(bad)}"] if bad else [])
+                raise _Failure(EXIT_CORRUPT, f"{save_dir}: " + "; ".join(problems))
             return
         d = describe_tag(_open(save_dir, tag))
         if as_json:
@@ -339,39 +366,45 @@ def inspect_cmd(path: str, as_json: bool) -> None:
 def verify_cmd(path: str, all_tags: bool) -> None:
     """Read and check every chunk of every rank of a checkpoint.
 
-    PATH is DIR (the tag `latest` names; with --all every published tag) or DIR/TAG. Checks the sealed
-    manifest and rank indices, file sizes, and the xxh3 checksum of every decoded chunk. Exit status 1 on
-    the first corruption found in a tag, naming the file, chunk and tensor."""
+    PATH is DIR (the tag `latest` names; with --all every published tag, and every entry refused as a tag)
+    or DIR/TAG. Checks everything a load checks (sealed manifest and rank indices, file kinds and sizes,
+    every skeleton's references, views and DTensor shards), then the xxh3 checksum of every decoded chunk.
+    Exit status 1 on the first corruption found in a tag, naming the file, chunk and tensor."""
 
     def go() -> None:
         save_dir, tag = _locate(path)
-        if all_tags:
-            if tag is not None:
-                raise _Failure(EXIT_USAGE, f"--all verifies every tag of a directory; pass DIR, not {path}")
-            tags = list_tags(save_dir)
-            if not tags:
-                raise _Failure(EXIT_USAGE, f"{save_dir}: no published checkpoints")
-        else:
-            tags = [tag]
+        if not all_tags:
+            if not _verify_one(save_dir, tag, stop_if_missing=True):
+                raise click.exceptions.Exit(EXIT_CORRUPT)
+            return
+        if tag is not None:
+            raise _Failure(EXIT_USAGE, f"--all verifies every tag of a directory; pass DIR, not {path}")
+        tags, refused = list_tags(save_dir), refused_tags(save_dir)
+        if not tags and not refused:
+            raise _Failure(EXIT_USAGE, f"{save_dir}: no published checkpoints")
         failed = 0
-        for t in tags:
-            if not _verify_one(save_dir, t):
+        for t in tags:  # one bad tag does not stop the others from being verified
+            if not _verify_one(save_dir, t, stop_if_missing=False):
                 failed += 1
-        if len(tags) > 1:
-            click.echo(f"{len(tags) - failed} of {len(tags)} checkpoints OK" + (f", {failed} CORRUPT" if failed else ""))
+        for why in refused.values():
+            click.echo(f"REFUSED: {why}", err=True)
+        total, failed = len(tags) + len(refused), failed + len(refused)
+        if total > 1:
+            click.echo(f"{total - failed} of {total} checkpoints OK" + (f", {failed} CORRUPT" if failed else ""))
         if failed:
             raise click.exceptions.Exit(EXIT_CORRUPT)
 
     _run(go)
 
 
-def _verify_one(save_dir: str, tag: str | None) -> bool:
-    """Verify one tag; print one line. False when it is corrupt; a tag that does not exist stops the command."""
+def _verify_one(save_dir: str, tag: str | None, stop_if_missing: bool) -> bool:
+    """Verify one tag; print one line. False when it is corrupt (or, with ``stop_if_missing`` off, cannot be
+    opened at all); with it on, a tag that does not exist stops the command with a usage error."""
     t0 = time.perf_counter()
     try:
         reader = _open(save_dir, tag)
     except _Failure as exc:
-        if exc.code != EXIT_CORRUPT:
+        if exc.code != EXIT_CORRUPT and stop_if_missing:
             raise
         click.echo(str(exc), err=True)
         return False
@@ -380,8 +413,8 @@ def _verify_one(save_dir: str, tag: str | None) -> bool:
     except CorruptCheckpointError as exc:
         click.echo(f"CORRUPT: {exc}", err=True)
         return False
-    except OSError as exc:
-        click.echo(f"CORRUPT: cannot read {reader.path}: {exc}", err=True)
+    except Exception as exc:  # noqa: BLE001 - reported as a failure of this tag, not a traceback
+        click.echo(f"CORRUPT: cannot verify {reader.path}: {_error_text(exc)}", err=True)
         return False
     click.echo(f"OK {reader.path}: {reader.world_size} rank(s), {counts['tensors']} tensors, {counts['chunks']} chunks, "
                f"{_size(counts['raw_bytes'])} raw, {_size(counts['stored_bytes'])} on disk, "

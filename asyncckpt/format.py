@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import xxhash
 
-from .errors import CorruptCheckpointError, UnsafeCheckpointError
+from .errors import CorruptCheckpointError, InvalidTagError, UnsafeCheckpointError
 
 FORMAT_NAME = "asyncckpt"
 FORMAT_VERSION = 1
@@ -23,6 +23,8 @@ MANIFEST = "manifest.json"
 LATEST = "latest"
 PARTIAL_SUFFIX = ".partial"
 MAX_JSON_BYTES = 1 << 30  # a manifest or rank index larger than this is refused before it is read
+MAX_LATEST_BYTES = 4096  # a `latest` file larger than this is refused before it is read
+MIN_CHUNK_BYTES = 4096  # the writer cuts tensors into chunks of at least this many bytes (all but the last)
 MAX_CHUNK_RAW = 1 << 31  # no chunk decodes to more than 2 GiB
 MAX_NDIM = 64
 CODECS = ("raw", "zstd", "shuffle")
@@ -30,9 +32,10 @@ CODECS = ("raw", "zstd", "shuffle")
 # a file not overlapping, what a reader allocates is bounded by the bytes actually on disk.
 MAX_ZSTD_RATIO = 32768
 
-_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-+=@]{0,199}$")
-_INDEX_RE = re.compile(r"^rank(\d{5,})\.json$")
-_DATA_RE = re.compile(r"^rank(\d{5,})-(\d+)\.bin$")
+# tags and file names are checked with fullmatch: with match, "$" also matches before a final newline
+_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-+=@]{0,199}")
+_INDEX_RE = re.compile(r"^rank(\d{5,})\.json$", re.ASCII)
+_DATA_RE = re.compile(r"^rank(\d{5,})-(\d+)\.bin$", re.ASCII)
 
 
 def rank_index_name(rank: int) -> str:
@@ -48,13 +51,30 @@ def partial_dir_name(tag: str) -> str:
 
 
 def validate_tag(tag: Any) -> str:
-    """A tag is a plain directory name: letters, digits and ``_ . - + = @``, not starting with a dot."""
-    if not isinstance(tag, str) or not _TAG_RE.match(tag) or tag in (LATEST, MANIFEST) or ".." in tag:
-        raise ValueError(
-            f"invalid checkpoint tag {tag!r}: use 1-200 characters of letters, digits and _ . - + = @, "
+    """The tag as a string, checked: a plain directory name of 1-200 letters, digits and ``_ . - + = @``, not
+    starting with ``.``, ``-``, ``+``, ``=`` or ``@``, not ``latest`` or ``manifest.json``, without ``..``. A
+    non-negative int (not a bool) is accepted as its decimal string. Callers must use the returned string."""
+    if isinstance(tag, int) and not isinstance(tag, bool) and 0 <= tag < 10 ** 200:
+        tag = str(tag)
+    if not isinstance(tag, str) or not _TAG_RE.fullmatch(tag) or tag in (LATEST, MANIFEST) or ".." in tag:
+        shown = repr(tag) if len(repr(tag)) <= 80 else repr(tag)[:80] + "..."
+        raise InvalidTagError(
+            f"invalid checkpoint tag {shown}: use 1-200 characters of letters, digits and _ . - + = @, "
             "not starting with '.' or '-', and not 'latest'"
         )
     return tag
+
+
+def is_checkpoint_file_name(name: str) -> bool:
+    """A name asyncckpt reads inside a tag directory: the manifest, a rank index or a data file."""
+    return name == MANIFEST or bool(_INDEX_RE.fullmatch(name)) or bool(_DATA_RE.fullmatch(name))
+
+
+def max_chunks(nbytes: int) -> int:
+    """The most chunks a tensor of ``nbytes`` bytes may be stored in: the writer cuts at ``chunk_bytes`` >=
+    MIN_CHUNK_BYTES, so a record with more chunks (or any empty chunk) was not written by asyncckpt, and would
+    only make a reader do work out of proportion to the data."""
+    return -(-nbytes // MIN_CHUNK_BYTES)
 
 
 # ----------------------------------------------------------------------------------------------- dtypes
@@ -219,7 +239,7 @@ def _int_list(v: Any, where: str, what: str, lo: int = 0) -> tuple[int, ...]:
 
 def check_file_name(name: Any, where: str, pattern: re.Pattern = _DATA_RE) -> str:
     """A file named by a manifest must be a plain name of the expected form inside the tag directory."""
-    _need(isinstance(name, str) and bool(pattern.match(name)) and "/" not in name and "\\" not in name,
+    _need(isinstance(name, str) and bool(pattern.fullmatch(name)) and "/" not in name and "\\" not in name,
           where, f"file name {name!r} is not a plain {pattern.pattern} name inside the tag directory")
     return name
 
@@ -324,13 +344,15 @@ def _parse_tensor(key: str, t: Any, where: str, files: dict[str, int]) -> Tensor
     fsize = files[fname]
     raw_chunks = t.get("chunks")
     _need(isinstance(raw_chunks, list), where, "chunks must be a list")
+    _need(len(raw_chunks) <= max_chunks(nbytes), where, f"{len(raw_chunks)} chunks for {nbytes} bytes: at most "
+          f"{max_chunks(nbytes)} (chunks hold at least {MIN_CHUNK_BYTES} bytes, except a tensor's last)")
     chunks, total = [], 0
     for i, c in enumerate(raw_chunks):
         cw = f"{where} chunk {i}"
         _need(isinstance(c, dict), cw, "not an object")
         off = _int(c.get("off"), cw, "off")
-        length = _int(c.get("len"), cw, "len")
-        raw = _int(c.get("raw"), cw, "raw", hi=MAX_CHUNK_RAW)
+        length = _int(c.get("len"), cw, "len", lo=1)  # no empty chunks: a tensor of 0 bytes has none
+        raw = _int(c.get("raw"), cw, "raw", lo=1, hi=MAX_CHUNK_RAW)
         _need(off + length <= fsize, cw, f"bytes {off}..{off + length} lie outside {fname} ({fsize} bytes)")
         codec = c.get("codec")
         _need(codec in CODECS, cw, f"unknown codec {codec!r}")

@@ -10,47 +10,172 @@ import concurrent.futures
 import math
 import os
 import stat
+import threading
 from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
 from .codec import ChunkCodec
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
-from .format import (LATEST, MANIFEST, MAX_JSON_BYTES, PARTIAL_SUFFIX, TensorRecord, check_view, checksum, parse_manifest,
-                     parse_rank_index, validate_tag)
+from .errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, InvalidTagError,
+                     StateMismatchError, UnsafeCheckpointError)
+from .format import (LATEST, MANIFEST, MAX_JSON_BYTES, MAX_LATEST_BYTES, MAX_NDIM, PARTIAL_SUFFIX, TensorRecord,
+                     check_view, checksum, is_checkpoint_file_name, parse_manifest, parse_rank_index,
+                     partial_dir_name, validate_tag)
 from .placement import DTensorInfo, copy_overlap, local_region, to_dtensor
-from .state import skeleton_tensor_refs, unflatten
+from .state import TAG, skeleton_tensor_refs, unflatten
 
 MapLocation = Any  # None | str | torch.device | dict[str, str] | Callable[[str], str | torch.device]
 
 
 def list_tags(save_dir: str) -> list[str]:
-    """Published tags in ``save_dir`` (directories holding a manifest), oldest first."""
+    """Published tags in ``save_dir``, oldest first: real directories (not symlinks) with a valid tag name that
+    hold a regular ``manifest.json``. Entries that would pass for a tag but are refused are in
+    :func:`refused_tags`."""
+    return _scan_save_dir(save_dir)[0]
+
+
+def refused_tags(save_dir: str) -> dict[str, str]:
+    """Entries of ``save_dir`` that look like published tags but that no reader will load, with the reason: a
+    symlink to a directory holding a manifest, a directory whose manifest is not a regular file, a directory
+    with a manifest but a name that is not a valid tag."""
+    return _scan_save_dir(save_dir)[1]
+
+
+def _scan_save_dir(save_dir: str) -> tuple[list[str], dict[str, str]]:
     try:
         entries = list(os.scandir(save_dir))
-    except FileNotFoundError:
-        return []
-    tags = [e for e in entries if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")
-            and os.path.isfile(os.path.join(e.path, MANIFEST))]
-    return [e.name for e in sorted(tags, key=lambda e: (e.stat().st_mtime, e.name))]
+    except (FileNotFoundError, NotADirectoryError):
+        return [], {}
+    except OSError as exc:
+        raise CheckpointError(f"{save_dir}: cannot list the directory ({exc.strerror})") from exc
+    published: list[tuple[float, str]] = []
+    refused: dict[str, str] = {}
+    for e in entries:
+        if e.name.startswith("."):
+            continue  # partial directories, temporary files
+        try:
+            st = _lstat(e.path)
+            if st is None:
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                if os.path.isfile(os.path.join(e.path, MANIFEST)):
+                    refused[e.name] = f"{e.path}: {_SYMLINKED_TAG}"
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            manifest = _lstat(os.path.join(e.path, MANIFEST))
+        except CorruptCheckpointError as exc:  # unreadable: reported, and the other entries still listed
+            refused[e.name] = str(exc)
+            continue
+        if manifest is None:
+            continue  # incomplete: reported when asked for by name
+        if not stat.S_ISREG(manifest.st_mode):
+            refused[e.name] = f"{os.path.join(e.path, MANIFEST)}: {_kind(manifest.st_mode)}, not a regular file"
+        elif not _valid_tag(e.name):
+            refused[e.name] = f"{e.path}: {e.name!r} is not a valid tag name"
+        else:
+            published.append((st.st_mtime, e.name))
+    return [name for _, name in sorted(published)], dict(sorted(refused.items()))
+
+
+_SYMLINKED_TAG = ("the tag directory is a symbolic link; asyncckpt loads only tag directories that are real "
+                  "directories of the save directory")
+
+
+def _valid_tag(name: str) -> bool:
+    try:
+        validate_tag(name)
+    except InvalidTagError:
+        return False
+    return True
+
+
+def _lstat(path: str) -> os.stat_result | None:
+    """``os.lstat``, None when nothing is there; any other failure is a CheckpointError naming the path."""
+    try:
+        return os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise CorruptCheckpointError(f"{path}: cannot stat ({exc.strerror})") from exc
+
+
+def _kind(mode: int) -> str:
+    kinds = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISREG, "a regular file"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def read_control_file(path: str, limit: int) -> bytes | None:
+    """The bytes of a file asyncckpt writes and reads back (``latest``, a manifest, a rank index), read as
+    untrusted input: opened with O_NOFOLLOW (a symlink is refused, never followed), O_NONBLOCK (a FIFO cannot
+    hang the reader) and O_CLOEXEC; it must be a regular file of at most ``limit`` bytes. None when it does
+    not exist. Errors name the file, never quote its contents."""
+    fd = _open_regular(path)
+    if fd is None:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise UnsafeCheckpointError(f"{path}: {size} bytes is over the {limit}-byte limit for this file")
+        pieces, left = [], limit + 1
+        while left > 0:  # read to the end, at most one byte past the limit (to notice a file that grew)
+            piece = os.read(fd, min(left, 1 << 24))
+            if not piece:
+                break
+            pieces.append(piece)
+            left -= len(piece)
+        data = b"".join(pieces)
+    except OSError as exc:
+        raise CorruptCheckpointError(f"{path}: cannot read ({exc.strerror})") from exc
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise UnsafeCheckpointError(f"{path}: grew past the {limit}-byte limit for this file while being read")
+    return data
+
+
+def _open_regular(path: str) -> int | None:
+    """A read-only descriptor of ``path``, which must be a regular file reached without following a symlink in
+    its last component; None when nothing is there."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        st = _lstat(path)
+        if st is not None and not stat.S_ISREG(st.st_mode):  # ELOOP for a symlink, ENXIO for a socket, ...
+            raise UnsafeCheckpointError(f"{path}: {_kind(st.st_mode)}, not a regular file; refused") from None
+        raise CorruptCheckpointError(f"{path}: cannot open ({exc.strerror})") from exc
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise UnsafeCheckpointError(f"{path}: {_kind(mode)}, not a regular file; refused")
+    return fd
+
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def read_latest(save_dir: str) -> str | None:
-    try:
-        with open(os.path.join(save_dir, LATEST), "rb") as f:
-            data = f.read(4096)
-    except FileNotFoundError:
+    """The tag ``save_dir/latest`` names, or None when there is no ``latest``. The file must hold exactly what
+    the publisher writes, ``<tag>\n``: anything else is a damaged ``latest`` (CorruptCheckpointError naming
+    it), never a missing tag."""
+    path = os.path.join(save_dir, LATEST)
+    data = read_control_file(path, MAX_LATEST_BYTES)
+    if data is None:
         return None
-    try:  # exactly what the publisher writes, "<tag>\n": a damaged byte anywhere is an error, never ignored
-        text = data.decode()
-        return validate_tag(text[:-1] if text.endswith("\n") else None)
-    except (UnicodeDecodeError, ValueError):
+    try:  # None (no final newline) and undecodable bytes (U+FFFD) are invalid tags too
+        return validate_tag(data[:-1].decode("ascii", "replace") if data.endswith(b"\n") else None)
+    except InvalidTagError:
         raise CorruptCheckpointError(
-            f"{os.path.join(save_dir, LATEST)}: does not hold a valid tag and a newline: {data[:80]!r}") from None
+            f"{path}: does not hold a valid tag followed by one newline ({len(data)} bytes); the file is damaged: "
+            "pass the tag to load explicitly, or write the tag of a published checkpoint into it") from None
 
 
-def resolve_tag(save_dir: str, tag: str | None) -> str:
+def resolve_tag(save_dir: str, tag: str | int | None) -> str:
     """The tag to load: ``tag``, or the one ``latest`` names. Errors list the tags that exist."""
     save_dir = os.fspath(save_dir)
     named_by = ""
@@ -61,14 +186,18 @@ def resolve_tag(save_dir: str, tag: str | None) -> str:
                 f"no '{LATEST}' file in {save_dir}; published tags: {_tags_text(save_dir)}")
         named_by = f" (named by {os.path.join(save_dir, LATEST)})"
     else:
-        validate_tag(tag)
+        tag = validate_tag(tag)
     path = tag_dir(save_dir, tag)
-    if not os.path.isdir(path):
-        partial = os.path.isdir(os.path.join(save_dir, f".{tag}{PARTIAL_SUFFIX}"))
-        why = "it was never completed (only a partial directory exists)" if partial else "it does not exist"
+    st = _lstat(path)
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        raise UnsafeCheckpointError(f"{path}{named_by}: {_SYMLINKED_TAG}")
+    if st is None or not stat.S_ISDIR(st.st_mode):
+        partial = os.path.isdir(os.path.join(save_dir, partial_dir_name(tag)))
+        why = ("it was never completed (only a partial directory exists)" if partial else
+               "it does not exist" if st is None else f"it is {_kind(st.st_mode)}, not a checkpoint directory")
         raise CheckpointNotFoundError(
             f"checkpoint tag {tag!r} in {save_dir}{named_by}: {why}; published tags: {_tags_text(save_dir)}")
-    if not os.path.isfile(os.path.join(path, MANIFEST)):
+    if _lstat(os.path.join(path, MANIFEST)) is None:
         raise CheckpointNotFoundError(f"checkpoint {path} is incomplete (no {MANIFEST}); published tags: {_tags_text(save_dir)}")
     return tag
 
@@ -78,7 +207,7 @@ def tag_dir(save_dir: str, tag: str) -> str:
     its two renames (file systems without RENAME_EXCHANGE), the complete old copy that the next save puts back."""
     path = os.path.join(save_dir, tag)
     replaced = os.path.join(save_dir, f".{tag}.replaced{PARTIAL_SUFFIX}")
-    if not os.path.lexists(path) and os.path.isfile(os.path.join(replaced, MANIFEST)):
+    if _lstat(path) is None and _lstat(os.path.join(replaced, MANIFEST)) is not None:
         return replaced
     return path
 
@@ -91,7 +220,7 @@ def _tags_text(save_dir: str) -> str:
 def split_path(path: str) -> tuple[str, str | None]:
     """``DIR`` or ``DIR/TAG`` → (save_dir, tag or None)."""
     path = os.fspath(path).rstrip("/") or "/"
-    if os.path.isfile(os.path.join(path, MANIFEST)):
+    if os.path.lexists(os.path.join(path, MANIFEST)):
         return os.path.dirname(path) or ".", os.path.basename(path)
     return path, None
 
@@ -116,22 +245,20 @@ def target_device(saved: str, map_location: MapLocation) -> torch.device:
 class CheckpointReader:
     """A validated view of one published tag. Nothing large is allocated until tensors are read."""
 
-    def __init__(self, save_dir: str, tag: str | None = None, *, threads: int = 0):
+    def __init__(self, save_dir: str, tag: str | int | None = None, *, threads: int = 0):
         self.save_dir = os.fspath(save_dir)
         self.tag = resolve_tag(self.save_dir, tag)
         self.path = tag_dir(self.save_dir, self.tag)
         self.threads = threads or max(1, min(8, os.cpu_count() or 1))
         self.bytes_read = 0  # stored bytes read from data files so far (what loading this rank cost)
-        self.manifest = parse_manifest(_read_metadata(self.path, MANIFEST), self._file(MANIFEST))
+        self._sizes = self._regular_file_sizes()
+        self.manifest = parse_manifest(self._read_metadata(MANIFEST), self._file(MANIFEST))
         self.world_size = self.manifest["world_size"]
-        self._sizes = self._data_file_sizes()
         self.indices: dict[int, dict] = {}
         self.records: dict[str, list[tuple[int, TensorRecord]]] = {}
         for entry in self.manifest["ranks"]:
             name = entry["index"]
-            if name not in self._sizes:
-                raise CorruptCheckpointError(f"{self._file(name)}: rank index listed in the manifest is missing")
-            data = _read_metadata(self.path, name)
+            data = self._read_metadata(name)
             if checksum(data) != entry["xxh3"]:
                 raise CorruptCheckpointError(f"{self._file(name)}: checksum does not match the manifest's")
             doc, records = parse_rank_index(data, self._file(name), self._sizes)
@@ -142,13 +269,33 @@ class CheckpointReader:
     def _file(self, name: str) -> str:
         return os.path.join(self.path, name)
 
-    def _data_file_sizes(self) -> dict[str, int]:
+    def _regular_file_sizes(self) -> dict[str, int]:
+        """Every regular file of the tag directory and its size. An entry with the name of a checkpoint file
+        (manifest, rank index, data file) that is anything else (a symlink, even to a file inside, a
+        directory, a FIFO, a socket) makes the whole checkpoint refused."""
         sizes = {}
-        for e in os.scandir(self.path):
-            st = e.stat(follow_symlinks=False)
+        try:
+            entries = list(os.scandir(self.path))
+        except OSError as exc:
+            raise CorruptCheckpointError(f"{self.path}: cannot list the tag directory ({exc.strerror})") from exc
+        for e in entries:
+            st = _lstat(e.path)
+            if st is None:
+                continue
             if stat.S_ISREG(st.st_mode):
                 sizes[e.name] = st.st_size
+            elif is_checkpoint_file_name(e.name):
+                raise UnsafeCheckpointError(f"{e.path}: {_kind(st.st_mode)}, not a regular file; every file of a "
+                                            "checkpoint must be a regular file in its tag directory")
         return sizes
+
+    def _read_metadata(self, name: str) -> bytes:
+        """A manifest or rank index: a regular file of the tag directory, at most MAX_JSON_BYTES."""
+        data = read_control_file(self._file(name), MAX_JSON_BYTES)
+        if data is None:
+            what = "the manifest" if name == MANIFEST else "rank index listed in the manifest"
+            raise CorruptCheckpointError(f"{self._file(name)}: {what} is missing")
+        return data
 
     def skeleton(self, rank: int = 0) -> Any:
         doc = self.indices.get(rank)
@@ -244,7 +391,10 @@ class CheckpointReader:
         try:
             for rec in records.values():
                 if rec.file not in fds:
-                    fds[rec.file] = _open_inside(self.path, rec.file)
+                    fd = _open_regular(self._file(rec.file))
+                    if fd is None:
+                        raise CorruptCheckpointError(f"{self._file(rec.file)}: data file is missing")
+                    fds[rec.file] = fd
             self._run_chunks(tasks, fds, verify)
         finally:
             for fd in fds.values():
@@ -256,14 +406,17 @@ class CheckpointReader:
             rec, i, c, out = task
             where = f"{self._file(rec.file)} chunk {i} (bytes {c.offset}..{c.offset + c.length}) of tensor {rec.key!r}"
             fd = fds[rec.file]
-            if c.codec == "raw":
-                n = os.preadv(fd, [out], c.offset) if c.raw else 0
-                if n != c.raw:
-                    raise CorruptCheckpointError(f"{where}: short read ({n} of {c.raw} bytes)")
-                if verify and checksum(out) != c.xxh3:
-                    raise CorruptCheckpointError(f"{where}: checksum mismatch")
-                return
-            stored = os.pread(fd, c.length, c.offset)
+            try:
+                if c.codec == "raw":
+                    n = os.preadv(fd, [out], c.offset)
+                    if n != c.raw:
+                        raise CorruptCheckpointError(f"{where}: short read ({n} of {c.raw} bytes)")
+                    if verify and checksum(out) != c.xxh3:
+                        raise CorruptCheckpointError(f"{where}: checksum mismatch")
+                    return
+                stored = os.pread(fd, c.length, c.offset)
+            except OSError as exc:
+                raise CorruptCheckpointError(f"{where}: cannot read ({exc.strerror})") from exc
             if len(stored) != c.length:
                 raise CorruptCheckpointError(f"{where}: short read ({len(stored)} of {c.length} bytes)")
             ChunkCodec.decode(c, memoryview(stored), out, verify, where)
@@ -271,42 +424,111 @@ class CheckpointReader:
                 raise CorruptCheckpointError(f"{where}: checksum mismatch in the stored (compressed) bytes")
 
         self.bytes_read += sum(t[2].length for t in tasks)
-        if len(tasks) <= 1 or self.threads == 1:
+        workers = min(self.threads, len(tasks))
+        if workers <= 1:
             for t in tasks:
                 one(t)
             return
-        with concurrent.futures.ThreadPoolExecutor(self.threads, "asyncckpt-load") as pool:
-            futures = [pool.submit(one, t) for t in tasks]
-            for f in futures:
-                f.result()
+        failed = threading.Event()
 
+        def share(part: list) -> None:  # one future per thread, not per chunk: bookkeeping stays small
+            try:
+                for t in part:
+                    if failed.is_set():
+                        return
+                    one(t)
+            except BaseException:
+                failed.set()
+                raise
+
+        with concurrent.futures.ThreadPoolExecutor(workers, "asyncckpt-load") as pool:
+            futures = [pool.submit(share, tasks[w::workers]) for w in range(workers)]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise errors[0]
+
+    # ------------------------------------------------------------------------------------------ structure
+    def check_structure(self) -> None:
+        """Everything a load checks before it reads tensor data, for every rank that saved: its skeleton parses
+        and every tensor it references resolves (to a plain record; to a view whose storage record exists and
+        covers it; or to the records of a DTensor, whose global shape they have and which they cover exactly
+        once); and every view record, referenced or not, has such a storage. ``load_state`` runs the same
+        checks (``_plan``) for the rank it loads; ``verify`` runs this before reading every chunk."""
+        for rank in sorted(self.indices):
+            self._plan(rank)
+        for key, recs in self.records.items():
+            for rank, rec in recs:
+                if rec.is_view:
+                    self._check_storage(key, rec, rank)
+
+    def _plan(self, rank: int) -> tuple[Any, list[str], dict[str, DTensorInfo]]:
+        """(skeleton, keys of the plain tensors it references, layouts of its DTensors) for loading ``rank``;
+        raises if anything it references does not resolve."""
+        skeleton = self.skeleton(rank)
+        try:
+            refs = skeleton_tensor_refs(skeleton)
+        except UnsafeCheckpointError as exc:
+            raise UnsafeCheckpointError(f"{self.path}: skeleton of rank {rank}: {exc}") from None
+        plain: list[str] = []
+        dtensors: dict[str, DTensorInfo] = {}
+        for key, node in refs.items():
+            if node.get(TAG) == "dtensor":
+                dtensors[key] = self._dtensor_layout(key, node)
+                continue
+            rec = self.record_for(key, rank)
+            if rec.is_view:
+                self._check_storage(key, rec, rank)
+            plain.append(key)
+        return skeleton, plain, dtensors
+
+    def _check_storage(self, key: str, view: TensorRecord, rank: int) -> None:
+        if not self.records.get(view.base):
+            raise UnsafeCheckpointError(f"{self.path}: view {key!r} (rank {rank}) is a view of storage {view.base!r}, "
+                                        "which no rank index holds")
+        check_view(view, self.record_for(view.base, rank), f"{self.path}: tensor {key!r} (rank {rank})")
+
+    def _dtensor_layout(self, key: str, node: dict) -> DTensorInfo:
+        where = f"{self.path}: DTensor {key!r}"
+        gshape, placements = node.get("global_shape"), node.get("placements")
+        if not (_is_shape(gshape) and isinstance(placements, list) and placements
+                and all(_is_placement(p, len(gshape)) for p in placements)):
+            raise UnsafeCheckpointError(f"{where}: malformed DTensor node (global_shape {gshape!r:.100}, "
+                                        f"placements {placements!r:.100})")
+        info = DTensorInfo(tuple(gshape), tuple(tuple(p) for p in placements))
+        recs = [rec for _, rec in self.records.get(key, [])]
+        if not recs:
+            raise CorruptCheckpointError(f"{self.path}: the skeleton references tensor {key!r}, which no rank index holds")
+        saved = {rec.global_shape if rec.is_shard else rec.shape for rec in recs}
+        if saved != {info.global_shape}:  # the shape read_region allocates must be what the records hold
+            raise UnsafeCheckpointError(f"{where} claims global shape {list(info.global_shape)}, "
+                                        f"but its saved shards have {sorted(list(s) for s in saved)}")
+        if any(rec.is_view for rec in recs) or len({rec.dtype for rec in recs}) != 1:
+            raise UnsafeCheckpointError(f"{where}: its records must all hold their own bytes, of one dtype")
+        boxes = {(rec.global_offset if rec.is_shard else (0,) * len(rec.shape), rec.shape) for rec in recs}
+        if not _tiles(boxes, info.global_shape):
+            raise UnsafeCheckpointError(f"{where}: its saved shards do not cover the global shape "
+                                        f"{list(info.global_shape)} exactly once (holes or overlaps)")
+        return info
+
+    # -------------------------------------------------------------------------------------------- loading
     def load_state(self, *, rank: int = 0, map_location: MapLocation = None, verify: bool = True,
                    allow_pickle: bool = False, mesh: Any = None) -> Any:
         """Rebuild the state as ``rank`` saved it (another world size works too). DTensors come back as
         DTensors on ``mesh`` (resharded to it) when a mesh is given, else as full plain tensors."""
-        skeleton = self.skeleton(rank)
-        refs = skeleton_tensor_refs(skeleton)
-        plain = [k for k, node in refs.items() if node.get("__t") != "dtensor"]
+        skeleton, plain, dtensors = self._plan(rank)
         tensors = self.read_tensors(plain, rank=rank, map_location=map_location, verify=verify)
-        for key, node in refs.items():
-            if node.get("__t") == "dtensor":
-                tensors[key] = self._load_dtensor(key, node, mesh, map_location, verify)
+        for key, info in dtensors.items():
+            tensors[key] = self._load_dtensor(key, info, mesh, map_location, verify)
         return unflatten(skeleton, tensors, allow_pickle=allow_pickle, where=self.path)
 
-    def _load_dtensor(self, key: str, node: dict, mesh: Any, map_location: MapLocation, verify: bool) -> Any:
-        try:
-            info = DTensorInfo(tuple(int(x) for x in node["global_shape"]),
-                               tuple(tuple(p) for p in node["placements"]))
-        except (KeyError, TypeError, ValueError):
-            raise UnsafeCheckpointError(f"{self.path}: malformed DTensor node for {key!r}") from None
-        saved = {rec.global_shape if rec.is_shard else rec.shape for _, rec in self.records.get(key, [])}
-        if saved != {info.global_shape}:  # the shape read_region allocates must be what the records hold
-            raise UnsafeCheckpointError(f"{self.path}: DTensor {key!r} claims global shape {list(info.global_shape)}, "
-                                        f"but its saved shards have {sorted(list(s) for s in saved)}")
+    def _load_dtensor(self, key: str, info: DTensorInfo, mesh: Any, map_location: MapLocation, verify: bool) -> Any:
         if mesh is None:
             shape, offset = info.global_shape, (0,) * len(info.global_shape)
         else:
-            shape, offset = local_region(info, mesh)
+            try:
+                shape, offset = local_region(info, mesh)
+            except ValueError as exc:  # saved for a mesh of another number of dimensions
+                raise StateMismatchError(f"{self.path}: DTensor {key!r}: {exc}") from None
         local = self.read_region(key, shape, offset, verify=verify)
         dev = target_device(self.records[key][0][1].device, map_location)
         if dev.type != "cpu":
@@ -314,18 +536,51 @@ class CheckpointReader:
         return local if mesh is None else to_dtensor(local, info, mesh)
 
     def verify(self) -> dict:
-        """Read and check every chunk of every rank. Raises CorruptCheckpointError naming the file, chunk and
-        tensor at fault; returns counts."""
-        plain = {key: recs for key, recs in self.records.items()}
+        """Check what a load of any rank would check (:meth:`check_structure`), then read and check every chunk
+        of every rank. Raises CorruptCheckpointError naming the file, chunk and tensor at fault; returns counts."""
+        self.check_structure()
         n_chunks = 0
-        for key, recs in plain.items():
+        for key, recs in self.records.items():
             for rank, rec in recs:
                 if rec.is_view:
                     continue
                 self._read_plain({key: rec}, verify=True)
                 n_chunks += len(rec.chunks)
-        return {"tensors": sum(len(r) for r in plain.values()), "chunks": n_chunks,
+        return {"tensors": sum(len(r) for r in self.records.values()), "chunks": n_chunks,
                 "raw_bytes": self.raw_bytes, "stored_bytes": self.stored_bytes}
+
+
+def _is_shape(v: Any) -> bool:
+    return isinstance(v, list) and len(v) <= MAX_NDIM and all(
+        isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+
+
+def _is_placement(p: Any, ndim: int) -> bool:
+    """``["R"]`` or ``["S", dim]`` with ``dim`` a dimension of the tensor."""
+    if p == ["R"]:
+        return True
+    return (isinstance(p, list) and len(p) == 2 and p[0] == "S" and isinstance(p[1], int)
+            and not isinstance(p[1], bool) and -ndim <= p[1] < ndim)
+
+
+def _tiles(boxes: set[tuple[tuple[int, ...], tuple[int, ...]]], shape: tuple[int, ...]) -> bool:
+    """Whether the boxes (offset, shape), each inside ``shape``, cover it exactly once. Identical boxes (one
+    shard saved by several ranks) count once; empty boxes cover nothing."""
+    live = [b for b in boxes if math.prod(b[1])]
+    if sum(math.prod(s) for _, s in live) != math.prod(shape):
+        return False
+    if len(live) < 2:
+        return True
+    # sweep along the dimension with the most distinct starts: only boxes that meet there are compared
+    d = max(range(len(shape)), key=lambda i: len({off[i] for off, _ in live}))
+    live.sort(key=lambda b: b[0][d])
+    open_: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    for off, shp in live:
+        open_ = [(o, s) for o, s in open_ if o[d] + s[d] > off[d]]
+        if any(_overlaps(o, s, off, shp) for o, s in open_):
+            return False
+        open_.append((off, shp))
+    return True
 
 
 def _overlaps(a_off, a_shape, b_off, b_shape) -> bool:
@@ -337,40 +592,6 @@ def _bytes_view(t: torch.Tensor) -> np.ndarray:
     if t.numel() == 0:
         return np.empty(0, dtype=np.uint8)
     return t.reshape(-1).view(torch.uint8).numpy()
-
-
-def _open_inside(directory: str, name: str) -> int:
-    """Open a file of the tag directory for reading; refuse symlinks and anything that is not a regular file."""
-    path = os.path.join(directory, name)
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise UnsafeCheckpointError(f"{path}: cannot open safely ({exc.strerror})") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise UnsafeCheckpointError(f"{path}: not a regular file")
-    return fd
-
-
-def _read_metadata(directory: str, name: str) -> bytes:
-    """A manifest or rank index: a regular file in the tag directory (never through a symlink), its size
-    checked before anything is read."""
-    fd = _open_inside(directory, name)
-    try:
-        size = os.fstat(fd).st_size
-        if size > MAX_JSON_BYTES:
-            raise UnsafeCheckpointError(f"{os.path.join(directory, name)}: {size} bytes is over the "
-                                        f"{MAX_JSON_BYTES}-byte limit for metadata")
-        chunks, left = [], size + 1
-        while left > 0:  # read to the end (at most the size fstat saw, plus one byte to notice growth)
-            piece = os.read(fd, min(left, 1 << 24))
-            if not piece:
-                break
-            chunks.append(piece)
-            left -= len(piece)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
 def load(save_dir: str, tag: str | None = None, map_location: MapLocation = None, *, verify: bool = True,

@@ -290,3 +290,102 @@ def test_verify_refuses_a_zstd_bomb_without_allocating_it(tmp_path):
     r = run("verify", str(tag))
     assert r.exit_code == 1, r.output
     assert "declares 268435456 bytes, expected 65536" in r.output and "'z'" in r.output
+
+
+# ------------------------------------------------------------------------------------ hostile manifests
+def _reseal_manifest(tag_dir: str, **fields) -> None:
+    from asyncckpt.format import seal, unseal
+
+    path = os.path.join(tag_dir, "manifest.json")
+    with open(path, "rb") as f:
+        doc = unseal(f.read(), path)
+    doc.update(fields)
+    with open(path, "wb") as f:
+        f.write(seal(doc))
+
+
+@pytest.mark.parametrize("created", [1e300, -1e300, -1e18, 1e18, 10 ** 30, -(10 ** 30), "nan", "NaN", "inf", "1e300",
+                                     True, False, None, [1], {"t": 1}, ""])
+def test_inspect_survives_a_forged_created_unix(copy, created):
+    tag_dir = os.path.join(copy, "global_step1")
+    _reseal_manifest(tag_dir, created_unix=created)
+    r = run("inspect", tag_dir)
+    assert r.exit_code == 0, r.output
+    assert re.search(r"^created\s+-$", r.output, re.M), r.output
+    r = run("inspect", copy)
+    assert r.exit_code == 0, r.output
+    rows = {name: next(ln for ln in r.output.splitlines()[1:] if f" {name} " in ln)
+            for name in ("global_step1", "global_step2")}
+    assert rows["global_step1"].rstrip().endswith("-"), r.output
+    assert rows["global_step2"].rstrip().endswith("UTC"), r.output
+    assert json.loads(run("inspect", copy, "--json").output)["tags"][0]["created_unix"] == created
+    assert run("verify", tag_dir).exit_code == 0
+
+
+def test_one_bad_tag_does_not_hide_the_others(copy, tmp_path):
+    """A directory with one good tag and bad ones of every kind: inspect DIR and verify --all report each bad
+    tag with its error, still report the good ones, and exit 1."""
+    import shutil
+
+    from asyncckpt.format import checksum, seal, unseal
+
+    good = os.path.join(copy, "global_step2")
+    bad: dict[str, str] = {}  # tag -> text its report must contain
+
+    def clone(name: str) -> str:
+        shutil.copytree(good, os.path.join(copy, name))
+        return os.path.join(copy, name)
+
+    with open(os.path.join(clone("bad_manifest_byte"), "manifest.json"), "r+b") as f:
+        f.seek(30)
+        b = f.read(1)
+        f.seek(30)
+        f.write(bytes([b[0] ^ 0x04]))
+    bad["bad_manifest_byte"] = "manifest.json"
+    os.unlink(os.path.join(clone("bad_fifo_manifest"), "manifest.json"))
+    os.mkfifo(os.path.join(copy, "bad_fifo_manifest", "manifest.json"))
+    bad["bad_fifo_manifest"] = "a FIFO"
+    elsewhere = str(tmp_path / "elsewhere")
+    shutil.copytree(good, elsewhere)
+    os.symlink(elsewhere, os.path.join(copy, "bad_symlink"))
+    bad["bad_symlink"] = "symbolic link"
+    os.unlink(os.path.join(clone("bad_missing_index"), "rank00000.json"))
+    bad["bad_missing_index"] = "rank00000.json"
+    _reseal_manifest(clone("odd_created"), created_unix=1e300)  # readable: shown with "-", not an error
+    # a dangling view base, re-sealed: inspect can read it, verify must refuse it
+    tag = clone("bad_view")
+    with open(os.path.join(tag, "rank00000.json"), "rb") as f:
+        index = unseal(f.read(), "index")
+    index["tensors"]["extra_view"] = {"dtype": "float32", "shape": [2], "device": "cpu",
+                                           "base": "#storage/none", "byte_offset": 0, "stride": [1]}
+    data = seal(index)
+    with open(os.path.join(tag, "rank00000.json"), "wb") as f:
+        f.write(data)
+    _reseal_manifest(tag, ranks=[dict(unseal(open(os.path.join(good, "manifest.json"), "rb").read(), "m")["ranks"][0],
+                                      xxh3=checksum(data))])
+    with open(os.path.join(data_file(copy, "global_step1")), "r+b") as f:  # a flipped data byte: verify only
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 0x01]))
+
+    r = run("inspect", copy)
+    assert r.exit_code == 1, r.output
+    lines = r.output.splitlines()
+    for name, why in bad.items():
+        row = next((ln for ln in lines if f" {name} " in ln), None)
+        assert row is not None and ("unreadable" in row or "refused" in row), (name, r.output)
+        assert why in row, (name, row)
+    for name in ("global_step1", "global_step2", "odd_created", "bad_view"):
+        row = next(ln for ln in lines if f" {name} " in ln)
+        assert re.search(r"\d\.\d\dx", row), row
+    assert "bad_symlink" in r.output.splitlines()[-1] and "bad_manifest_byte" in r.output.splitlines()[-1]
+
+    r = run("verify", copy, "--all")
+    assert r.exit_code == 1, r.output
+    oks = [ln for ln in r.output.splitlines() if ln.startswith("OK ")]
+    assert sorted(os.path.basename(ln.split()[1].rstrip(":")) for ln in oks) == ["global_step2", "odd_created"], r.output
+    assert "REFUSED" in r.output and "bad_symlink" in r.output
+    assert "no rank index holds" in r.output and "global_step1" in r.output and "checksum mismatch" in r.output
+    total = len(bad) + 4
+    assert f"2 of {total} checkpoints OK, {total - 2} CORRUPT" in r.output
