@@ -11,7 +11,7 @@ import math
 import os
 import stat
 import threading
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -465,10 +465,9 @@ class CheckpointReader:
         """(skeleton, keys of the plain tensors it references, layouts of its DTensors) for loading ``rank``;
         raises if anything it references does not resolve."""
         skeleton = self.skeleton(rank)
-        try:
-            refs = skeleton_tensor_refs(skeleton)
-        except UnsafeCheckpointError as exc:
-            raise UnsafeCheckpointError(f"{self.path}: skeleton of rank {rank}: {exc}") from None
+        where = f"{self.path}: skeleton of rank {rank}"
+        refs = skeleton_tensor_refs(skeleton, where=where)
+        unflatten(skeleton, {}, where=where, check_only=True)  # every node well-formed before any data is read
         plain: list[str] = []
         dtensors: dict[str, DTensorInfo] = {}
         for key, node in refs.items():

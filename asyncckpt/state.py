@@ -327,10 +327,14 @@ def _too_deep(where: str, path: str) -> UnsafeCheckpointError:
                                  f"at {_where(path)}")
 
 
-def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor], *, allow_pickle: bool = False, where: str = "") -> Any:
+def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor], *, allow_pickle: bool = False, where: str = "",
+              check_only: bool = False) -> Any:
     """Rebuild the nested state from a skeleton and loaded tensors. Never executes code unless a pickled
     entry is met *and* ``allow_pickle`` is on. Tensors are looked up by the key their node names; the key path
-    built on the way serves error messages only."""
+    built on the way serves error messages only.
+
+    ``check_only``: validate every node the way a load does, without tensors and without unpickling (a pickled
+    entry only has to be well-formed base64): what ``verify`` runs so that "verify OK" implies "loads"."""
 
     def build(node: Any, path: str, depth: int) -> Any:
         if isinstance(node, list):
@@ -351,6 +355,10 @@ def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor], *, allow_pickle: 
                 plain[k] = build(v, join(path, escape(k)), depth + 1)
             return plain
         try:
+            if check_only and kind in ("tensor", "dtensor", "ndarray"):
+                if not isinstance(node["key"], str) or (kind == "ndarray" and not _is_int_list(node["shape"])):
+                    raise ValueError("bad tensor reference")
+                return None
             if kind in ("tensor", "dtensor"):
                 return tensors[node["key"]]
             if kind == "ndarray":
@@ -388,6 +396,9 @@ def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor], *, allow_pickle: 
                     raise ValueError(dt)
                 return np.frombuffer(base64.b64decode(node["value"], validate=True), dtype=dt)[0]
             if kind == "pickle":
+                if check_only:
+                    base64.b64decode(node["value"], validate=True)
+                    return None
                 if not allow_pickle:
                     raise UnsafeCheckpointError(
                         f"{where}: {_where(path)} holds a pickled Python object; refusing to "
@@ -400,6 +411,10 @@ def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor], *, allow_pickle: 
         raise UnsafeCheckpointError(f"{where}: unknown skeleton node type {kind!r} at {_where(path)}")
 
     return build(skeleton, "", 1)
+
+
+def _is_int_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
 
 
 def skeleton_tensor_refs(skeleton: Any, where: str = "") -> dict[str, dict]:

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import errno
 import json
+import base64
 import os
+import pickle
 import shutil
 import socket
-import stat
 import threading
 
 import pytest
@@ -369,6 +370,19 @@ STRUCTURE = {
     "DTensor shards not covering it": (lambda d: _as_dtensor(d, (128, 64), (0, 0)), "cover"),
     "DTensor sharded on a dimension it lacks": (lambda d: _as_dtensor(d, (64, 64), (0, 0), (("S", 2),)), "malformed"),
     "DTensor with a bad placement": (lambda d: _as_dtensor(d, (64, 64), (0, 0), (("X", 0),)), "malformed"),
+    "skeleton node with a bad device string": (lambda d: d["skeleton"].update(dev={"__t": "device", "value": "gpu!7"}),
+                                                "malformed skeleton node"),
+    "skeleton node of an unknown type": (lambda d: d["skeleton"].update(x={"__t": "lambda", "value": 1}),
+                                         "unknown skeleton node type"),
+    "skeleton bytes node that is not base64": (lambda d: d["skeleton"].update(b={"__t": "bytes", "value": "%%%"}),
+                                               "malformed skeleton node"),
+    "skeleton pickle node that is not base64": (lambda d: d["skeleton"].update(p={"__t": "pickle", "value": "%%%"}),
+                                                "malformed skeleton node|pickle"),
+    "skeleton float node that is not a float": (lambda d: d["skeleton"].update(f={"__t": "float", "value": "1e999"}),
+                                                "malformed skeleton node"),
+    "skeleton ndarray node with a bad shape": (lambda d: d["skeleton"].update(a={"__t": "ndarray", "key": "small",
+                                                                                  "shape": ["x"]}),
+                                               "malformed skeleton node"),
     "DTensor with a view record": (lambda d: (d["tensors"]["va"].update(global_shape=[512], global_offset=[0]),
                                               d["skeleton"].update(va={"__t": "dtensor", "key": "va",
                                                                        "global_shape": [512], "placements": [["R"]]})),
@@ -390,6 +404,26 @@ def test_verify_refuses_what_load_refuses(ck, name):
         asyncckpt.load(ck.save_dir, GOOD)
     r = cli("verify", ck.tag_dir)
     assert r.exit_code == 1 and "CORRUPT" in r.output, r.output
+
+
+def test_verify_accepts_a_well_formed_pickle_node_without_running_it(ck, tmp_path):
+    """A pickled entry is well-formed data: verify passes it (it loads with allow_pickle) and never unpickles."""
+    marker = tmp_path / "ran"
+    payload = base64.b64encode(pickle.dumps(_Touch(str(marker)))).decode()
+    _forge(ck, lambda d: d["skeleton"].update(p={"__t": "pickle", "value": payload}))
+    asyncckpt.CheckpointReader(ck.save_dir, GOOD).verify()
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="pickle"):
+        asyncckpt.load(ck.save_dir, GOOD)
+    assert not marker.exists()
+
+
+class _Touch:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
 
 
 def test_an_unreferenced_view_with_no_storage_fails_verify(ck):
