@@ -1,9 +1,9 @@
 """The functional pair: ``asyncckpt.save(state, save_dir, tag)`` and ``asyncckpt.load(save_dir, tag)``."""
 from __future__ import annotations
 
-import atexit
 import os
 import threading
+import time
 from typing import Any, Mapping
 
 from .config import Config
@@ -29,23 +29,17 @@ def save(state: Any, save_dir: str | os.PathLike, tag: str, *, save_latest: bool
     """Save any nested state (dicts, lists, tuples, tensors, numbers, strings) asynchronously.
 
     Returns once the tensors are copied into host buffers; the returned future resolves when the checkpoint
-    is published. Host buffers are kept and reused by the next ``save`` with the same config."""
+    is published. Host buffers are kept and reused by the next ``save`` with the same config. ``save_dir`` is
+    resolved against the current directory now. A save still in flight when the interpreter exits is
+    finished first (at most ``commit_timeout_s``)."""
+    t0 = time.perf_counter()
     cfg = Config.coerce(config)
-    flat = flatten(state, allow_pickle=cfg.allow_pickle)
-    return _engine(cfg).save(flat, os.fspath(save_dir), tag, save_latest=save_latest)
+    save_dir = os.path.abspath(os.fspath(save_dir))
+    return _engine(cfg).save(lambda: flatten(state, allow_pickle=cfg.allow_pickle), save_dir, tag,
+                             save_latest=save_latest, t0=t0)
 
 
 def wait_all(timeout: float | None = None) -> None:
     """Block until every functional save is published (raises the first unobserved failure)."""
     for engine in list(_engines.values()):
         engine.wait(timeout)
-
-
-@atexit.register
-def _drain_at_exit() -> None:
-    for engine in list(_engines.values()):
-        try:
-            engine.close()
-        except Exception:  # noqa: BLE001 - at exit there is nobody left to raise to
-            pass
-    _engines.clear()

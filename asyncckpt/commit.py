@@ -7,8 +7,10 @@ collectives. Saves are serialised per saver, so every rank issues the same colle
 
 Protocol for one save (docs/FORMAT.md has the crash-safety argument):
 
-1. ``prepare``: all-gather (tag, save_dir) → tag validation; the publisher removes stale partial directories
-   and creates ``.<tag>.partial/``; all-gather of the publishers' status (a barrier that carries errors).
+1. ``prepare``: all-gather (tag, save_dir) → tag validation; the publisher takes the lock file
+   ``.<tag>.partial.lock`` (held until the save is published or given up), removes partial directories that
+   are provably abandoned (see :func:`_clean`) and creates ``.<tag>.partial/``; all-gather
+   of the publishers' status (a barrier that carries errors).
 2. every rank writes and fsyncs its files (writer.py), then ``commit``: all-gather each rank's outcome.
 3. all ok → the publisher writes ``manifest.json``, fsyncs it and the partial dir, renames the partial dir to
    ``<tag>``, fsyncs ``save_dir``, replaces ``latest``; any failure → the partial directory is removed.
@@ -18,17 +20,20 @@ Protocol for one save (docs/FORMAT.md has the crash-safety argument):
 from __future__ import annotations
 
 import datetime
+import errno
+import json
 import logging
 import os
 import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch.distributed as dist
 
 from . import __version__
-from .durable import exchange, fsync_dir, remove_tree, replace_atomic, write_durable
+from .durable import LockFile, exchange, fsync_dir, remove_tree, replace_atomic, write_durable
 from .errors import CommitError, CommitTimeoutError
 from .format import FORMAT_NAME, FORMAT_VERSION, LATEST, MANIFEST, PARTIAL_SUFFIX, partial_dir_name, seal
 from .io_types import RankOutcome
@@ -36,6 +41,8 @@ from .io_types import RankOutcome
 log = logging.getLogger(__name__)
 
 REPLACED_SUFFIX = ".replaced" + PARTIAL_SUFFIX  # an overwritten tag on its way out (without RENAME_EXCHANGE)
+DELETING_SUFFIX = ".deleting" + PARTIAL_SUFFIX  # a tag keep_last is removing
+LOCK_SUFFIX = ".lock"  # ".<name>.partial.lock": the owner of ".<name>.partial" holds an flock on it
 BUSY = "busy"  # a rank's prepare status when it had no free staging slot (on_busy: skip)
 
 
@@ -103,6 +110,7 @@ class CommitCoordinator:
         self.keep_last = keep_last
         self.timeout_s = timeout_s
         self._cleaned: set[str] = set()
+        self._claims: dict[str, LockFile] = {}  # partial directories this process is writing, and their locks
         self._published: dict[str, list[str]] = {}
         self._broken: str = ""  # set once a collective failed: the group can no longer be trusted
 
@@ -163,37 +171,60 @@ class CommitCoordinator:
             except OSError as exc:
                 status = f"cannot create {os.path.join(save_dir, partial_dir_name(tag))}: {exc}"
                 local_error = exc
-        statuses = self._gather((self.ctx.rank, status), "prepare")
+        partial = os.path.join(save_dir, partial_dir_name(tag))
+        try:
+            statuses = self._gather((self.ctx.rank, status), "prepare")
+        except BaseException:
+            self._abandon(partial)
+            raise
         failures = {r: s for r, s in statuses if s}
         if failures:  # this rank's own OS error (permission denied, ...) is the cause
+            self._abandon(partial)
             raise CommitError(_describe("could not start checkpoint " + repr(tag), failures), failures) from local_error
         return tag
 
     def _make_partial(self, save_dir: str, tag: str) -> None:
+        """Take the lock of ``.<tag>.partial``, clean up what earlier saves provably abandoned (once per
+        ``save_dir``), create the partial directory. The lock is held until :meth:`commit` is done."""
         os.makedirs(save_dir, exist_ok=True)
-        if save_dir not in self._cleaned:
-            self._cleaned.add(save_dir)
-            for name in os.listdir(save_dir):
-                replaced = name[1:-len(REPLACED_SUFFIX)] if name.endswith(REPLACED_SUFFIX) else ""
-                if replaced and not os.path.lexists(os.path.join(save_dir, replaced)):  # an overwrite cut short
-                    log.warning("restoring checkpoint %s from %s (an overwrite did not finish)",
-                                os.path.join(save_dir, replaced), os.path.join(save_dir, name))
-                    os.rename(os.path.join(save_dir, name), os.path.join(save_dir, replaced))
-                elif name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
-                    log.warning("removing leftover partial checkpoint %s (an earlier save did not finish)",
-                                os.path.join(save_dir, name))
-                    remove_tree(os.path.join(save_dir, name))
-                elif name.startswith(f".{LATEST}.") and name.endswith(".tmp"):  # a replace of latest cut short
-                    log.warning("removing leftover temporary file %s (an earlier save did not finish)",
-                                os.path.join(save_dir, name))
-                    os.unlink(os.path.join(save_dir, name))
-        partial = os.path.join(save_dir, partial_dir_name(tag))
-        if os.path.exists(partial):
-            remove_tree(partial)
-        os.makedirs(partial)
+        name = partial_dir_name(tag)
+        partial = os.path.join(save_dir, name)
+        lock = _claim(save_dir, name, "save")
+        try:
+            if save_dir not in self._cleaned:
+                self._cleaned.add(save_dir)
+                _clean(save_dir, own=name)
+            if os.path.lexists(partial):  # its owner is gone: we could take its lock
+                log.warning("removing leftover partial checkpoint %s (an earlier save did not finish)", partial)
+                remove_tree(partial)
+            os.makedirs(partial)
+        except BaseException:
+            lock.release(unlink=not os.path.lexists(partial))
+            raise
+        self._claims[partial] = lock
+
+    def _release(self, partial: str) -> None:
+        """Give up the lock of ``partial`` (this process is done with it). The lock file is removed with the
+        directory; a directory still there stays behind with a free lock, for the next cleanup to remove."""
+        lock = self._claims.pop(partial, None)
+        if lock is not None:
+            lock.release(unlink=not os.path.lexists(partial))
+
+    def _abandon(self, partial: str) -> None:
+        """A save this process started is given up before any rank wrote into it: remove it, release it."""
+        if partial in self._claims:
+            _remove_quietly(partial)
+            self._release(partial)
 
     # ----------------------------------------------------------------------------------------- commit
     def commit(self, save_dir: str, tag: str, outcome: RankOutcome, save_latest: bool, manifest_extra: dict) -> PublishInfo:
+        try:
+            return self._commit(save_dir, tag, outcome, save_latest, manifest_extra)
+        finally:
+            self._release(os.path.join(save_dir, partial_dir_name(tag)))
+
+    def _commit(self, save_dir: str, tag: str, outcome: RankOutcome, save_latest: bool,
+                manifest_extra: dict) -> PublishInfo:
         phases: dict[str, float] = {}
         t0 = time.perf_counter()
         outcomes: list[RankOutcome] = self._gather(outcome, "gathering every rank's outcome")
@@ -245,21 +276,30 @@ class CommitCoordinator:
         write_durable(os.path.join(partial, MANIFEST), seal(manifest), self.fsync)
         if self.fsync:
             fsync_dir(partial)
-        old = None
+        old = old_lock = None
         if os.path.lexists(final):
             if not self.overwrite:
                 raise FileExistsError(f"tag {tag!r} already exists in {save_dir} (set overwrite: true to replace it)")
             if exchange(partial, final):  # one atomic step: `final` is never missing, even in a crash
                 old = partial
-            else:  # two renames; a crash between them is repaired by the next save (see _make_partial)
+            else:  # two renames; a crash between them is repaired by the next save (see _clean)
                 old = os.path.join(save_dir, f".{tag}{REPLACED_SUFFIX}")
-                os.rename(final, old)
-        if old != partial:
-            os.rename(partial, final)
-        if self.fsync:
-            fsync_dir(save_dir)
-        if old is not None:
-            remove_tree(old)
+                old_lock = _claim(save_dir, os.path.basename(old), "replaced")
+                try:
+                    os.rename(final, old)
+                except BaseException:
+                    old_lock.release(unlink=True)
+                    raise
+        try:
+            if old != partial:
+                os.rename(partial, final)
+            if self.fsync:
+                fsync_dir(save_dir)
+            if old is not None:
+                remove_tree(old)
+        finally:
+            if old_lock is not None:
+                old_lock.release(unlink=not os.path.lexists(old))
         if save_latest:
             try:
                 replace_atomic(os.path.join(save_dir, LATEST), (tag + "\n").encode(), self.fsync)
@@ -292,8 +332,10 @@ class CommitCoordinator:
             if old == protected:
                 continue
             history.remove(old)
-            doomed = os.path.join(save_dir, f".{old}.deleting{PARTIAL_SUFFIX}")
+            doomed = os.path.join(save_dir, f".{old}{DELETING_SUFFIX}")
+            lock = None
             try:
+                lock = _claim(save_dir, os.path.basename(doomed), "deleting")
                 os.rename(os.path.join(save_dir, old), doomed)  # the tag disappears atomically...
                 if self.fsync:
                     fsync_dir(save_dir)
@@ -301,9 +343,168 @@ class CommitCoordinator:
                 log.info("keep_last=%d: removed checkpoint %s", self.keep_last, os.path.join(save_dir, old))
             except OSError as exc:
                 log.warning("keep_last: could not remove %s: %s", os.path.join(save_dir, old), exc)
+            finally:
+                if lock is not None:
+                    lock.release(unlink=not os.path.lexists(doomed))
 
     def close(self) -> None:
+        for partial in list(self._claims):
+            self._release(partial)
         self.ctx.close()
+
+
+# ----------------------------------------------------------------------------- who owns a partial directory
+# Several savers may share one save_dir (a main and an EMA saver, asyncckpt.save next to an AsyncCheckpointer,
+# a job restarted while the old one still finishes a save). Whoever creates or removes ``.<name>.partial``
+# first takes the flock of ``.<name>.partial.lock`` (next to it, so a published tag never holds anything
+# extra) and keeps it until done; the file holds an owner record: pid, host, boot id, pid namespace, nonce.
+# A partial directory is removed only when its owner is provably gone: its lock can be taken (the kernel drops
+# an flock when its process dies), or the record names a process of this host and boot that no longer exists
+# (a child it forked may have inherited the lock). Anything else is left alone and logged.
+
+def _this_host() -> dict[str, Any]:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    try:
+        pidns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        pidns = 0
+    return {"host": socket.gethostname(), "boot_id": boot, "pidns": pidns}
+
+
+def _owner_record(kind: str) -> bytes:
+    return json.dumps({"pid": os.getpid(), **_this_host(), "nonce": uuid.uuid4().hex, "kind": kind}).encode()
+
+
+def _read_record(path: str) -> dict:
+    try:
+        doc = json.loads(LockFile.record(path) or b"")
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _owner_gone(rec: dict) -> bool:
+    """The owner was a process of this host that is gone: its boot is over, or its pid no longer exists."""
+    here = _this_host()
+    if not rec or rec.get("host") != here["host"]:
+        return False
+    if here["boot_id"] and rec.get("boot_id") and rec.get("boot_id") != here["boot_id"]:
+        return True
+    pid = rec.get("pid")
+    if type(pid) is not int or pid <= 0 or pid == os.getpid() or rec.get("pidns") != here["pidns"]:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: it exists
+        pass
+    return False
+
+
+def _owner_text(rec: dict) -> str:
+    if not rec.get("pid"):
+        return "an unknown owner"
+    return f"pid {rec['pid']} on host {rec.get('host', '?')}"
+
+
+def _take_abandoned(path: str, create: bool) -> tuple[LockFile | None, dict]:
+    """The lock at ``path`` (and its owner record) when nobody works under it any more; (None, record) when
+    its owner may still be alive. With ``create``, a missing lock file is created (and taken)."""
+    lock = LockFile.take(path, create=create)
+    rec = _read_record(path)
+    if lock is not None:
+        if lock.locked or create or _owner_gone(rec):  # no flock on this file system: only the record tells
+            return lock, rec
+        lock.release(unlink=False)
+        return None, rec
+    if not _owner_gone(rec):
+        return None, rec
+    # held by a process that inherited the dead owner's descriptor: take the name over, unless another
+    # cleaner did so since we read the record
+    if _read_record(path).get("nonce") != rec.get("nonce"):
+        return None, rec
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    return LockFile.take(path, create=True), rec
+
+
+def _claim(save_dir: str, name: str, kind: str) -> LockFile:
+    """Become the owner of ``save_dir/name`` (a partial directory); OSError(EBUSY) when a live saver is."""
+    path = os.path.join(save_dir, name + LOCK_SUFFIX)
+    lock, rec = _take_abandoned(path, create=True)
+    if lock is None:
+        raise OSError(errno.EBUSY, f"{os.path.join(save_dir, name)} is being written by another saver "
+                                   f"({_owner_text(rec)}); use another tag")
+    lock.write(_owner_record(kind))
+    return lock
+
+
+def _clean(save_dir: str, own: str) -> None:
+    """Remove what earlier saves provably abandoned in ``save_dir``: partial directories and their locks, and
+    temporary files of a ``latest`` replace; put back a tag whose overwrite was cut short. ``own`` is the
+    partial directory this saver is about to create."""
+    names = set(os.listdir(save_dir))
+    for name in sorted(names):
+        path = os.path.join(save_dir, name)
+        if name.startswith(f".{LATEST}.") and name.endswith(".tmp"):  # a replace of latest cut short
+            lock = LockFile.take(path, create=False)
+            if lock is None:
+                continue  # being written right now
+            if not lock.locked and time.time() - _mtime(path) < _TMP_GRACE_S:
+                lock.release(unlink=False)
+                continue
+            log.warning("removing leftover temporary file %s (an earlier save did not finish)", path)
+            lock.release(unlink=True)
+        elif name.startswith(".") and name.endswith(PARTIAL_SUFFIX) and name != own:
+            _clean_partial(save_dir, name)
+        elif (name.startswith(".") and name.endswith(PARTIAL_SUFFIX + LOCK_SUFFIX) and name != own + LOCK_SUFFIX
+              and name[:-len(LOCK_SUFFIX)] not in names):  # a lock whose directory was never made or is gone
+            lock = LockFile.take(path, create=False)
+            if lock is not None:
+                lock.release(unlink=lock.locked and not os.path.lexists(path[:-len(LOCK_SUFFIX)]))
+
+
+def _clean_partial(save_dir: str, name: str) -> None:
+    path = os.path.join(save_dir, name)
+    lock, rec = _take_abandoned(path + LOCK_SUFFIX, create=False)
+    if lock is None:
+        if not os.path.lexists(path):
+            return  # published or removed by its owner meanwhile
+        if os.path.lexists(path + LOCK_SUFFIX):
+            log.info("leaving partial checkpoint %s alone: %s is still writing it", path, _owner_text(rec))
+        else:
+            log.warning("leaving partial checkpoint %s alone: it has no owner record %s (written by an older "
+                        "asyncckpt, or copied); remove it once no save is writing there",
+                        path, os.path.basename(path + LOCK_SUFFIX))
+        return
+    try:
+        replaced = name[1:-len(REPLACED_SUFFIX)] if name.endswith(REPLACED_SUFFIX) else ""
+        if replaced and rec.get("kind") != "save" and not os.path.lexists(os.path.join(save_dir, replaced)):
+            log.warning("restoring checkpoint %s from %s (an overwrite did not finish)",
+                        os.path.join(save_dir, replaced), path)  # the old copy, complete: the new one never was
+            os.rename(path, os.path.join(save_dir, replaced))
+        elif os.path.lexists(path):
+            log.warning("removing leftover partial checkpoint %s (an earlier save did not finish)", path)
+            remove_tree(path)
+    finally:
+        lock.release(unlink=not os.path.lexists(path))
+
+
+_TMP_GRACE_S = 600.0  # without flock, a temporary file of a latest replace this old is certainly abandoned
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
 
 
 def _describe(head: str, failures: dict[int, str]) -> str:

@@ -5,16 +5,22 @@ copies the tensors into it, hands a :class:`SaveJob` to the I/O loop and returns
 On the I/O loop, jobs run one after another in submission order (so every rank issues its coordination
 collectives in the same order): wait for the copy → prepare (coordinator) → write files (writer pool) →
 commit (coordinator) → release the slot → resolve the future.
+
+Saves accepted before the interpreter exits are finished first (see :func:`_drain_at_exit`): a script that
+saves and then simply ends must not lose its last checkpoint.
 """
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
+import concurrent.futures.thread  # noqa: F401  (registers its exit hook first, so ours runs before it)
 import logging
 import os
 import threading
 import time
-from typing import Any, Callable
+import weakref
+from typing import Callable
 
 import torch
 
@@ -66,22 +72,29 @@ class SaveEngine:
         self._futures: list[SaveFuture] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._pid = os.getpid()  # a forked child inherits this object but none of its threads
         self.saves = 0
+        _live_engines.add(self)
 
     # ------------------------------------------------------------------------------------- training side
-    def save(self, flat: FlatState | Callable[[], FlatState], save_dir: str, tag: str, *, save_latest: bool = True,
-             manifest_extra: dict | None = None) -> SaveFuture:
+    def save(self, flat: FlatState | Callable[[], FlatState], save_dir: str | os.PathLike, tag: str, *,
+             save_latest: bool = True, manifest_extra: dict | None = None, t0: float | None = None) -> SaveFuture:
         """Stage and submit one save. ``flat`` may be a callable, so that an error while collecting the state
         is handled like any other error of this call: with several ranks, a rank that cannot take part in a
         save (error, or no free slot with on_busy skip/error) still submits a placeholder, so every rank
-        issues the same coordination collectives and the others skip or fail that save together."""
-        t0 = time.perf_counter()
+        issues the same coordination collectives and the others skip or fail that save together. This holds
+        for any exception, KeyboardInterrupt included: the staging slot is released before it propagates.
+
+        ``save_dir`` is resolved to an absolute path now (a later ``os.chdir`` does not move the save).
+        ``t0`` (``time.perf_counter()``) is when the caller's public call began: the reported stall counts
+        from there."""
+        t0 = time.perf_counter() if t0 is None else t0
         if self._closed:
             raise CheckpointError("this saver is closed")
-        save_dir = os.fspath(save_dir)
+        save_dir = os.path.abspath(os.fspath(save_dir))
         try:
             self.raise_unobserved()
-            validate_tag(tag)
+            tag = validate_tag(tag)
             if not self.config.overwrite and os.path.lexists(os.path.join(save_dir, tag)):
                 raise TagExistsError(f"checkpoint tag {tag!r} already exists in {save_dir}; choose another tag or "
                                      "set overwrite: true")
@@ -89,8 +102,8 @@ class SaveEngine:
             flat, replicated_fp = self._own_share(flat)
             self.pool.check_budget(flat.nbytes)
             slot = self.pool.acquire(self.config.on_busy, timeout=self.config.commit_timeout_s)
-        except Exception as exc:
-            self._placeholder(save_dir, tag, f"{type(exc).__name__}: {exc}")
+        except BaseException as exc:
+            self._placeholder(save_dir, tag, _exc_text(exc))
             raise
         if slot is None:
             log.info("skipping checkpoint %r: %d save(s) already in flight (on_busy=skip)", tag, len(self.pool.slots))
@@ -100,12 +113,12 @@ class SaveEngine:
             t_stage = time.perf_counter()
             ready = slot.stage(flat.items)
             stage_s = time.perf_counter() - t_stage
-        except Exception as exc:
+            job = SaveJob(save_dir, tag, save_latest, flat, slot, ready, dict(manifest_extra or {}), t0)
+            job.replicated_fp = replicated_fp
+        except BaseException as exc:
             self.pool.release(slot)
-            self._placeholder(save_dir, tag, f"{type(exc).__name__}: {exc}")
+            self._placeholder(save_dir, tag, _exc_text(exc))
             raise
-        job = SaveJob(save_dir, tag, save_latest, flat, slot, ready, dict(manifest_extra or {}), t0)
-        job.replicated_fp = replicated_fp
         job.stall_s = time.perf_counter() - t0
         return self._submit(job, stage_s)
 
@@ -165,24 +178,49 @@ class SaveEngine:
         self.raise_unobserved()
         return [f.result() for f in pending if f.exception() is None]
 
+    def in_flight(self) -> int:
+        """How many submitted saves have not resolved yet."""
+        with self._lock:
+            return sum(not f.done() for f in self._futures)
+
     def close(self, timeout: float | None = None) -> None:
         """Drain in-flight saves, then stop the background threads. Raises an unobserved failure. When
         ``timeout`` expires first, raises TimeoutError and stays open, so that the saves still in flight finish
-        (stopping the I/O loop under them would leave their futures pending forever): call close() again."""
+        (stopping the I/O loop under them would leave their futures pending forever): call close() again.
+        At interpreter exit a saver nobody closed is closed with ``timeout=commit_timeout_s``."""
         if self._closed:
             return
         try:
             self.wait(timeout)
         finally:
-            with self._lock:
-                in_flight = any(not f.done() for f in self._futures)
-            if not in_flight:
+            if not self.in_flight():
                 self._closed = True
+                _live_engines.discard(self)
                 self._commit_thread.shutdown(wait=True)
                 self._retain_thread.shutdown(wait=True)
                 self.writer.close()
                 self.coordinator.close()
                 self.pool.close()
+
+    def _close_at_exit(self, deadline: float) -> None:
+        """Finish what was accepted, until ``deadline`` (``time.monotonic()``); log what failed or did not
+        finish (at exit there is nobody left to raise to)."""
+        try:
+            self.wait(max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            log.error("%d checkpoint save(s) did not finish within commit_timeout_s=%gs; exiting without them "
+                      "(their partial directories are removed by the next save to the same directory)",
+                      self.in_flight(), self.config.commit_timeout_s)
+            return
+        except Exception as exc:  # noqa: BLE001 - the first unobserved failure; the loop below logs the rest
+            log.error("checkpoint save failed before exit: %s", exc)
+        with self._lock:
+            failed = [(f, f.unobserved_error()) for f in self._futures]
+        for f, exc in failed:
+            if exc is not None:
+                f.observed = True
+                log.error("checkpoint save failed before exit: %s", exc)
+        self.close(timeout=max(0.0, deadline - time.monotonic()))
 
     # ----------------------------------------------------------------------------------- background side
     async def _run(self, job: SaveJob, stage_s: float) -> SaveResult:
@@ -254,4 +292,39 @@ class SaveEngine:
 
 async def _make_lock() -> asyncio.Lock:
     return asyncio.Lock()
+
+
+def _exc_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+# ------------------------------------------------------------------------------------------ interpreter exit
+_live_engines: "weakref.WeakSet[SaveEngine]" = weakref.WeakSet()
+
+
+def _drain_at_exit() -> None:
+    """Finish every save accepted by a saver of this process that was not closed, before the interpreter
+    shuts its thread pools down. Each saver waits at most its ``commit_timeout_s``, counted from the start of
+    the drain. Never raises: an exception here would skip the exit hooks registered before this one."""
+    try:
+        engines = [e for e in list(_live_engines) if e._pid == os.getpid() and not e._closed]
+        pending = sum(e.in_flight() for e in engines)
+        if pending:
+            log.warning("waiting for %d checkpoint save(s) in flight before exit", pending)
+        start = time.monotonic()
+        for engine in engines:
+            try:
+                engine._close_at_exit(start + engine.config.commit_timeout_s)
+            except Exception as exc:  # noqa: BLE001 - the other savers still get their turn
+                log.error("closing a checkpoint saver at exit failed: %s", _exc_text(exc))
+    except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt while draining: exit without the rest
+        log.error("stopped waiting for checkpoint saves at exit: %s", _exc_text(exc))
+
+
+# threading's exit hooks run when the main thread finishes, before concurrent.futures refuses new work (its own
+# hook, registered earlier, runs after ours); atexit hooks would run too late for the writer's thread pools.
+try:
+    threading._register_atexit(_drain_at_exit)
+except AttributeError:  # pragma: no cover - Python without threading._register_atexit
+    atexit.register(_drain_at_exit)
 
