@@ -1,18 +1,24 @@
 """``AsyncCheckpointer``: DeepSpeed's ``save_checkpoint``/``load_checkpoint`` over any model, optimizer and
-LR scheduler, with saves that return as soon as the state is in host buffers."""
+LR scheduler, with saves that return as soon as the state is in host buffers.
+
+A load is all or nothing: whatever can be checked (module keys and shapes, optimizer groups and state shapes,
+the presence of each requested part) is checked before anything is modified, and each part applied is undone
+if a later one still fails (see :class:`_Load`)."""
 from __future__ import annotations
 
+import copy
 import logging
+import numbers
 import os
 import random
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from .commit import DistContext
 from .config import Config
 from .engine import SaveEngine
-from .errors import CheckpointError, CheckpointNotFoundError
+from .errors import CheckpointError, StateMismatchError
 from .future import SaveFuture
 from .io_types import SaveResult
 from .loader import CheckpointReader, MapLocation, read_latest
@@ -129,18 +135,20 @@ class AsyncCheckpointer:
         self._engine.pool.prepare(self._flatten(self.state_dict()).items)
 
     # --------------------------------------------------------------------------------------------- save
-    def save_checkpoint(self, save_dir: str | os.PathLike, tag: str | None = None, client_state: Mapping | None = None,
-                        save_latest: bool = True, exclude_frozen_parameters: bool = False) -> SaveFuture:
+    def save_checkpoint(self, save_dir: str | os.PathLike, tag: str | int | None = None,
+                        client_state: Mapping | None = None, save_latest: bool = True,
+                        exclude_frozen_parameters: bool = False) -> SaveFuture:
         """Stage the training state into host buffers and return; the write and commit run in the background.
 
         ``tag`` defaults to ``global_step{N}``, N counting optimizer steps since wrapping (restored on load).
+        An integer tag is the tag of its decimal digits (``tag=100`` is ``"100"``, for load as well).
         ``latest`` names the tag once it is published, if ``save_latest``. Returns a :class:`SaveFuture`."""
-        if tag is None:
-            tag = f"global_step{self.global_steps}"
+        tag = f"global_step{self.global_steps}" if tag is None else _tag_text(tag)
+
         def collect():
             return self._flatten(self.state_dict(client_state, exclude_frozen_parameters))
 
-        return self._engine.save(collect, os.fspath(save_dir), str(tag), save_latest=save_latest,
+        return self._engine.save(collect, os.fspath(save_dir), tag, save_latest=save_latest,
                                  manifest_extra={"global_steps": self.global_steps})
 
     def wait(self, timeout: float | None = None) -> list[SaveResult]:
@@ -169,15 +177,26 @@ class AsyncCheckpointer:
                 log.error("while closing after an error: %s", bg)
 
     # --------------------------------------------------------------------------------------------- load
-    def load_checkpoint(self, load_dir: str | os.PathLike, tag: str | None = None, load_module_strict: bool = True,
-                        load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
-                        load_module_only: bool = False, load_rng_states: bool = True,
+    def load_checkpoint(self, load_dir: str | os.PathLike, tag: str | int | None = None,
+                        load_module_strict: bool = True, load_optimizer_states: bool = True,
+                        load_lr_scheduler_states: bool = True, load_module_only: bool = False,
+                        load_rng_states: bool = True,
                         map_location: MapLocation = None) -> tuple[str | None, dict | None]:
         """Restore model, optimizer, scheduler, step counter and RNG from ``tag`` (default: ``latest``).
 
         Returns ``(path, client_state)``. As in DeepSpeed, when ``tag`` is None and ``load_dir`` has no
-        ``latest`` file, nothing is loaded and ``(None, None)`` is returned (with a warning)."""
+        ``latest`` file, nothing is loaded and ``(None, None)`` is returned (with a warning).
+
+        All or nothing: a checkpoint that does not fit raises :class:`StateMismatchError` naming the keys, and
+        the model, optimizer, scheduler, step counter and RNG states are left exactly as they were. Refused
+        before anything is modified: missing or unexpected module keys (``load_module_strict``; parameters the
+        checkpoint lists as excluded frozen ones may be missing), a tensor shape that differs (even when not
+        strict; a dtype may differ: the value is cast, as torch does), other optimizer parameter groups or
+        state shapes, no optimizer or scheduler state where one is to be loaded. An error raised while loading
+        (by a custom module, optimizer or scheduler) is raised as a ``StateMismatchError`` after the previous
+        state was put back."""
         load_dir = os.fspath(load_dir)
+        tag = None if tag is None else _tag_text(tag)
         if tag is None and read_latest(load_dir) is None:
             log.warning("no 'latest' file in %s: nothing to load (pass tag= to load a specific checkpoint)", load_dir)
             return None, None
@@ -189,18 +208,36 @@ class AsyncCheckpointer:
         if not isinstance(state, dict) or "module" not in state:
             raise CheckpointError(f"{reader.path} was not written by AsyncCheckpointer (no 'module' entry); "
                                   "use asyncckpt.load() for checkpoints written with asyncckpt.save()")
-        self._load_module(state, load_module_strict, reader.path)
+        path = reader.path
+        # 1. check everything that can be checked; nothing is modified yet
+        _check_module(self.module, state, load_module_strict, path)
+        optimizer = scheduler = rng = steps = None
         if not load_module_only:
             if load_optimizer_states and self.optimizer is not None:
-                if state.get("optimizer") is None:
-                    raise CheckpointNotFoundError(f"{reader.path} holds no optimizer state (load_optimizer_states=False to skip it)")
-                self.optimizer.load_state_dict(state["optimizer"])
-            if load_lr_scheduler_states and self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
-                self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+                optimizer = _required(state, "optimizer", "load_optimizer_states", path)
+                _check_optimizer(self.optimizer, optimizer, path)
+            if load_lr_scheduler_states and self.lr_scheduler is not None:
+                scheduler = _required(state, "lr_scheduler", "load_lr_scheduler_states", path)
             if load_rng_states and state.get("rng"):
-                set_rng_state(state["rng"])
-            self.global_steps = int(state.get("global_steps", 0))
-        return reader.path, state.get("client_state", {})
+                rng = state["rng"]
+            steps = state.get("global_steps", 0)
+            if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+                raise StateMismatchError(f"{path}: 'global_steps' must be an integer >= 0, got {steps!r}")
+        # 2. apply the parts one by one, each undone if a later one fails; the module last (see _Load)
+        load = _Load(path)
+        if rng is not None:
+            load.apply("RNG", lambda: _rng_undo(rng), lambda: set_rng_state(rng))
+        if optimizer is not None:
+            load.apply("optimizer", lambda: _OptimizerUndo(self.optimizer).restore,
+                       lambda: self.optimizer.load_state_dict(optimizer))
+        if scheduler is not None:
+            load.apply("lr_scheduler", lambda: _attributes_undo(self.lr_scheduler),
+                       lambda: self.lr_scheduler.load_state_dict(scheduler))
+        load.apply("module", lambda: None if _torch_loads_module(self.module) else _ModuleUndo(self.module).restore,
+                   lambda: self.module.load_state_dict(state["module"], strict=False))
+        if steps is not None:
+            self.global_steps = steps
+        return path, state.get("client_state", {})
 
     def _device_mesh(self) -> Any:
         """The mesh of the model's DTensor parameters (FSDP2), onto which sharded state is resharded."""
@@ -215,11 +252,275 @@ class AsyncCheckpointer:
         devices = {(p.to_local() if is_dtensor(p) else p).device for p in self.module.parameters()}
         return next(iter(devices)) if len(devices) == 1 else None
 
-    def _load_module(self, state: dict, strict: bool, path: str) -> None:
-        result = self.module.load_state_dict(state["module"], strict=False)
-        frozen = set(state.get("frozen_parameters") or [])
-        missing = [k for k in result.missing_keys if k not in frozen]
-        if strict and (missing or result.unexpected_keys):
-            raise CheckpointError(
-                f"{path}: module state does not match the model (load_module_strict=True): missing keys "
-                f"{missing[:10]}{'...' if len(missing) > 10 else ''}, unexpected keys {result.unexpected_keys[:10]}")
+
+def _tag_text(tag: Any) -> Any:
+    """A tag as save and load both take it: an integer (not a bool) is the tag of its decimal digits; anything
+    else goes on to :func:`~asyncckpt.format.validate_tag` as it is, to be accepted or refused there."""
+    if isinstance(tag, numbers.Integral) and not isinstance(tag, bool):
+        return str(int(tag))
+    return tag
+
+
+# ------------------------------------------------------------------------------------- load: the checks
+def _listed(items: list[str], limit: int = 10) -> str:
+    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+    return f"[{', '.join(items[:limit])}{more}]"
+
+
+def _required(state: Mapping, key: str, flag: str, path: str) -> Any:
+    if state.get(key) is None:
+        raise StateMismatchError(f"{path}: the checkpoint holds no {key!r} state ({flag}=False to skip it)")
+    return state[key]
+
+
+def _check_module(module: torch.nn.Module, state: Mapping, strict: bool, path: str) -> None:
+    """Keys (when ``strict``; minus the frozen parameters the checkpoint left out) and every tensor's shape,
+    which torch refuses even when not strict, but only after copying every tensor that fits."""
+    saved, frozen = state["module"], state.get("frozen_parameters") or []
+    if not isinstance(saved, Mapping):
+        raise StateMismatchError(f"{path}: 'module' is a {type(saved).__name__}, not a module state dict")
+    if not isinstance(frozen, list) or not all(isinstance(k, str) for k in frozen):
+        raise StateMismatchError(f"{path}: 'frozen_parameters' must be a list of parameter names, got {frozen!r}")
+    live = module.state_dict()
+    if strict:
+        missing = [repr(k) for k in live if k not in saved and k not in set(frozen)]
+        unexpected = [repr(k) for k in saved if k not in live]
+        if missing or unexpected:
+            raise StateMismatchError(f"{path}: module state does not match the model (load_module_strict=True): "
+                                     f"missing keys {_listed(missing)}, unexpected keys {_listed(unexpected)}")
+    wrong = []
+    for key, value in saved.items():
+        want = live.get(key)
+        if not isinstance(want, torch.Tensor):  # not in the model, or extra state
+            continue
+        if not isinstance(value, torch.Tensor):
+            wrong.append(f"{key!r}: a {type(value).__name__} in the checkpoint, a tensor in the model")
+        elif value.shape != want.shape and not torch.nn.parameter.is_lazy(want):
+            wrong.append(f"{key!r}: shape {tuple(value.shape)} in the checkpoint, {tuple(want.shape)} in the model")
+    if wrong:
+        raise StateMismatchError(f"{path}: module tensors do not fit the model: {_listed(wrong)}")
+
+
+def _check_optimizer(optimizer: torch.optim.Optimizer, saved: Any, path: str) -> None:
+    """What ``Optimizer.load_state_dict`` checks (groups and their sizes) and what it does not: ids, and the
+    shape of every state tensor (which would otherwise fail, or broadcast, at the next step)."""
+    groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
+    entries = saved.get("state") if isinstance(saved, Mapping) else None
+    if (not isinstance(groups, (list, tuple)) or not isinstance(entries, Mapping)
+            or not all(isinstance(g, Mapping) and isinstance(g.get("params"), (list, tuple)) for g in groups)):
+        raise StateMismatchError(f"{path}: 'optimizer' is not an optimizer state dict ('state' and "
+                                 "'param_groups' with 'params')")
+    live = optimizer.param_groups
+    if len(groups) != len(live):
+        raise StateMismatchError(f"{path}: 'optimizer.param_groups': {len(groups)} parameter groups in the "
+                                 f"checkpoint, {len(live)} in the optimizer")
+    sizes = [f"param_groups[{i}]: {len(g['params'])} parameters in the checkpoint, {len(h['params'])} in the "
+             "optimizer" for i, (g, h) in enumerate(zip(groups, live)) if len(g["params"]) != len(h["params"])]
+    if sizes:
+        raise StateMismatchError(f"{path}: optimizer parameter groups do not fit: {_listed(sizes)}")
+    ids = [i for g in groups for i in g["params"]]
+    if not all(isinstance(i, (int, str)) for i in ids) or len(set(ids)) != len(ids):
+        raise StateMismatchError(f"{path}: 'optimizer.param_groups' must list each parameter id once: {ids[:20]!r}")
+    params = dict(zip(ids, (p for g in live for p in g["params"])))
+    stray = [repr(k) for k in entries if k not in params]
+    if stray:
+        raise StateMismatchError(f"{path}: 'optimizer.state' has entries for parameter ids that no group lists: "
+                                 f"{_listed(stray)}")
+    known_layout = _is_torch_code(type(optimizer).step)
+    group_numel = {id(p): sum(q.numel() for q in g["params"]) for g in live for p in g["params"]}
+    wrong = []
+    for pid, entry in entries.items():
+        param = params[pid]
+        if not isinstance(entry, Mapping):
+            wrong.append(f"state[{pid!r}]: a {type(entry).__name__}, not a mapping")
+            continue
+        current = optimizer.state.get(param, {})
+        for key, value in entry.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            ref = current.get(key)
+            if isinstance(ref, torch.Tensor) and ref.dim() > 0:
+                if value.shape != ref.shape:
+                    wrong.append(f"state[{pid!r}][{key!r}]: shape {tuple(value.shape)} in the checkpoint, "
+                                 f"{tuple(ref.shape)} in the optimizer")
+            elif known_layout and not _fits_param(value, param, group_numel[id(param)]):
+                wrong.append(f"state[{pid!r}][{key!r}]: shape {tuple(value.shape)} in the checkpoint, for a "
+                             f"parameter of shape {tuple(param.shape)}")
+    if wrong:
+        raise StateMismatchError(f"{path}: optimizer state does not fit the parameters: {_listed(wrong)}")
+
+
+def _fits_param(value: torch.Tensor, param: torch.Tensor, group_numel: int) -> bool:
+    """Whether a state tensor of one of torch's optimizers can belong to ``param``: a scalar (step counts), a
+    flat vector over the whole group (LBFGS), or the parameter's shape with any dimension possibly 1
+    (element-wise moments; Adafactor's factored row and column statistics)."""
+    if value.dim() == 0 or (value.dim() == 1 and value.numel() == group_numel):
+        return True
+    return value.dim() == param.dim() and all(v in (p, 1) for v, p in zip(value.shape, param.shape))
+
+
+# ------------------------------------------------------------------------------------- load: all or nothing
+class _Load:
+    """Applies the parts of a load in turn; if one raises, every part applied so far and the failing one are
+    undone, in reverse order, and a :class:`StateMismatchError` is raised.
+
+    What undoes a part costs memory only where it must:
+
+    * RNG states and the LR scheduler: always kept (a few KiB; the scheduler's attributes, shallowly).
+    * An optimizer: free when only torch's code loads it, since ``Optimizer.load_state_dict`` builds new
+      ``state`` and ``param_groups`` objects and swaps them in: keeping the old ones is enough. With its own
+      loading code or load hooks, a deep copy of its state (as large as the state, on its device).
+    * The module: torch's ``load_state_dict`` copies into every parameter in place, so undoing it takes a copy
+      of the whole model (as large as the model, on its device: a GPU could run out of memory). It is taken
+      only when code other than torch's runs during the load (a class overriding ``load_state_dict``,
+      ``_load_from_state_dict`` or ``set_extra_state``, or a load hook). A model loaded by torch's code alone
+      is not copied: keys, shapes and types were checked, and it is loaded last, so a failure there (out of
+      memory, say) is the one case that can leave a model partly loaded, and the error says so.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.undo: list[tuple[str, Callable[[], None]]] = []
+
+    def apply(self, part: str, keep: Callable[[], Callable[[], None] | None], load: Callable[[], Any]) -> None:
+        """``keep()`` takes what undoes the part (or None: nothing is kept) just before ``load()`` runs."""
+        unguarded = False
+        try:
+            undo = keep()
+            unguarded = undo is None
+            if undo is not None:
+                self.undo.append((part, undo))
+            load()
+        except BaseException as exc:
+            failed = self._roll_back()
+            if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: put back, then let it through
+                raise
+            what = f"{self.path}: loading the {part!r} state failed ({type(exc).__name__}: {exc})"
+            if failed:
+                raise CheckpointError(f"{what}, and putting the previous state back failed too ({'; '.join(failed)}): "
+                                      "the model, optimizer and scheduler may be inconsistent") from exc
+            if unguarded:  # a model loaded by torch's code alone (see above): not copied
+                put_back = ", ".join(p for p, _ in self.undo) or "nothing else"
+                raise CheckpointError(f"{what}; put back: {put_back}; the {part} may be partly loaded") from exc
+            raise StateMismatchError(f"{what}; nothing was changed") from exc
+
+    def _roll_back(self) -> list[str]:
+        failed = []
+        for part, undo in reversed(self.undo):
+            try:
+                undo()
+            except Exception as exc:  # noqa: BLE001 - report every part that could not be put back
+                failed.append(f"{part}: {type(exc).__name__}: {exc}")
+        return failed
+
+
+def _is_torch_code(fn: Any) -> bool:
+    """Whether ``fn`` (a function, a bound method, a ``functools.partial`` or torch's hook wrapper) is torch's."""
+    for attr in ("hook", "func", "__func__"):
+        fn = getattr(fn, attr, fn)
+    return (getattr(fn, "__module__", None) or "").partition(".")[0] == "torch"
+
+
+def _torch_loads_module(module: torch.nn.Module) -> bool:
+    """Whether ``module.load_state_dict`` runs torch's code only (no override in any submodule's class, no
+    load hook but torch's own, such as FSDP2's)."""
+    code = [type(module).load_state_dict]
+    for m in module.modules():
+        code += [type(m)._load_from_state_dict, type(m).set_extra_state,
+                 *m._load_state_dict_pre_hooks.values(), *m._load_state_dict_post_hooks.values()]
+    return all(map(_is_torch_code, code))
+
+
+class _ModuleUndo:
+    """A copy of every parameter and buffer (and extra state), put back into the same tensor objects, which
+    the optimizer and any other holder keep referring to."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.slots = [(store, dict(store)) for m in module.modules() for store in (m._parameters, m._buffers)]
+        self.copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        with torch.no_grad():
+            for _, tensors in self.slots:
+                for t in tensors.values():
+                    if t is not None and id(t) not in self.copies and not torch.nn.parameter.is_lazy(t):
+                        self.copies[id(t)] = (t, t.detach().clone())
+        self.extra = [(m, copy.deepcopy(m.get_extra_state())) for m in module.modules()
+                      if type(m).get_extra_state is not torch.nn.Module.get_extra_state]
+
+    def restore(self) -> None:
+        for store, tensors in self.slots:
+            store.clear()
+            store.update(tensors)
+        with torch.no_grad():
+            for t, saved in self.copies.values():
+                t.copy_(saved)
+        for m, extra in self.extra:
+            m.set_extra_state(extra)
+
+
+class _OptimizerUndo:
+    """The optimizer's ``state`` and ``param_groups`` objects (what torch's loading replaces) and, when other
+    code loads it (which may change them in place), a copy of their contents; put back into the same objects
+    (the same state tensors too: a captured or compiled step may refer to them)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.state, self.groups, self.group_list = optimizer.state, optimizer.param_groups, list(optimizer.param_groups)
+        self.contents = None
+        hooks = [*getattr(optimizer, "_optimizer_load_state_dict_pre_hooks", {}).values(),
+                 *getattr(optimizer, "_optimizer_load_state_dict_post_hooks", {}).values()]
+        if not all(map(_is_torch_code, [type(optimizer).load_state_dict, type(optimizer).__setstate__, *hooks])):
+            with torch.no_grad():
+                state = [(p, s, dict(s), {k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                                          for k, v in s.items()}) for p, s in self.state.items()]
+            groups = [(g, {k: v if k == "params" else copy.deepcopy(v) for k, v in g.items()}) for g in self.groups]
+            self.contents = (state, groups)
+
+    def restore(self) -> None:
+        self.optimizer.state, self.optimizer.param_groups = self.state, self.groups
+        self.groups[:] = self.group_list
+        if self.contents is None:
+            return
+        state, groups = self.contents
+        self.state.clear()
+        for param, entry, objects, values in state:
+            entry.clear()
+            entry.update(objects)
+            for key, value in values.items():
+                if isinstance(value, torch.Tensor):
+                    with torch.no_grad():
+                        entry[key].copy_(value)
+                else:
+                    entry[key] = value
+            self.state[param] = entry
+        for group, saved in groups:
+            group.clear()
+            group.update(saved)
+
+
+def _attributes_undo(scheduler: Any) -> Callable[[], None]:
+    """Undo for a scheduler's ``load_state_dict``: torch's (and most) rebind attributes of the scheduler, of the
+    schedulers it chains (``SequentialLR``, ``ChainedScheduler``) and of its ``lr_lambdas`` objects, so a
+    shallow copy of each of their ``__dict__`` puts them back."""
+    owners: dict[int, tuple[Any, dict]] = {}
+    todo = [scheduler]
+    while todo:
+        obj = todo.pop()
+        if (id(obj) in owners or not hasattr(obj, "__dict__") or not callable(getattr(obj, "load_state_dict", obj))
+                or isinstance(obj, (type, torch.optim.Optimizer, torch.nn.Module, torch.Tensor))):
+            continue  # only schedulers and callables (lr_lambdas) are walked
+        owners[id(obj)] = (obj, dict(vars(obj)))
+        todo += [x for v in vars(obj).values() if isinstance(v, (list, tuple)) for x in v]
+
+    def restore() -> None:
+        for obj, attrs in owners.values():
+            vars(obj).clear()
+            vars(obj).update(attrs)
+
+    return restore
+
+
+def _rng_undo(target: Mapping[str, Any]) -> Callable[[], None]:
+    saved = rng_state()
+    if "cuda" in target and "cuda" not in saved and torch.cuda.is_available():  # about to be set: keep it too
+        saved["cuda"] = torch.cuda.get_rng_state_all()
+    return lambda: set_rng_state(saved)

@@ -1,29 +1,51 @@
 """Every knob of asyncckpt, as one tree of small frozen dataclasses that YAML maps onto 1:1.
 
-``Config.from_yaml(path)`` and ``Config.from_dict(mapping)`` reject unknown keys and bad values with a
-:class:`~asyncckpt.errors.ConfigError` naming the dotted key (``writer.threads``). ``examples/ckpt.yaml``
-documents every key.
+``Config.from_yaml(path)``, ``Config.from_dict(mapping)`` and direct construction (``Config(...)``,
+``CodecConfig(...)``, ``dataclasses.replace``) all check every key the same way: a bad type or value, a number
+that is not finite, and, in YAML, a file that is not UTF-8 or a key given twice raise a
+:class:`~asyncckpt.errors.ConfigError` naming the file (if any) and the dotted key (``writer.threads``).
+``examples/ckpt.yaml`` documents every key.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import os
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from .errors import ConfigError
 
 ON_BUSY = ("wait", "skip", "error")
 TAG_VALIDATION = ("warn", "fail", "ignore")
 PIN_MEMORY = ("auto", "always", "never")
+MAX_TIMEOUT_S = 1e7  # about 115 days; far below what threading and gloo accept
+MAX_MEMORY_MIB = float(1 << 30)  # 1 PiB
+MAX_KEEP_LAST = 1_000_000
+
+
+class _Section:
+    """Base of the config dataclasses: on construction every field is checked against its annotated type
+    (ints stay ints, a float key takes an int or a float and stores a float, which must be finite), then
+    :meth:`validate` checks the ranges. ``_key`` is the section's dotted key in the YAML file."""
+
+    _key: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        prefix = f"{self._key}." if self._key else ""
+        for name, hint in _hints(type(self)).items():
+            object.__setattr__(self, name, _coerce(hint, getattr(self, name), prefix + name))
+        self.validate()  # each section's range checks
 
 
 @dataclass(frozen=True)
-class CodecConfig:
+class CodecConfig(_Section):
     """How each chunk is encoded before it is written."""
 
+    _key: ClassVar[str] = "codec"
     compression: bool = True  # off: chunks are stored raw (still checksummed)
     level: int = 1  # zstd level, 1..22 (negative levels are zstd's fast modes, down to -7)
     shuffle: bool = True  # byte-shuffle by element size before compressing
@@ -32,10 +54,10 @@ class CodecConfig:
     fast_planes: bool = True  # byte planes use zstd parameters tuned for float data (faster and smaller than
     #                           level 1 there); false: planes use `level` too. Unshuffled data always uses `level`.
 
-    def validate(self, path: str) -> None:
-        _check(-7 <= self.level <= 22, f"{path}.level", self.level, "an integer in -7..22")
-        _check(1 / 64 <= self.chunk_mib <= 1024, f"{path}.chunk_mib", self.chunk_mib, "a number in 1/64..1024")
-        _check(0.0 <= self.min_saving < 1.0, f"{path}.min_saving", self.min_saving, "a number in [0, 1)")
+    def validate(self) -> None:
+        _check(-7 <= self.level <= 22, "codec.level", self.level, "an integer in -7..22")
+        _check(1 / 64 <= self.chunk_mib <= 1024, "codec.chunk_mib", self.chunk_mib, "a number in 1/64..1024")
+        _check(0.0 <= self.min_saving < 1.0, "codec.min_saving", self.min_saving, "a number in [0, 1)")
 
     @property
     def chunk_bytes(self) -> int:
@@ -43,9 +65,10 @@ class CodecConfig:
 
 
 @dataclass(frozen=True)
-class WriterConfig:
+class WriterConfig(_Section):
     """The background writer pool. Its budget is per node: local ranks split it between them."""
 
+    _key: ClassVar[str] = "writer"
     threads_per_node: int = 0  # encode threads for the whole node; 0 = the node's CPU count, at most 8
     files_per_rank: int = 1  # data files each rank writes concurrently
     inflight_chunks: int = 0  # encoded chunks buffered ahead of the disk per rank; 0 = 2 x threads
@@ -54,12 +77,13 @@ class WriterConfig:
     ionice_idle: bool = False  # best-effort I/O class 'idle' for writer threads (Linux); default lowers to 'best-effort 7'
     memory_budget_mib: float = 0  # staging memory for the node (all local ranks); 0 = unlimited
 
-    def validate(self, path: str) -> None:
-        _check(0 <= self.threads_per_node <= 1024, f"{path}.threads_per_node", self.threads_per_node, "an integer in 0..1024")
-        _check(1 <= self.files_per_rank <= 256, f"{path}.files_per_rank", self.files_per_rank, "an integer in 1..256")
-        _check(0 <= self.inflight_chunks <= 4096, f"{path}.inflight_chunks", self.inflight_chunks, "an integer in 0..4096")
-        _check(0 <= self.nice <= 19, f"{path}.nice", self.nice, "an integer in 0..19")
-        _check(self.memory_budget_mib >= 0, f"{path}.memory_budget_mib", self.memory_budget_mib, "a number >= 0")
+    def validate(self) -> None:
+        _check(0 <= self.threads_per_node <= 1024, "writer.threads_per_node", self.threads_per_node, "an integer in 0..1024")
+        _check(1 <= self.files_per_rank <= 256, "writer.files_per_rank", self.files_per_rank, "an integer in 1..256")
+        _check(0 <= self.inflight_chunks <= 4096, "writer.inflight_chunks", self.inflight_chunks, "an integer in 0..4096")
+        _check(0 <= self.nice <= 19, "writer.nice", self.nice, "an integer in 0..19")
+        _check(0 <= self.memory_budget_mib <= MAX_MEMORY_MIB, "writer.memory_budget_mib", self.memory_budget_mib,
+               f"a number in 0..{MAX_MEMORY_MIB:.0f} (1 PiB)")
 
     @property
     def memory_budget_bytes(self) -> int:
@@ -67,7 +91,7 @@ class WriterConfig:
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(_Section):
     """The whole configuration. Every field is a YAML key of the same name."""
 
     max_inflight: int = 1  # saves staged or being written at once; each holds one set of host buffers
@@ -84,31 +108,21 @@ class Config:
     codec: CodecConfig = field(default_factory=CodecConfig)
     writer: WriterConfig = field(default_factory=WriterConfig)
 
-    def validate(self, path: str = "") -> None:
-        p = f"{path}." if path else ""
-        _check(1 <= self.max_inflight <= 64, f"{p}max_inflight", self.max_inflight, "an integer in 1..64")
-        _check(self.on_busy in ON_BUSY, f"{p}on_busy", self.on_busy, " | ".join(ON_BUSY))
-        _check(self.pin_memory in PIN_MEMORY, f"{p}pin_memory", self.pin_memory, " | ".join(PIN_MEMORY))
-        _check(self.keep_last >= 0, f"{p}keep_last", self.keep_last, "an integer >= 0")
-        _check(self.commit_timeout_s > 0, f"{p}commit_timeout_s", self.commit_timeout_s, "a number > 0")
-        _check(self.tag_validation in TAG_VALIDATION, f"{p}tag_validation", self.tag_validation, " | ".join(TAG_VALIDATION))
-        self.codec.validate(f"{p}codec")
-        self.writer.validate(f"{p}writer")
-
-    def __post_init__(self) -> None:
-        if type(self) is Config:
-            self.validate()
+    def validate(self) -> None:
+        """Range checks of the top-level keys (the sections checked their own when they were built)."""
+        _check(1 <= self.max_inflight <= 64, "max_inflight", self.max_inflight, "an integer in 1..64")
+        _check(self.on_busy in ON_BUSY, "on_busy", self.on_busy, " | ".join(ON_BUSY))
+        _check(self.pin_memory in PIN_MEMORY, "pin_memory", self.pin_memory, " | ".join(PIN_MEMORY))
+        _check(0 <= self.keep_last <= MAX_KEEP_LAST, "keep_last", self.keep_last, f"an integer in 0..{MAX_KEEP_LAST}")
+        _check(0 < self.commit_timeout_s <= MAX_TIMEOUT_S, "commit_timeout_s", self.commit_timeout_s,
+               f"a number > 0 and at most {MAX_TIMEOUT_S:.0f}")
+        _check(self.tag_validation in TAG_VALIDATION, "tag_validation", self.tag_validation, " | ".join(TAG_VALIDATION))
 
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, *, source: str = "config") -> "Config":
         """Build a Config from a (YAML-shaped) mapping; unknown keys and bad types raise ConfigError."""
-        try:
-            return _build(cls, data or {}, "", source)
-        except ConfigError:
-            raise
-        except (TypeError, ValueError) as exc:  # from validate() inside nested constructors
-            raise ConfigError(f"{source}: {exc}") from None
+        return _build(cls, {} if data is None else data, "", source)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "Config":
@@ -116,11 +130,19 @@ class Config:
 
         path = Path(path)
         try:
-            text = path.read_text()
+            raw = path.read_bytes()
         except OSError as exc:
             raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror or exc}") from exc
         try:
-            data = yaml.safe_load(text)
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw.count(b"\n", 0, exc.start) + 1
+            raise ConfigError(f"{path}: not UTF-8 text: byte {raw[exc.start]:#04x} at offset {exc.start} "
+                              f"(line {line})") from None
+        try:
+            data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         if data is not None and not isinstance(data, Mapping):
@@ -149,41 +171,50 @@ class Config:
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
     if not ok:
-        raise ConfigError(f"config key {key!r}: expected {expected}, got {value!r}")
+        raise ConfigError(f"config key {key!r}: expected {expected}, got {_shown(value)}")
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut short (a 400-digit integer from a YAML file must not flood the message)."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}...({len(text)} characters)"
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    """The annotated type of every field of a config dataclass (resolved once per class)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
 
 
 def _build(cls: type, data: Mapping[str, Any], prefix: str, source: str):
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: config key {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in fields(cls)}
-    unknown = [k for k in data if k not in known]
+    hints = _hints(cls)
+    unknown = [k for k in data if k not in hints]
     if unknown:
         raise ConfigError(
-            f"{source}: unknown config key {prefix + str(unknown[0])!r}; known keys here: {', '.join(sorted(known))}"
+            f"{source}: unknown config key {prefix + str(unknown[0])!r}; known keys here: {', '.join(sorted(hints))}"
         )
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        key = prefix + name
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value if value is not None else {}, key + ".", source)
-        else:
-            kwargs[name] = _coerce_scalar(hint, value, key, source)
-    obj = cls.__new__(cls)
+    kwargs = {name: _build(hints[name], {} if value is None else value, f"{prefix}{name}.", source)
+              if dataclasses.is_dataclass(hints[name]) else value for name, value in data.items()}
     try:
-        obj.__init__(**kwargs)
-        if cls is not Config:
-            obj.validate(prefix.rstrip("."))
+        return cls(**kwargs)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    return obj
 
 
-def _coerce_scalar(hint: Any, value: Any, key: str, source: str) -> Any:
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    """``value`` as the type of a field, or a ConfigError naming the key. No lossy conversion: a bool is never
+    a number, a float never an int (``2.0`` for an int key is refused); an int for a float key becomes a
+    float; numbers must be finite."""
     def bad(expected: str) -> ConfigError:
-        return ConfigError(f"{source}: config key {key!r}: expected {expected}, got {value!r}")
+        return ConfigError(f"config key {key!r}: expected {expected}, got {_shown(value)}")
 
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        raise bad(f"a {hint.__name__} (use Config.from_dict for nested mappings)")
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -194,10 +225,55 @@ def _coerce_scalar(hint: Any, value: Any, key: str, source: str) -> Any:
         raise bad("an integer")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:
+                raise bad("a finite number") from None
+            if math.isfinite(number):
+                return number
+            raise bad("a finite number")
         raise bad("a number")
     if hint is str:
         if isinstance(value, str):
             return value
         raise bad("a string")
     raise bad(str(hint))  # pragma: no cover - every field has one of the types above
+
+
+@functools.lru_cache(maxsize=None)
+def _yaml_loader() -> type:
+    """A ``yaml.SafeLoader`` that refuses a key given twice in one mapping, directly or through merge keys
+    (``<<: *anchor``): YAML would silently keep the last one. Built on first use (PyYAML is imported lazily)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_document(self, node):
+            self._key_paths: dict[int, str] = {}
+            self._index(node, "")
+            return super().construct_document(node)
+
+        def _index(self, node, prefix: str) -> None:
+            """Remember the dotted key of every mapping, to name it in errors."""
+            if isinstance(node, yaml.MappingNode) and id(node) not in self._key_paths:
+                self._key_paths[id(node)] = prefix
+                for key_node, value_node in node.value:
+                    if isinstance(key_node, yaml.ScalarNode):
+                        self._index(value_node, f"{prefix}{key_node.value}.")
+
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                self.flatten_mapping(node)  # resolves '<<' merge keys into node.value
+                seen: dict[Any, Any] = {}
+                for key_node, _ in node.value:
+                    key = self.construct_object(key_node, deep=deep)
+                    try:
+                        first = seen.setdefault(key, key_node)
+                    except TypeError:  # unhashable: the base constructor reports it
+                        continue
+                    if first is not key_node:
+                        prefix = self._key_paths.get(id(node), "")
+                        raise ConfigError(f"config key {prefix + str(key)!r} is given twice (line "
+                                          f"{first.start_mark.line + 1} and line {key_node.start_mark.line + 1})")
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader

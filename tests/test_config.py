@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import typing
 
 import pytest
 import torch
@@ -200,3 +202,208 @@ def test_config_reaches_the_engine(save_dir):
     assert sum(1 for n in reader.files if n.endswith(".bin")) == 3  # one data file per tensor
     assert "rng" not in reader.skeleton()
     assert {c.codec for recs in reader.records.values() for _, r in recs for c in r.chunks} == {"raw"}
+
+
+# ----------------------------------------------------------------------------- every key, every bad shape
+def _keys(kind: type) -> list[str]:
+    """Every dotted config key whose field has the annotated type ``kind``."""
+    out = []
+    for section, prefix in ((Config, ""), (CodecConfig, "codec."), (WriterConfig, "writer.")):
+        hints = typing.get_type_hints(section)
+        out += [prefix + f.name for f in dataclasses.fields(section) if hints[f.name] is kind]
+    return out
+
+
+FLOAT_KEYS, INT_KEYS, BOOL_KEYS, STR_KEYS = _keys(float), _keys(int), _keys(bool), _keys(str)
+
+
+def nested(key: str, value) -> dict:
+    """``nested("codec.level", 3)`` → ``{"codec": {"level": 3}}``."""
+    head, _, tail = key.partition(".")
+    return {head: nested(tail, value)} if tail else {head: value}
+
+
+def construct(key: str, value):
+    """Build the config directly (no from_dict): ``Config(codec=CodecConfig(level=value))``."""
+    head, _, tail = key.partition(".")
+    if not tail:
+        return Config(**{head: value})
+    section = {"codec": CodecConfig, "writer": WriterConfig}[head]
+    return section(**{tail: value})
+
+
+def yaml_text(key: str, scalar: str) -> str:
+    head, _, tail = key.partition(".")
+    return f"{head}:\n  {tail}: {scalar}\n" if tail else f"{head}: {scalar}\n"
+
+
+def refused_everywhere(tmp_path, key: str, value, scalar: str | None, expected: str) -> None:
+    """``value`` for ``key`` is a ConfigError naming the key from a mapping, from direct construction and
+    (``scalar``, its YAML spelling) from a file, whose name the error carries."""
+    for build in (lambda: Config.from_dict(nested(key, value)), lambda: construct(key, value)):
+        with pytest.raises(ConfigError) as ei:
+            build()
+        assert f"config key {key!r}: expected {expected}" in str(ei.value), str(ei.value)
+    if scalar is not None:
+        p = tmp_path / "bad.yaml"
+        p.write_text(yaml_text(key, scalar))
+        with pytest.raises(ConfigError) as ei:
+            Config.from_yaml(p)
+        assert f"config key {key!r}: expected {expected}" in str(ei.value) and str(p) in str(ei.value), str(ei.value)
+
+
+def test_the_key_lists_cover_every_field():
+    assert len(FLOAT_KEYS) == 4 and len(INT_KEYS) == 7 and len(BOOL_KEYS) == 10 and len(STR_KEYS) == 3
+    everything = {f.name for f in dataclasses.fields(Config)} - {"codec", "writer"}
+    everything |= {f"codec.{f.name}" for f in dataclasses.fields(CodecConfig)}
+    everything |= {f"writer.{f.name}" for f in dataclasses.fields(WriterConfig)}
+    assert everything == set(FLOAT_KEYS + INT_KEYS + BOOL_KEYS + STR_KEYS)
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value, scalar", [(math.inf, ".inf"), (-math.inf, "-.inf"), (math.nan, ".nan"),
+                                           (math.inf, ".Inf"), (math.nan, ".NaN")])
+def test_float_keys_must_be_finite(tmp_path, key, value, scalar):
+    """``.inf`` was accepted for commit_timeout_s and writer.memory_budget_mib (an OverflowError later)."""
+    refused_everywhere(tmp_path, key, value, scalar, "a finite number")
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_float_keys_refuse_integers_too_large_for_a_float(tmp_path, key):
+    """A 400-digit integer was an OverflowError from float(), not a ConfigError; the message stays short."""
+    with pytest.raises(ConfigError) as ei:
+        Config.from_dict(nested(key, 10 ** 400))
+    assert f"config key {key!r}" in str(ei.value) and len(str(ei.value)) < 200
+    refused_everywhere(tmp_path, key, 10 ** 400, "1" + "0" * 400, "a finite number")
+
+
+@pytest.mark.parametrize("key, value", [("commit_timeout_s", 1e8), ("commit_timeout_s", 1e300),
+                                        ("writer.memory_budget_mib", float(1 << 31)),
+                                        ("writer.memory_budget_mib", 1e300)])
+def test_float_keys_have_an_upper_bound(tmp_path, key, value):
+    refused_everywhere(tmp_path, key, value, repr(value), "a number")
+
+
+@pytest.mark.parametrize("key", INT_KEYS)
+def test_int_keys_refuse_floats_even_integral_ones(tmp_path, key):
+    """Chosen rule: an int key takes an integer literal only; ``1.0`` is refused rather than truncated."""
+    refused_everywhere(tmp_path, key, 1.0, "1.0", "an integer")
+    refused_everywhere(tmp_path, key, True, "true", "an integer")
+    refused_everywhere(tmp_path, key, "1", "'1'", "an integer")
+
+
+@pytest.mark.parametrize("key", INT_KEYS)
+def test_int_keys_refuse_huge_integers(tmp_path, key):
+    refused_everywhere(tmp_path, key, 10 ** 30, "1" + "0" * 30, "an integer in")
+    refused_everywhere(tmp_path, key, -10 ** 30, "-1" + "0" * 30, "an integer in")
+
+
+@pytest.mark.parametrize("key", BOOL_KEYS)
+def test_bool_keys_refuse_strings_and_numbers(tmp_path, key):
+    for value in ("yes", "true", "no", "on"):
+        refused_everywhere(tmp_path, key, value, repr(value), "true or false")
+    refused_everywhere(tmp_path, key, 1, "1", "true or false")
+
+
+@pytest.mark.parametrize("key", BOOL_KEYS)
+@pytest.mark.parametrize("scalar, value", [("true", True), ("False", False), ("yes", True), ("off", False)])
+def test_unquoted_yaml_booleans_are_booleans(tmp_path, key, scalar, value):
+    """YAML 1.1 (PyYAML) reads unquoted yes/no/on/off as booleans; only a quoted string is refused."""
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml_text(key, scalar))
+    c = Config.from_yaml(p)
+    head, _, tail = key.partition(".")
+    assert (getattr(getattr(c, head), tail) if tail else getattr(c, head)) is value
+
+
+@pytest.mark.parametrize("key", STR_KEYS)
+def test_string_keys_refuse_yaml_booleans_and_numbers(tmp_path, key):
+    refused_everywhere(tmp_path, key, False, "off", "a string")
+    refused_everywhere(tmp_path, key, 1, "1", "a string")
+
+
+def test_ints_for_float_keys_become_floats_the_same_way_everywhere():
+    for key in FLOAT_KEYS:
+        n = 0 if key == "codec.min_saving" else 1  # in range for every float key
+        a, b = Config.from_dict(nested(key, n)), construct(key, n)
+        head, _, tail = key.partition(".")
+        value = getattr(b, tail) if tail else getattr(b, head)
+        assert type(value) is float and value == n
+        assert (getattr(a, head) if tail else a) == b
+    assert Config(commit_timeout_s=10) == Config.from_dict({"commit_timeout_s": 10.0})
+
+
+def test_direct_construction_checks_types_like_from_dict():
+    """Direct construction skipped the type checks (``Config(max_inflight="2")`` was a TypeError,
+    ``Config(overwrite="yes")`` was accepted)."""
+    with pytest.raises(ConfigError, match="'max_inflight': expected an integer"):
+        Config(max_inflight="2")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="'overwrite': expected true or false"):
+        Config(overwrite="yes")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="'codec': expected a CodecConfig"):
+        Config(codec={"level": 3})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="'writer': expected a WriterConfig"):
+        Config(writer=CodecConfig())  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="'codec.level': expected an integer in"):
+        CodecConfig(level=99)  # a section on its own names its dotted key
+    with pytest.raises(ConfigError, match="'codec.chunk_mib': expected a finite number"):
+        dataclasses.replace(CodecConfig(), chunk_mib=math.nan)
+    with pytest.raises(ConfigError, match="'commit_timeout_s': expected a finite number"):
+        Config().replace(commit_timeout_s=math.inf)
+
+
+# ------------------------------------------------------------------------------------- YAML file errors
+@pytest.mark.parametrize("data, line", [
+    (b"max_inflight: 1\n# caf\xe9\n", 2),  # latin-1 in a comment
+    (b"on_busy: \xff\xfe\n", 1),  # in a value
+    (b"\xff\xfem\x00a\x00", 1),  # UTF-16
+    (b"codec:\n  level: 1\n  \xc3\n", 3),  # a cut multi-byte sequence
+])
+def test_non_utf8_yaml_names_the_file(tmp_path, data, line):
+    """A non-UTF-8 file was a UnicodeDecodeError naming no file."""
+    p = tmp_path / "latin.yaml"
+    p.write_bytes(data)
+    with pytest.raises(ConfigError) as ei:
+        Config.from_yaml(p)
+    assert str(p) in str(ei.value) and "not UTF-8" in str(ei.value) and f"(line {line})" in str(ei.value)
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        asyncckpt.AsyncCheckpointer(torch.nn.Linear(2, 2), config=str(p))
+
+
+def test_utf8_with_a_byte_order_mark_loads(tmp_path):
+    p = tmp_path / "bom.yaml"
+    p.write_bytes(b"\xef\xbb\xbfmax_inflight: 2\non_busy: skip # caf\xc3\xa9\n")
+    assert Config.from_yaml(p) == Config(max_inflight=2, on_busy="skip")
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    ("max_inflight: 1\nmax_inflight: 2\n", "max_inflight", (1, 2)),
+    ("max_inflight: 2\nmax_inflight: 2\n", "max_inflight", (1, 2)),  # even with the same value
+    ("codec:\n  level: 1\n  shuffle: true\n  level: 2\n", "codec.level", (2, 4)),
+    ("writer:\n  nice: 0\ncodec: {}\nwriter:\n  fsync: false\n", "writer", (1, 4)),
+    ("codec: {level: 1, level: 2}\n", "codec.level", (1, 1)),
+    ("codec:\n  <<: {level: 1}\n  level: 3\n", "codec.level", (2, 3)),  # a merge key and the key itself
+    ("codec:\n  <<: [{level: 1}, {level: 2}]\n", "codec.level", (2, 2)),  # two merged mappings
+    ("codec: &c\n  level: 1\nwriter:\n  <<: *c\n  nice: 0\ncodec2:\n  <<: *c\n", None, None),  # no duplicate
+    ("codec: &c {level: 1, chunk_mib: 1}\nx: 1\n", None, None),
+])
+def test_duplicate_yaml_keys_are_refused(tmp_path, text, key, lines):
+    """A key given twice was silently 'last one wins'; now it is an error naming the dotted key and both
+    lines, also when a merge key (``<<``) brings the duplicate in."""
+    p = tmp_path / "dup.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as ei:
+        Config.from_yaml(p)
+    msg = str(ei.value)
+    assert str(p) in msg
+    if key is None:  # no duplicate here: the error is about something else (an unknown key)
+        assert "given twice" not in msg and "unknown config key" in msg
+    else:
+        assert f"config key {key!r} is given twice (line {lines[0]} and line {lines[1]})" in msg, msg
+
+
+def test_anchors_without_duplicates_still_load(tmp_path):
+    p = tmp_path / "anchors.yaml"
+    p.write_text("codec: &c\n  level: 3\nwriter: {nice: &n 5, threads_per_node: *n}\n")
+    c = Config.from_yaml(p)
+    assert c.codec.level == 3 and c.writer.nice == c.writer.threads_per_node == 5
