@@ -34,9 +34,10 @@ import torch.distributed as dist
 
 from . import __version__
 from .durable import LockFile, exchange, fsync_dir, remove_tree, replace_atomic, write_durable
-from .errors import CommitError, CommitTimeoutError
+from .errors import CheckpointError, CommitError, CommitTimeoutError
 from .format import FORMAT_NAME, FORMAT_VERSION, LATEST, MANIFEST, PARTIAL_SUFFIX, partial_dir_name, seal
 from .io_types import RankOutcome
+from .loader import read_latest
 
 log = logging.getLogger(__name__)
 
@@ -323,11 +324,11 @@ class CommitCoordinator:
         history.append(tag)
         if not self.keep_last or len(history) <= self.keep_last:
             return
-        try:
-            with open(os.path.join(save_dir, LATEST)) as f:
-                protected = f.read().strip()
-        except OSError:
-            protected = ""
+        try:  # through the reader's checks: a FIFO, symlink or damaged `latest` must not steer deletion
+            protected = read_latest(save_dir)
+        except CheckpointError as exc:
+            log.warning("keep_last: not removing anything this time: %s", exc)
+            return
         for old in history[: len(history) - self.keep_last]:
             if old == protected:
                 continue

@@ -391,3 +391,37 @@ def test_functional_stall_includes_flatten(save_dir, fast_config):
     res = fut.result(timeout=60)
     assert res.stall_s >= 0.9 * took, (res.stall_s, took)
     assert res.stall_s <= took
+
+
+# ---------------------------------------------------------------------------------------------------- tags
+@pytest.mark.parametrize("tag", [100, 0])
+def test_an_int_tag_means_its_decimal_string_on_save_and_load(save_dir, fast_config, make_trainer, make_saver, tag):
+    result = asyncckpt.save({"w": torch.arange(4)}, save_dir, tag, config=fast_config()).result(60)
+    assert result.tag == str(tag) and os.path.isdir(os.path.join(save_dir, str(tag)))
+    assert torch.equal(asyncckpt.load(save_dir, tag)["w"], torch.arange(4))
+    trainer = make_trainer(0)
+    saver = make_saver(trainer)
+    saver.save_checkpoint(save_dir + "-saver", tag=tag).result(60)
+    path, _ = saver.load_checkpoint(save_dir + "-saver", tag=tag)
+    assert path == os.path.join(save_dir + "-saver", str(tag))
+
+
+@pytest.mark.parametrize("tag", [True, -1, 1.5, "step1\n", None])
+def test_bad_tags_are_refused_at_once_by_the_functional_save(save_dir, fast_config, tag):
+    with pytest.raises(asyncckpt.InvalidTagError):
+        asyncckpt.save({"w": torch.arange(4)}, save_dir, tag, config=fast_config())
+    assert not os.path.exists(save_dir) or not os.listdir(save_dir)
+
+
+def test_keep_last_never_follows_a_latest_that_is_not_a_regular_file(save_dir, make_trainer, make_saver, caplog):
+    trainer = make_trainer(0)
+    saver = make_saver(trainer, keep_last=1)
+    saver.save_checkpoint(save_dir, tag="a").result(60)
+    saver.wait(60)
+    os.unlink(os.path.join(save_dir, "latest"))
+    os.mkfifo(os.path.join(save_dir, "latest"))  # a reader that followed it would block forever
+    with caplog.at_level(logging.WARNING, logger="asyncckpt"):
+        saver.save_checkpoint(save_dir, tag="b", save_latest=False).result(60)
+        saver.close(60)  # joins the retention thread: it must not hang, and must remove nothing
+    assert sorted(asyncckpt.list_tags(save_dir)) == ["a", "b"]
+    assert any("keep_last: not removing anything" in r.getMessage() for r in caplog.records)
