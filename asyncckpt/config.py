@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
 from .errors import ConfigError
+from .format import MIN_CHUNK_BYTES
 
 ON_BUSY = ("wait", "skip", "error")
 TAG_VALIDATION = ("warn", "fail", "ignore")
@@ -61,7 +62,7 @@ class CodecConfig(_Section):
 
     @property
     def chunk_bytes(self) -> int:
-        return max(4096, int(self.chunk_mib * (1 << 20)) // 64 * 64)
+        return max(MIN_CHUNK_BYTES, int(self.chunk_mib * (1 << 20)) // 64 * 64)
 
 
 @dataclass(frozen=True)

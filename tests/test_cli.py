@@ -1,22 +1,18 @@
 """The ``asyncckpt`` command line (inspect, verify, exit statuses) and the example YAML config."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
-import typing
 
 import pytest
 import torch
-import yaml
 from click.testing import CliRunner
 
 import asyncckpt
 from asyncckpt.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLE = os.path.join(ROOT, "examples", "ckpt.yaml")
 CONFIG = {"codec": {"chunk_mib": 1 / 64}, "writer": {"threads_per_node": 2, "nice": 0}}  # several chunks per tensor
 
 
@@ -205,39 +201,6 @@ def test_console_script_entry_point():
 
     eps = [ep for ep in entry_points(group="console_scripts") if ep.name == "asyncckpt"]
     assert eps and eps[0].value == "asyncckpt.cli:main"
-
-
-# ------------------------------------------------------------------------------------- example config
-def _fields(cls, prefix: str = "") -> set[str]:
-    out = set()
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            out |= _fields(hints[f.name], prefix + f.name + ".")
-        else:
-            out.add(prefix + f.name)
-    return out
-
-
-def _keys(d: dict, prefix: str = "") -> set[str]:
-    out = set()
-    for k, v in d.items():
-        out |= _keys(v, prefix + k + ".") if isinstance(v, dict) else {prefix + k}
-    return out
-
-
-def test_example_yaml_is_the_default_config():
-    assert asyncckpt.Config.from_yaml(EXAMPLE) == asyncckpt.Config()
-
-
-def test_example_yaml_documents_every_key():
-    with open(EXAMPLE) as f:
-        text = f.read()
-    assert _keys(yaml.safe_load(text)) == _fields(asyncckpt.Config)
-    lines = text.splitlines()
-    for i, line in enumerate(lines):  # each key has a comment on the line(s) above it
-        if re.match(r"^\s*\w+:", line):
-            assert lines[i - 1].strip().startswith("#"), f"key without a comment above it: {line!r}"
 
 
 def test_inspect_shows_views_of_shared_storage(tmp_path):

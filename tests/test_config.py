@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import typing
 
 import pytest
 import torch
+import yaml
 
 import asyncckpt
 from asyncckpt import CodecConfig, Config, ConfigError, WriterConfig
@@ -173,12 +175,36 @@ def test_missing_yaml_file(tmp_path):
         asyncckpt.AsyncCheckpointer(torch.nn.Linear(2, 2), config=str(p))
 
 
-def test_example_yaml_loads():
-    if not os.path.exists(EXAMPLE):
-        pytest.skip("examples/ckpt.yaml is not there")
-    c = Config.from_yaml(EXAMPLE)
-    assert isinstance(c, Config)
-    assert c == Config()  # the example documents the defaults
+def _fields(cls, prefix: str = "") -> set[str]:
+    out = set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out |= _fields(hints[f.name], prefix + f.name + ".")
+        else:
+            out.add(prefix + f.name)
+    return out
+
+
+def _yaml_keys(d: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in d.items():
+        out |= _yaml_keys(v, prefix + k + ".") if isinstance(v, dict) else {prefix + k}
+    return out
+
+
+def test_example_yaml_is_the_default_config():
+    assert Config.from_yaml(EXAMPLE) == Config()
+
+
+def test_example_yaml_documents_every_key():
+    with open(EXAMPLE) as f:
+        text = f.read()
+    assert _yaml_keys(yaml.safe_load(text)) == _fields(Config)
+    lines = text.splitlines()
+    for i, line in enumerate(lines):  # each key has a comment on the line(s) above it
+        if re.match(r"^\s*\w+:", line):
+            assert lines[i - 1].strip().startswith("#"), f"key without a comment above it: {line!r}"
 
 
 def test_pin_memory_always_needs_cuda():
