@@ -119,8 +119,10 @@ class SaveEngine:
             self.pool.release(slot)
             self._placeholder(save_dir, tag, _exc_text(exc))
             raise
-        job.stall_s = time.perf_counter() - t0
-        return self._submit(job, stage_s)
+        fut = self._submit(job, stage_s)
+        job.stall_s = time.perf_counter() - t0  # everything the caller waited for, the hand-off included
+        job.returned.set()
+        return fut
 
     def _submit(self, job: SaveJob, stage_s: float) -> SaveFuture:
         fut = SaveFuture(self.writer.submit(self._run(job, stage_s)), job.tag)
@@ -135,6 +137,7 @@ class SaveEngine:
         if not self.ctx.distributed or self._closed:
             return None
         job = SaveJob(save_dir, tag, False, FlatState(None, []), None, ready_now, {}, time.perf_counter(), reason=reason)
+        job.returned.set()
         fut = self._submit(job, 0.0)
         if reason != BUSY:
             fut.observed = True  # this rank raises the error itself, right now
@@ -280,6 +283,8 @@ class SaveEngine:
         durable = time.perf_counter() - job.t_start
         if self.config.keep_last:  # deleting old tags is not part of making this one durable
             self._retain_thread.submit(self.coordinator.retain, job.save_dir, tag)
+        if not job.returned.is_set():  # the caller is still returning from save(): its stall is not final yet
+            await loop.run_in_executor(None, job.returned.wait, 60.0)
         result = SaveResult(tag, info.path, stall_s=job.stall_s, time_to_durable_s=durable,
                             raw_bytes=job.flat.nbytes, bytes_written=files.bytes_written,
                             total_bytes_written=info.total_bytes_written, phases=phases, rank=ctx.rank,

@@ -3,6 +3,7 @@ and back. Reading this file tells the architecture."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -63,7 +64,7 @@ class SaveResult:
     tag: str
     path: str | None
     skipped: bool = False
-    stall_s: float = 0.0
+    stall_s: float = 0.0  # what the caller waited: set once ``save`` is about to return (see ``returned``)
     time_to_durable_s: float = 0.0
     raw_bytes: int = 0
     bytes_written: int = 0
@@ -105,3 +106,4 @@ class SaveJob:
     stall_s: float = 0.0
     replicated_fp: str = ""
     reason: str = ""  # a placeholder for a save this rank could not make: "busy" (skip) or the error
+    returned: threading.Event = field(default_factory=threading.Event)  # set when ``stall_s`` is final
