@@ -142,9 +142,14 @@ class WriterPool:
                "skeleton": skeleton, **(extra or {})}
         data = seal(doc)
         index_name = rank_index_name(rank)
-        await self._loop.run_in_executor(self._encoders, check_index, data, os.path.join(directory, index_name),
-                                         skeleton, _elsewhere(flat))
-        await self._loop.run_in_executor(self._files, write_durable, os.path.join(directory, index_name), data, self.fsync)
+        path = os.path.join(directory, index_name)
+        # the check and the write run at once: nothing is published before both succeeded
+        outcomes = await asyncio.gather(
+            self._loop.run_in_executor(self._encoders, check_index, data, path, skeleton, _elsewhere(flat)),
+            self._loop.run_in_executor(self._files, write_durable, path, data, self.fsync), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
         if self.fsync:
             await self._loop.run_in_executor(self._files, fsync_dir, directory)
         return RankFiles(index_name, checksum(data), sum(files.values()) + len(data), sum(i.nbytes for i in items))
