@@ -197,6 +197,8 @@ class TensorRecord:
     stride: tuple[int, ...] = ()  # for a view
     global_shape: tuple[int, ...] = ()  # for a shard: the full tensor's shape
     global_offset: tuple[int, ...] = ()  # for a shard: where this shard starts in the full tensor
+    packed: bool = False  # a view that is an independent tensor packed into a shared storage for I/O only:
+    #                       a reader gives it its own storage (a contiguous copy out of the pack)
 
     @property
     def nbytes(self) -> int:
@@ -214,6 +216,8 @@ class TensorRecord:
         d: dict[str, Any] = {"dtype": dtype_name(self.dtype), "shape": list(self.shape), "device": self.device}
         if self.base:
             d.update(base=self.base, byte_offset=self.byte_offset, stride=list(self.stride))
+            if self.packed:
+                d["packed"] = True
         else:
             d.update(file=self.file, chunks=[c.to_json() for c in self.chunks])
         if self.global_shape:
@@ -336,9 +340,13 @@ def _parse_tensor(key: str, t: Any, where: str, files: dict[str, int]) -> Tensor
         _need(isinstance(t["base"], str), where, "base must be a key")
         stride = _int_list(t.get("stride"), where, "stride")
         _need(len(stride) == len(shape), where, "stride and shape differ in length")
+        packed = t.get("packed", False)
+        _need(packed is True or packed is False, where, "packed must be true or false")
+        _need(not packed or (stride == contiguous_stride(shape) and not gshape), where,
+              "a packed tensor must be contiguous and not a shard")
         return TensorRecord(key, dtype, shape, device, base=t["base"], stride=stride,
                             byte_offset=_int(t.get("byte_offset"), where, "byte_offset"),
-                            global_shape=gshape, global_offset=goff)
+                            global_shape=gshape, global_offset=goff, packed=packed)
     fname = check_file_name(t.get("file"), where)
     _need(fname in files, where, f"file {fname} is not declared in the rank's file list")
     fsize = files[fname]
@@ -376,6 +384,15 @@ def _parse_tensor(key: str, t: Any, where: str, files: dict[str, int]) -> Tensor
         total += raw
     _need(total == nbytes, where, f"chunks decode to {total} bytes but dtype {name} x shape {list(shape)} needs {nbytes}")
     return TensorRecord(key, dtype, shape, device, file=fname, chunks=tuple(chunks), global_shape=gshape, global_offset=goff)
+
+
+def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Row-major strides (in elements) of a contiguous tensor of ``shape``."""
+    stride, acc = [], 1
+    for s in reversed(shape):
+        stride.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(stride))
 
 
 def _plane_codec(x: Any, where: str) -> str:

@@ -335,18 +335,18 @@ class CheckpointReader:
         for key in keys:
             rec = self.record_for(key, rank)
             wanted[key] = rec
-            if rec.is_view:
+            if rec.is_view and not rec.packed:
                 base = self.record_for(rec.base, rank)
                 check_view(rec, base, f"{self.path}: tensor {key!r}")
                 wanted[rec.base] = base
-        plain = {k: r for k, r in wanted.items() if not r.is_view}
+        plain = {k: r for k, r in wanted.items() if not r.is_view or r.packed}
         cpu = self._read_plain(plain, verify)
         out: dict[str, torch.Tensor] = {}
         for key, t in cpu.items():
             dev = target_device(plain[key].device, map_location)
             out[key] = t if dev.type == "cpu" else t.to(dev)
         for key, rec in wanted.items():
-            if rec.is_view:
+            if rec.is_view and not rec.packed:
                 base = out[rec.base]
                 view = torch.empty(0, dtype=rec.dtype, device=base.device)
                 view.set_(base.untyped_storage(), rec.byte_offset // rec.dtype.itemsize, rec.shape, rec.stride)
@@ -379,9 +379,17 @@ class CheckpointReader:
         return out
 
     def _read_plain(self, records: dict[str, TensorRecord], verify: bool) -> dict[str, torch.Tensor]:
-        tensors = {k: torch.empty(r.shape, dtype=r.dtype) for k, r in records.items()}
+        """Tensors with their own storage: stored ones, and packed ones (each copied out of its pack; the
+        packs are read in the same batch of chunks)."""
+        packed = {k: r for k, r in records.items() if r.packed}
+        stored = {k: r for k, r in records.items() if not r.packed}
+        for key, rec in packed.items():
+            if rec.base not in stored:
+                stored[rec.base] = self.record_for(rec.base)  # pack keys name their rank: one copy
+            check_view(rec, stored[rec.base], f"{self.path}: tensor {key!r}")
+        tensors = {k: torch.empty(r.shape, dtype=r.dtype) for k, r in stored.items()}
         tasks = []
-        for key, rec in records.items():
+        for key, rec in stored.items():
             flat = _bytes_view(tensors[key])
             pos = 0
             for i, c in enumerate(rec.chunks):
@@ -389,7 +397,7 @@ class CheckpointReader:
                 pos += c.raw
         fds: dict[str, int] = {}
         try:
-            for rec in records.values():
+            for rec in stored.values():
                 if rec.file not in fds:
                     fd = _open_regular(self._file(rec.file))
                     if fd is None:
@@ -399,7 +407,10 @@ class CheckpointReader:
         finally:
             for fd in fds.values():
                 os.close(fd)
-        return tensors
+        for key, rec in packed.items():  # contiguous (parse_rank_index checks): a byte range of the pack
+            start = rec.byte_offset
+            tensors[key] = tensors[rec.base][start: start + rec.nbytes].clone().view(rec.dtype).view(rec.shape)
+        return {k: tensors[k] for k in records}
 
     def _run_chunks(self, tasks: list, fds: dict[str, int], verify: bool) -> None:
         def one(task) -> None:

@@ -21,10 +21,16 @@ from typing import Any, Coroutine
 
 import aiofiles
 
+import torch
+
 from .codec import ChunkCodec
 from .durable import fsync_dir, start_writeback, write_durable
-from .format import FORMAT_VERSION, TensorRecord, checksum, data_file_name, rank_index_name, seal
+from .errors import CheckpointError
+from .format import (FORMAT_VERSION, TensorRecord, checksum, contiguous_stride, data_file_name, parse_rank_index,
+                     rank_index_name, seal)
 from .io_types import FlatState
+from .packing import Pack, Packer, pack_key
+from .state import skeleton_tensor_refs
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +74,7 @@ class WriterPool:
         self.files_per_rank = files_per_rank
         self.window = inflight_chunks or 2 * self.threads + 1
         self.fsync = fsync
+        self._packer = Packer(chunk_bytes)
         init = (lambda: lower_thread_priority(nice, ionice_idle))
         self._encoders = concurrent.futures.ThreadPoolExecutor(self.threads, f"{name}-encode", initializer=init)
         self._files = concurrent.futures.ThreadPoolExecutor(max(2, files_per_rank), f"{name}-file", initializer=init)
@@ -101,37 +108,53 @@ class WriterPool:
     # ----------------------------------------------------------------------------------------- writing
     async def write_rank(self, *, directory: str, rank: int, flat: FlatState, slot: Any, skeleton: Any,
                          extra: dict | None = None) -> RankFiles:
-        """Encode and write this rank's staged tensors into ``directory``, then its index; fsync all."""
+        """Encode and write this rank's staged tensors into ``directory``, then its index; fsync all.
+        Small tensors are written in packs (:mod:`asyncckpt.packing`). The index is validated as a reader
+        would see it before it is written: a save that load would refuse fails here, before publishing."""
         layout = slot.layout
         items = flat.items
-        n_files = max(1, min(self.files_per_rank, len(items)))
-        assignment = _split_by_bytes([i.nbytes for i in items], n_files)
+        bases = {v.base for v in flat.views}
+        alone = frozenset(i for i, item in enumerate(items) if item.global_shape or item.key in bases)
+        entries = self._packer.plan(items, layout, alone).entries
+        n_files = max(1, min(self.files_per_rank, len(entries)))
+        assignment = _split_by_bytes([e.nbytes if isinstance(e, Pack) else items[e].nbytes for e in entries], n_files)
         names = [data_file_name(rank, f) for f in range(n_files)]
         results = await asyncio.gather(*[
-            self._write_file(os.path.join(directory, names[f]), slot, [(i, items[i], layout.offsets[i]) for i in idxs])
+            self._write_file(os.path.join(directory, names[f]), slot, [entries[i] for i in idxs], items, layout)
             for f, idxs in enumerate(assignment)
         ])
         records: dict[str, dict] = {}
-        files: dict[str, int] = {}
-        for name, (size, recs) in zip(names, results):
-            files[name] = size
-            for item, chunks in recs:
-                records[item.key] = TensorRecord(
-                    item.key, item.dtype, item.shape, item.device, file=name, chunks=tuple(chunks),
-                    global_shape=item.global_shape, global_offset=item.global_offset).to_json()
         for v in flat.views:
             records[v.key] = TensorRecord(v.key, v.dtype, v.shape, v.device, base=v.base,
                                           byte_offset=v.byte_offset, stride=v.stride).to_json()
+        files: dict[str, int] = {}
+        for name, (size, written) in zip(names, results):
+            files[name] = size
+            for entry, chunks in written:
+                if isinstance(entry, Pack):
+                    _pack_records(records, rank, entry, items, name, chunks)
+                    continue
+                item = items[entry]
+                records[item.key] = TensorRecord(
+                    item.key, item.dtype, item.shape, item.device, file=name, chunks=tuple(chunks),
+                    global_shape=item.global_shape, global_offset=item.global_offset).to_json()
         doc = {"format_version": FORMAT_VERSION, "rank": rank, "files": files, "tensors": records,
                "skeleton": skeleton, **(extra or {})}
         data = seal(doc)
         index_name = rank_index_name(rank)
-        await self._loop.run_in_executor(self._files, write_durable, os.path.join(directory, index_name), data, self.fsync)
+        path = os.path.join(directory, index_name)
+        # the check and the write run at once: nothing is published before both succeeded
+        outcomes = await asyncio.gather(
+            self._loop.run_in_executor(self._encoders, check_index, data, path, skeleton, _elsewhere(flat)),
+            self._loop.run_in_executor(self._files, write_durable, path, data, self.fsync), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
         if self.fsync:
             await self._loop.run_in_executor(self._files, fsync_dir, directory)
         return RankFiles(index_name, checksum(data), sum(files.values()) + len(data), sum(i.nbytes for i in items))
 
-    async def _write_file(self, path: str, slot: Any, entries: list) -> tuple[int, list]:
+    async def _write_file(self, path: str, slot: Any, entries: list, items: list, layout: Any) -> tuple[int, list]:
         loop = self._loop
         chunk = self.chunk_bytes
         window: collections.deque = collections.deque()
@@ -139,13 +162,18 @@ class WriterPool:
         pos = 0
 
         def jobs():
-            for _, item, off in entries:
+            """(chunk records to append to, encode function, its arguments) for every chunk, in file order."""
+            slot_bytes = slot.array(0, layout.total) if entries else None
+            for entry in entries:
+                out.append((entry, []))
+                if isinstance(entry, Pack):
+                    yield out[-1][1], _encode_pack, (self.codec, entry, slot_bytes)
+                    continue
+                item, off = items[entry], layout.offsets[entry]
                 n = item.nbytes
-                out.append((item, []))
                 itemsize = item.dtype.itemsize
                 for start in range(0, n, chunk):
-                    length = min(chunk, n - start)
-                    yield out[-1][1], slot.array(off + start, length), itemsize
+                    yield out[-1][1], self.codec.encode, (slot_bytes[off + start: off + min(n, start + chunk)], itemsize)
 
         flushed = 0
 
@@ -159,9 +187,8 @@ class WriterPool:
 
         async with aiofiles.open(path, "wb") as f:
             try:
-                pending = jobs()
-                for job in pending:
-                    window.append((job[0], loop.run_in_executor(self._encoders, self.codec.encode, job[1], job[2])))
+                for chunks, fn, args in jobs():
+                    window.append((chunks, loop.run_in_executor(self._encoders, fn, *args)))
                     if len(window) >= self.window:
                         await drain()
                 while window:
@@ -175,6 +202,49 @@ class WriterPool:
                 await asyncio.gather(*(fut for _, fut in window), return_exceptions=True)
                 raise
         return pos, out
+
+
+def _encode_pack(codec: ChunkCodec, pack: Pack, slot_bytes):
+    """Gather a pack's members out of the slot and encode them as one chunk (in an encoder thread)."""
+    return codec.encode(pack.gather(slot_bytes), pack.itemsize)
+
+
+def _pack_records(records: dict, rank: int, pack: Pack, items: list, file: str, chunks: list) -> None:
+    """The pack's storage record, and one packed view record per member."""
+    key = pack_key(rank, pack.index)
+    records[key] = TensorRecord(key, torch.uint8, (pack.nbytes,), "cpu", file=file, chunks=tuple(chunks)).to_json()
+    for m, off in zip(pack.members, pack.offsets):
+        item = items[m]
+        records[item.key] = TensorRecord(item.key, item.dtype, item.shape, item.device, base=key, byte_offset=off,
+                                         stride=contiguous_stride(item.shape), packed=True).to_json()
+
+
+def _elsewhere(flat: FlatState) -> frozenset[str] | None:
+    """The keys this rank may leave to other ranks: what the engine recorded when it split replicated state,
+    else none when this process is alone (nothing can have been split), else unknown (None)."""
+    if flat.elsewhere is not None:
+        return flat.elsewhere
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+            or torch.distributed.get_world_size() == 1:
+        return frozenset()
+    return None
+
+
+def check_index(data: bytes, where: str, skeleton: Any, elsewhere: frozenset[str] | None) -> None:
+    """Refuse to write a rank index that load would refuse: it must parse as a reader parses it, and every
+    tensor its skeleton references, and every storage its views name, must be in it or be a replicated
+    tensor another rank writes (``elsewhere``; None: unknown, so a missing key is not checked)."""
+    _, records = parse_rank_index(data, where)
+    if elsewhere is None:
+        return
+    for key in skeleton_tensor_refs(skeleton):
+        if key not in records and key not in elsewhere:
+            raise CheckpointError(f"{where}: the saved state references tensor {key!r}, but no tensor of that key "
+                                  "was staged; nothing is published")
+    for key, rec in records.items():
+        if rec.is_view and rec.base not in records and rec.base not in elsewhere:
+            raise CheckpointError(f"{where}: tensor {key!r} is a view of storage {rec.base!r}, which was not staged; "
+                                  "nothing is published")
 
 
 async def _drain_one(f, window: collections.deque, pos: int) -> int:

@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=DEFAULT_OUT, help="results directory (default: benchmarks/results)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions per system (overrides the YAML)")
     ap.add_argument("--systems", default=None,
-                    help=f"comma-separated subset of the systems (known: {', '.join(SYSTEM_NAMES)})")
+                    help=f"comma-separated subset of the systems (built in: {', '.join(SYSTEM_NAMES)}; "
+                         "plugins may add more)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints and job files under OUT/tmp")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)  # unwind (and stop the worker processes) on SIGTERM too
@@ -58,9 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     log(f"wrote {dest}/results.json, results.md{', results.png' if have_plot else ''}")
     for t in doc["targets"]:
         log(f"  {t['result']:4}  {t['run']}: {t['target']}: {t['measured']}")
-    failed = [(r["workload"], n) for r in doc["runs"] for n, s in r["systems"].items() if s.get("status") == "error"]
-    for wl, n in failed:
-        log(f"  system {n} failed on {wl}")
+    failed = [(r["workload"], n, s.get("reason")) for r in doc["runs"] for n, s in r["systems"].items()
+              if s.get("status") not in ("ok", "unavailable")]
+    for wl, n, why in failed:
+        log(f"  system {n} failed on {wl}: {why}")
     return 0
 
 

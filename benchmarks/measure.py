@@ -107,7 +107,7 @@ class Measurer:
             if self.ctx.world == 1 and self.growth and self.run.growth_for(self.name):
                 out["growth"] = self._growth(system)
         except Exception as exc:  # noqa: BLE001 - a failing system is a result, not a crash of the benchmark
-            out["status"] = "error"
+            out["status"] = "failed"
             out["reason"] = f"{type(exc).__name__}: {exc}"
             out["traceback"] = traceback.format_exc()
             self.log(f"  {self.name}: FAILED: {out['reason']}")

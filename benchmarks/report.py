@@ -8,7 +8,7 @@ import statistics
 from collections import defaultdict
 from typing import Any, Iterable
 
-from .spec import ASYNCCKPT_MODES as ASYNCCKPT, PEERS, SYSTEM_NAMES as SYSTEMS
+from .spec import ASYNCCKPT_MODES as ASYNCCKPT, SYSTEM_NAMES as SYSTEMS
 
 FIGURES = [  # (metric, column title, kind)
     ("stall_first_s", "first-save stall", "time"),
@@ -198,7 +198,7 @@ def run_markdown(run: dict, cfg: dict) -> list[str]:
     wi = run.get("workload_info") or {}
     raw = run["raw_bytes"]
     lines = [f"## {run_label(run)}: {fmt_bytes(raw)} of {wi.get('dtype', '?')} state "
-             f"({(wi.get('n_params') or 0) / 1e6:.1f} M parameters + AdamW moments, {wi.get('n_tensors')} tensors, "
+             f"({_params_text(wi)}, {wi.get('n_tensors')} tensors, "
              f"{100 * (wi.get('zero_fraction') or 0):.1f}% zero bytes)", ""]
     growth_n = (cfg.get("growth") or {}).get("saves")
     heads = [t if m != "growth_bytes" else f"RSS growth over {growth_n} saves" for m, t, _ in FIGURES]
@@ -207,7 +207,8 @@ def run_markdown(run: dict, cfg: dict) -> list[str]:
     for name, res in run["systems"].items():
         if res.get("status") != "ok":
             reason = (res.get("reason") or "").replace("|", "\\|").splitlines()[0][:200] if res.get("reason") else ""
-            lines.append(f"| `{name}` | {res.get('status', 'error').upper()}: {reason} |" + " |" * (len(FIGURES) - 1))
+            status = "unavailable" if res.get("status") == "unavailable" else "failed"
+            lines.append(f"| `{name}` | {status}: {reason} |" + " |" * (len(FIGURES) - 1))
             continue
         s = run["summary"].get(name, {})
         cells = [fmt_stats(s.get(m), kind) for m, _, kind in FIGURES]
@@ -257,6 +258,14 @@ def run_markdown(run: dict, cfg: dict) -> list[str]:
     return lines
 
 
+def _params_text(wi: dict) -> str:
+    spec = wi.get("spec") or {}
+    state = {"adamw": "AdamW moments", "sgd": "SGD momentum"}.get(spec.get("optimizer", "adamw"), "optimizer state")
+    if spec.get("kind") == "many_small":
+        return f"{spec.get('n_tensors')} parameters of {spec.get('numel')} elements + {state}"
+    return f"{(wi.get('n_params') or 0) / 1e6:.1f} M parameters + {state}"
+
+
 def _cpus(run: dict) -> str:
     return str(run.get("cpus") or "?")
 
@@ -274,7 +283,7 @@ RATIO_FIGURES = [
 def ratio_markdown(run: dict) -> list[str]:
     """One row per (figure, peer or floor), one column per asyncckpt mode."""
     mine = [n for n in run["summary"] if n in ASYNCCKPT]
-    peers = [n for n in run["summary"] if n in PEERS]
+    peers = [n for n in run["summary"] if n not in ASYNCCKPT]  # built-in peers and registered ones
     if not mine:
         return []
     fs = run.get("floor_summary") or {}
@@ -317,7 +326,8 @@ def plot(doc: dict, path: str) -> bool:
     except ImportError:
         return False
     runs = doc["runs"]
-    systems = [n for n in SYSTEMS if any(n in r.get("summary", {}) for r in runs)]
+    names = list(SYSTEMS) + [n for r in runs for n in r.get("summary", {}) if n not in SYSTEMS]
+    systems = [n for n in dict.fromkeys(names) if any(n in r.get("summary", {}) for r in runs)]
     panels = [("stall_first_s", "first-save stall", "memcpy_s"), ("stall_warm_s", "warm stall", "memcpy_s"),
               ("ttd_warm_s", "time to durable (warm)", "disk_s")]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 + 2.2 * len(runs) * len(panels), 5.5), squeeze=False)

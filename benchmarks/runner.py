@@ -83,7 +83,7 @@ def launch(job: dict, job_dir: str, world: int, timeout_s: float, log: Callable[
                    else f"process exited with code {p.returncode} without a result"
                    + (" (killed by a signal: out of memory?)" if (p.returncode or 0) < 0 else ""))
             log(f"  rank {r}: {why}")
-            out.append({"rank": r, "world": world, "status": "error", "reason": why, "tasks": []})
+            out.append({"rank": r, "world": world, "status": "failed", "reason": why, "tasks": []})
     return out
 
 
@@ -135,7 +135,7 @@ def _merge_ranks(docs: list[dict], name: str, round_index: int) -> dict:
     per_rank = []
     for d in docs:
         task = next((t for t in d.get("tasks", []) if t.get("name") == name and t.get("round") == round_index), None)
-        per_rank.append(task["result"] if task else {"status": "error", "reason": d.get("reason", "no result")})
+        per_rank.append(task["result"] if task else {"status": "failed", "reason": d.get("reason", "no result")})
     bad = [r for r in per_rank if r.get("status") != "ok"]
     if bad:
         # the rank that raised explains more than a peer that was killed while waiting for it
@@ -232,5 +232,5 @@ def _run_all(spec: RunSpec, doc: dict, workdir: str, job_root: str, log: Callabl
                         continue
                     by_system.setdefault(t["name"], []).append(_merge_ranks(docs, t["name"], t["round"]))
             for name in spec.systems:
-                rec["systems"][name] = _merge_rounds(by_system.get(name, [{"status": "error", "reason": "not run"}]))
+                rec["systems"][name] = _merge_rounds(by_system.get(name, [{"status": "failed", "reason": "not run"}]))
             doc["runs"].append(rec)

@@ -13,12 +13,14 @@ Unknown keys are errors (a typo must not silently fall back to a default). Every
     timeout_s: 3600             # per measurement process (per rank with several ranks)
     world_sizes: [1]            # [1, 2]: each system also runs on 2 gloo ranks with DDP-replicated state
     systems: [torch_save, deepspeed, dcp_save, dcp_async, asyncckpt, ...]   # see benchmarks.systems.SYSTEMS
+    plugins: []                 # modules to import first: they add systems with benchmarks.systems.register
     asyncckpt: {}               # asyncckpt Config overrides applied to every asyncckpt mode
     loop: {enabled: true, span: 1.5, min_steps: 3, max_steps: 100, pairs: 1}
     growth: {saves: 50, systems: all}
     floors: {enabled: true, reps: 3, write_mib: 16, codec_reps: 1}
     workloads:                  # one or more (a size sweep); see WorkloadSpec below
       - {name: gpt_0p1gb, vocab: 8192, d_model: 256, n_layers: 6, n_heads: 4, seq_len: 64, batch: 4, dtype: float32}
+      - {name: many_small, kind: many_small, n_tensors: 10000, numel: 16, optimizer: sgd}
 """
 from __future__ import annotations
 
@@ -29,13 +31,21 @@ from typing import Any, Mapping
 
 
 DTYPE_SIZES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2}
+KINDS = ("gpt", "many_small")
+OPTIMIZERS = {"adamw": 2, "sgd": 1}  # optimizer -> state tensors per parameter of the parameter's size
 
 
 @dataclass(frozen=True)
 class WorkloadSpec:
-    """Sizes of one workload (a YAML entry under ``workloads:``)."""
+    """Sizes of one workload (a YAML entry under ``workloads:``). ``kind: gpt`` (the default) is the GPT
+    decoder below; ``kind: many_small`` is ``n_tensors`` parameters of ``numel`` elements each (the per-tensor
+    overheads of a checkpointer, not its bandwidth), with ``optimizer``'s state for each."""
 
     name: str
+    kind: str = "gpt"
+    n_tensors: int = 10000  # many_small: parameters
+    numel: int = 16  # many_small: elements of each
+    optimizer: str = "adamw"  # adamw | sgd (SGD with momentum: one buffer per parameter)
     vocab: int = 8192
     d_model: int = 256
     n_layers: int = 6
@@ -48,6 +58,12 @@ class WorkloadSpec:
     dense_init: bool = True  # see build(): no all-zero embedding rows in AdamW's moments
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"workload {self.name!r}: kind must be one of {list(KINDS)}, got {self.kind!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"workload {self.name!r}: optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.n_tensors < 1 or self.numel < 1:
+            raise ValueError(f"workload {self.name!r}: n_tensors and numel must be >= 1")
         if self.dtype not in DTYPE_SIZES:
             raise ValueError(f"workload {self.name!r}: dtype must be one of {sorted(DTYPE_SIZES)}, got {self.dtype!r}")
         if self.d_model % self.n_heads:
@@ -59,17 +75,19 @@ class WorkloadSpec:
     @property
     def n_params(self) -> int:
         """Parameter count without building the model (embeddings, blocks, final norm, untied head)."""
+        if self.kind == "many_small":
+            return self.n_tensors * self.numel
         d, v, t = self.d_model, self.vocab, self.seq_len
         block = (4 * d) + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
         return v * d + t * d + self.n_layers * block + 2 * d + d * v
 
     @property
     def state_bytes_estimate(self) -> int:
-        """Parameters plus AdamW's two moments (the ``step`` counters are negligible)."""
-        return 3 * self.n_params * DTYPE_SIZES[self.dtype]
+        """Parameters plus the optimizer's state (AdamW's ``step`` counters are negligible)."""
+        return (1 + OPTIMIZERS[self.optimizer]) * self.n_params * DTYPE_SIZES[self.dtype]
 
 
-# Every system the benchmark knows (benchmarks.systems.SYSTEMS implements each), in report order.
+# The built-in systems (benchmarks.systems implements each), in report order; plugins may register more.
 SYSTEM_NAMES = ("torch_save", "deepspeed", "dcp_save", "dcp_async", "dcp_async_default", "asyncckpt",
                 "asyncckpt_prepared", "asyncckpt_raw", "asyncckpt_raw_prepared")
 PEERS = ("torch_save", "deepspeed", "dcp_save", "dcp_async", "dcp_async_default")
@@ -122,6 +140,7 @@ class RunSpec:
     warmup: bool = True
     timeout_s: float = 3600.0
     world_sizes: tuple[int, ...] = (1,)
+    plugins: tuple[str, ...] = ()
     asyncckpt: Mapping[str, Any] = field(default_factory=dict)
     loop: LoopSpec = field(default_factory=LoopSpec)
     growth: GrowthSpec = field(default_factory=GrowthSpec)
@@ -165,6 +184,11 @@ class RunSpec:
                     raise SpecError(f"'{key}' must be a mapping")
                 _only(value, {f.name for f in dataclasses.fields(sub)}, f"{key}.")
                 kwargs[key] = sub(**value)
+        if "plugins" in data:
+            plugins = data.pop("plugins") or []
+            if not isinstance(plugins, (list, tuple)) or not all(isinstance(p, str) for p in plugins):
+                raise SpecError("'plugins' must be a list of module names")
+            kwargs["plugins"] = tuple(plugins)
         for key in ("systems", "world_sizes"):
             if key in data:
                 value = data.pop(key)
@@ -190,9 +214,10 @@ class RunSpec:
             raise SpecError(f"{path}: {exc}") from None
 
     def validate(self) -> None:
-        unknown = [s for s in self.systems if s not in SYSTEM_NAMES]
+        known = known_systems(self.plugins)
+        unknown = [s for s in self.systems if s not in known]
         if unknown:
-            raise SpecError(f"unknown system(s) {unknown}; known: {', '.join(SYSTEM_NAMES)}")
+            raise SpecError(f"unknown system(s) {unknown}; known: {', '.join(known)}")
         if self.reps < 1 or self.rounds < 1 or self.warm_saves < 0:
             raise SpecError("reps and rounds must be >= 1, warm_saves >= 0")
         if any(w < 1 for w in self.world_sizes):
@@ -216,6 +241,20 @@ class RunSpec:
         spec = dataclasses.replace(self, **changes)
         spec.validate()
         return spec
+
+
+def known_systems(plugins: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The built-in systems, then those the ``plugins`` modules register (importing them registers them)."""
+    import importlib
+
+    for module in plugins:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise SpecError(f"plugin {module!r} cannot be imported: {exc}") from None
+    from .systems import SYSTEMS  # (imports torch: only once a spec is checked)
+
+    return tuple(SYSTEMS)
 
 
 def _only(data: Mapping, known: set[str], prefix: str) -> None:

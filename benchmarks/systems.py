@@ -487,7 +487,21 @@ class AsyncCkptRawPrepared(AsyncCkpt):
     prepare = True
 
 
-SYSTEMS: dict[str, type[System]] = {cls.name: cls for cls in (
-    TorchSave, DeepSpeed, DcpSave, DcpAsync, DcpAsyncDefault, AsyncCkpt, AsyncCkptPrepared, AsyncCkptRaw,
-    AsyncCkptRawPrepared)}
-assert tuple(SYSTEMS) == SYSTEM_NAMES, "spec.SYSTEM_NAMES lists the systems implemented here, in order"
+SYSTEMS: dict[str, type[System]] = {}
+
+
+def register(cls: type[System]) -> type[System]:
+    """Add a system to the benchmark (usable as a class decorator). A module listed under ``plugins:`` in a
+    run's YAML is imported by the runner and by every measurement process, so its systems exist in both."""
+    if not (isinstance(cls, type) and issubclass(cls, System)) or not cls.name or cls.name == System.name:
+        raise TypeError(f"{cls!r} is not a System subclass with its own name")
+    if SYSTEMS.get(cls.name, cls) is not cls:
+        raise ValueError(f"a different system is already registered as {cls.name!r}")
+    SYSTEMS[cls.name] = cls
+    return cls
+
+
+for _cls in (TorchSave, DeepSpeed, DcpSave, DcpAsync, DcpAsyncDefault, AsyncCkpt, AsyncCkptPrepared, AsyncCkptRaw,
+             AsyncCkptRawPrepared):
+    register(_cls)
+assert tuple(SYSTEMS) == SYSTEM_NAMES, "spec.SYSTEM_NAMES lists the built-in systems implemented here, in order"

@@ -34,7 +34,7 @@ def main(job_path: str) -> int:
     try:
         _run(job, rank, world, out)
     except Exception as exc:  # noqa: BLE001 - reported to the runner
-        out["status"] = "error"
+        out["status"] = "failed"
         out["reason"] = f"{type(exc).__name__}: {exc}"
         out["traceback"] = traceback.format_exc()
         log(out["traceback"])

@@ -1,6 +1,9 @@
 """The training state every system checkpoints: a GPT-style decoder (token and position embeddings, N pre-LN
 transformer blocks, LM head) with AdamW, after one optimizer step so that AdamW's moments exist.
 
+``kind: many_small`` replaces the decoder by ``n_tensors`` parameters of ``numel`` elements each (what
+per-tensor overheads cost), trained by the same kind of step.
+
 The model is deterministic for a seed, so separate processes (one per system, one per rank) build identical
 states. ``dtype: bfloat16`` gives the bf16-weights variant: parameters, gradients and AdamW moments in bf16.
 """
@@ -61,6 +64,18 @@ class GPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
+class ManySmall(nn.Module):
+    """``n_tensors`` parameters of ``numel`` elements; the loss is their mean square."""
+
+    def __init__(self, spec: WorkloadSpec, gen: torch.Generator):
+        super().__init__()
+        self.params = nn.ParameterList(nn.Parameter(torch.randn(spec.numel, generator=gen))
+                                       for _ in range(spec.n_tensors))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p.reshape(-1) for p in self.params]).square().mean()
+
+
 @dataclass
 class Workload:
     """A built workload: the model (possibly DDP-wrapped), its optimizer, and one training step."""
@@ -93,7 +108,7 @@ class Workload:
         return zeros / max(1, self.raw_bytes)
 
     def describe(self) -> dict:
-        return {"name": self.spec.name, "dtype": self.spec.dtype, "n_params": self.n_params,
+        return {"name": self.spec.name, "kind": self.spec.kind, "optimizer": self.spec.optimizer, "dtype": self.spec.dtype, "n_params": self.n_params,
                 "raw_bytes": self.raw_bytes, "n_tensors": len(self.state_tensors()), "build_s": self.build_s,
                 "zero_fraction": self.zero_fraction(), "spec": dict(self.spec.__dict__)}
 
@@ -103,17 +118,30 @@ def build(spec: WorkloadSpec, *, ddp: bool = False) -> Workload:
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(spec.seed)
     torch.manual_seed(spec.seed)
-    module = GPT(spec)
-    _init(module, gen)
+    module: nn.Module
+    if spec.kind == "many_small":
+        module = ManySmall(spec, gen)
+    else:
+        module = GPT(spec)
+        _init(module, gen)
     model: nn.Module = module
     if ddp:
         model = nn.parallel.DistributedDataParallel(module)
     # foreach=False: the optimizer step keeps no multi-tensor temporaries around (steadier RSS figures)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=spec.lr, foreach=False)
+    if spec.optimizer == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(module.parameters(), lr=spec.lr, momentum=0.9, foreach=False)
+    else:
+        optimizer = torch.optim.AdamW(module.parameters(), lr=spec.lr, foreach=False)
     tokens = torch.randint(0, spec.vocab, (spec.batch, spec.seq_len + 1), generator=gen)
     x, y = tokens[:, :-1], tokens[:, 1:]
 
     def step(densify: bool = False) -> float:
+        if spec.kind == "many_small":
+            loss = model(x)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return float(loss.detach())
         logits = model(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
         loss.backward()
@@ -123,7 +151,7 @@ def build(spec: WorkloadSpec, *, ddp: bool = False) -> Workload:
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    step(densify=spec.dense_init)
+    step(densify=spec.dense_init and spec.kind == "gpt")
     if torch_dtype(spec) != torch.float32:
         # The first step runs in fp32, then parameters and AdamW moments are cast (a bf16 matmul is ~20x slower
         # than fp32 on CPUs without AVX512-BF16, and a first step from bf16 weights has the same kind of
