@@ -158,7 +158,8 @@ class SaveEngine:
         owners = assign_replicated([i.nbytes for i in replicated], len(scope))
         mine = {id(i) for i, o in zip(replicated, owners) if scope[o] == self.ctx.rank}
         items = [i for i in flat.items if not i.replicated or id(i) in mine]
-        return FlatState(flat.skeleton, items, flat.views), fp
+        elsewhere = frozenset(i.key for i in replicated if id(i) not in mine)  # written by the other ranks
+        return FlatState(flat.skeleton, items, flat.views, elsewhere=elsewhere), fp
 
     def raise_unobserved(self) -> None:
         """Raise the oldest background failure nobody has looked at yet."""

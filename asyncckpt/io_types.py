@@ -52,8 +52,7 @@ class FlatState:
     views: list[ViewItem] = field(default_factory=list)
     # keys of replicated tensors (and storages) that another rank writes, recorded where replicated state is
     # split across ranks; the writer refuses a rank index that misses any other key the skeleton references.
-    # None: not recorded (then the writer can check missing keys only when this process is alone)
-    elsewhere: frozenset[str] | None = None
+    elsewhere: frozenset[str] = frozenset()
 
     @property
     def nbytes(self) -> int:

@@ -75,13 +75,15 @@ class PackPlan:
 
 def plan(sizes: Sequence[int], itemsizes: Sequence[int], offsets: Sequence[int], alone: frozenset[int],
          chunk_bytes: int) -> PackPlan:
-    """Group the items of fewer than :func:`pack_limit` bytes, except those in ``alone``, by element size
-    into packs of at most ``chunk_bytes``. A pack takes the place of its first member in the write order."""
+    """Group the items of 1 to :func:`pack_limit` - 1 bytes, except those in ``alone``, by element size into
+    packs of at most ``chunk_bytes``. A pack takes the place of its first member in the write order. Empty
+    tensors stay alone: they have no chunks, and a pack of nothing but empty tensors would be a chunk of 0
+    bytes, which readers refuse."""
     limit = pack_limit(chunk_bytes)
     entries: list = []  # item indices, and for each pack the list of its members
     open_packs: dict[int, tuple[list[int], list[int]]] = {}  # itemsize -> (members, [bytes so far])
     for i, n in enumerate(sizes):
-        if n >= limit or i in alone:
+        if n >= limit or n == 0 or i in alone:
             entries.append(i)
             continue
         current = open_packs.get(itemsizes[i])

@@ -66,7 +66,7 @@ class Slot:
         return 0 if self.buffer is None else self.buffer.numel()
 
     def _ensure(self, nbytes: int) -> None:
-        if self.capacity >= nbytes:
+        if self.buffer is not None and self.capacity >= nbytes:  # (a state of only empty tensors still needs one)
             return
         self.buffer = None  # free the old buffer before allocating the larger one
         t0 = time.perf_counter()

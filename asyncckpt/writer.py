@@ -145,7 +145,7 @@ class WriterPool:
         path = os.path.join(directory, index_name)
         # the check and the write run at once: nothing is published before both succeeded
         outcomes = await asyncio.gather(
-            self._loop.run_in_executor(self._encoders, check_index, data, path, skeleton, _elsewhere(flat)),
+            self._loop.run_in_executor(self._encoders, check_index, data, path, skeleton, flat.elsewhere),
             self._loop.run_in_executor(self._files, write_durable, path, data, self.fsync), return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
@@ -219,24 +219,11 @@ def _pack_records(records: dict, rank: int, pack: Pack, items: list, file: str, 
                                          stride=contiguous_stride(item.shape), packed=True).to_json()
 
 
-def _elsewhere(flat: FlatState) -> frozenset[str] | None:
-    """The keys this rank may leave to other ranks: what the engine recorded when it split replicated state,
-    else none when this process is alone (nothing can have been split), else unknown (None)."""
-    if flat.elsewhere is not None:
-        return flat.elsewhere
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
-            or torch.distributed.get_world_size() == 1:
-        return frozenset()
-    return None
-
-
-def check_index(data: bytes, where: str, skeleton: Any, elsewhere: frozenset[str] | None) -> None:
+def check_index(data: bytes, where: str, skeleton: Any, elsewhere: frozenset[str]) -> None:
     """Refuse to write a rank index that load would refuse: it must parse as a reader parses it, and every
     tensor its skeleton references, and every storage its views name, must be in it or be a replicated
-    tensor another rank writes (``elsewhere``; None: unknown, so a missing key is not checked)."""
+    tensor another rank writes (``elsewhere``)."""
     _, records = parse_rank_index(data, where)
-    if elsewhere is None:
-        return
     for key in skeleton_tensor_refs(skeleton):
         if key not in records and key not in elsewhere:
             raise CheckpointError(f"{where}: the saved state references tensor {key!r}, but no tensor of that key "
