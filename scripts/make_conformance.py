@@ -704,7 +704,8 @@ def generate(root: str) -> None:
     valid_cases(root)
     invalid_cases(root)
     with open(os.path.join(root, "generator.json"), "w") as f:
-        json.dump({"zstd": ".".join(map(str, zstandard.ZSTD_VERSION)), "format_version": fmt.FORMAT_VERSION}, f)
+        json.dump({"zstd": ".".join(map(str, zstandard.ZSTD_VERSION)), "format_version": fmt.FORMAT_VERSION,
+                   "dtypes": list(fmt.DTYPES)}, f)
         f.write("\n")
 
 

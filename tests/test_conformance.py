@@ -65,6 +65,9 @@ def test_the_corpus_is_complete_and_small():
 @pytest.mark.parametrize("name", _cases("valid"))
 def test_valid_case_loads_as_described(name, tmp_path):
     save_dir, case = _case("valid", name, tmp_path)
+    missing = {v["tensor"] for values in case["ranks"].values() for _, v in values if "tensor" in v} - set(fmt.DTYPES)
+    if missing:
+        pytest.skip(f"this torch has no {', '.join(sorted(missing))}")
     reader = asyncckpt.CheckpointReader(save_dir, case["tag"])
     reader.verify()
     assert sorted(case["ranks"]) == sorted(str(r) for r in reader.indices)
@@ -86,9 +89,11 @@ def test_invalid_case_is_refused_with_its_class(name, tmp_path):
 
 def test_the_generator_reproduces_the_corpus(tmp_path):
     with open(os.path.join(CORPUS, "generator.json")) as f:
-        recorded = json.load(f)["zstd"]
-    if recorded != ".".join(map(str, zstandard.ZSTD_VERSION)):
-        pytest.skip(f"the corpus was compressed by libzstd {recorded}; compressed bytes depend on its version")
+        recorded = json.load(f)
+    if recorded["zstd"] != ".".join(map(str, zstandard.ZSTD_VERSION)):
+        pytest.skip(f"the corpus was compressed by libzstd {recorded['zstd']}; compressed bytes depend on its version")
+    if recorded["dtypes"] != list(fmt.DTYPES):
+        pytest.skip("this torch lacks some dtypes of the corpus")
     assert make_conformance.main(["--check", "--out", CORPUS]) == 0
 
 
@@ -167,7 +172,7 @@ SKIPPABLE = struct.pack("<II", 0x184D2A50, 3) + b"abc"
 
 @pytest.mark.parametrize("stored, match", [
     (FRAME + b"\0", "unused data"), (FRAME + FRAME, "unused data"), (FRAME + SKIPPABLE, "unused data"),
-    (SKIPPABLE + FRAME, "magic"), (_no_size(RAW), "no content size"), (b"", "magic"), (FRAME[:-1], ""),
+    (SKIPPABLE + FRAME, "magic"), (_no_size(RAW), "no content size"), (b"", "magic"), (FRAME[:-1], "decode"),
     (zstandard.ZstdCompressor().compress(RAW + b"!"), "declares"),
 ], ids=["trailing byte", "two frames", "skippable after", "skippable before", "no content size", "empty",
         "cut", "declares more"])
