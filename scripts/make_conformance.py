@@ -17,7 +17,6 @@ import argparse
 import collections
 import filecmp
 import json
-import math
 import os
 import shutil
 import struct
@@ -32,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import asyncckpt  # noqa: E402
 from asyncckpt import format as fmt  # noqa: E402
-from asyncckpt.state import METADATA_PART, join, key_part  # noqa: E402
+from asyncckpt.state import MAX_DEPTH, METADATA_PART, join, key_part  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "tests", "conformance")
@@ -147,10 +146,6 @@ def view_state() -> dict:
         "col_src": col, "expanded": col.expand(3, 5),  # stride 0
         "transposed_alone": torch.arange(6, dtype=torch.int64).reshape(2, 3).t(),  # no sharing: loads contiguous
     }
-
-
-class Tag:  # an enum-free custom key is pickled; tuple keys are not
-    pass
 
 
 def skeleton_state() -> dict:
@@ -534,14 +529,9 @@ def _rename_data(ck: Forge) -> None:
 
 def _deep_skeleton(ck: Forge, doc: dict) -> None:
     node: object = {"__t": "tensor", "key": "w"}
-    for _ in range(fmt_max_depth()):
+    for _ in range(MAX_DEPTH):
         node = [node]
     doc["skeleton"]["deep"] = node  # the root dict, then MAX_DEPTH lists: one container too many
-
-
-def fmt_max_depth() -> int:
-    from asyncckpt.state import MAX_DEPTH
-    return MAX_DEPTH
 
 
 def _dtensor_with_a_hole(ck: Forge, doc: dict) -> None:
