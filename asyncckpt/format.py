@@ -252,11 +252,11 @@ def _unseal_v1(data: bytes, where: str) -> dict:
 
 def _no_duplicate_keys(where: str):
     def hook(pairs):
-        out = {}
-        for k, v in pairs:
-            if k in out:
-                raise UnsafeCheckpointError(f"{where}: duplicated key {k!r}")
-            out[k] = v
+        out = dict(pairs)
+        if len(out) != len(pairs):  # rare: find the name to report it
+            seen = set()
+            k = next(k for k, _ in pairs if k in seen or seen.add(k))
+            raise UnsafeCheckpointError(f"{where}: duplicated key {k!r:.100}")
         return out
 
     return hook
