@@ -175,11 +175,12 @@ def chunk_state() -> dict:
 
 
 def small_state() -> dict:
-    """The base of the invalid cases: one tensor per codec, a view, a 0-d tensor, an array, a few values."""
+    """The base of the invalid cases: one tensor per codec, a view, a 0-d tensor, an array, a few values. The
+    shuffle and zstd tensors have 4096 bytes, so that no writer packs them with others (SMALL_CONFIG)."""
     base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     return {
-        "w": torch.arange(256, dtype=torch.float32) / 4,  # shuffle
-        "b": (torch.arange(600) % 7).to(torch.uint8),  # zstd
+        "w": torch.arange(1024, dtype=torch.float32) / 4,  # shuffle
+        "b": (torch.arange(4096) % 7).to(torch.uint8),  # zstd
         "r": torch.randn(16, generator=_gen(3)),  # raw
         "base": base, "row": base[1],
         "step": torch.tensor(7, dtype=torch.int64),
@@ -190,6 +191,7 @@ def small_state() -> dict:
 
 # ------------------------------------------------------------------------------------------ writing cases
 CODEC_OFF = {"codec": {"compression": False}}
+SMALL_CONFIG = {"codec": {"chunk_mib": 1 / 64}}  # 16 KiB chunks
 ONE_THREAD = {"writer": {"threads_per_node": 1, "fsync": False}}
 
 
@@ -306,7 +308,8 @@ def valid_cases(root: str) -> None:
          lambda d: save(skeleton_state(), d))
     case("chunks", "several chunks per tensor (16 KiB chunks) in two data files",
          lambda d: save(chunk_state(), d, {"codec": {"chunk_mib": 1 / 64}, "writer": {"files_per_rank": 2}}))
-    case("latest", "the tag named by `latest` (load with no tag)", lambda d: save(small_state(), d), tag=None)
+    case("latest", "the tag named by `latest` (load with no tag)", lambda d: save(small_state(), d, SMALL_CONFIG),
+         tag=None)
     case("foreign_json", "index and manifest rewritten the way another JSON library would write them "
          "(no indentation, members reordered, 1e-8, upper-case \\u escapes), sealed over those bytes",
          lambda d: (save(skeleton_state(), d), _foreign_json(os.path.join(d, TAG))))
@@ -322,7 +325,8 @@ def valid_cases(root: str) -> None:
          lambda d: compose(d, {1: {"x": torch.full((2,), 5.0)}}, 2, node_local=True))
     case("replaced_partial", "an overwrite cut short between its two renames: `t` is missing, and the complete "
          "old copy under `.t.replaced.partial` is what `t` loads",
-         lambda d: (save(small_state(), d), os.rename(os.path.join(d, TAG), os.path.join(d, ".t.replaced.partial"))))
+         lambda d: (save(small_state(), d, SMALL_CONFIG),
+                    os.rename(os.path.join(d, TAG), os.path.join(d, ".t.replaced.partial"))))
     case("v1", "a format v1 checkpoint written by asyncckpt 0.1.0 (tests/fixtures/v1/raw): the v1 seal",
          lambda d: shutil.copytree(V1_FIXTURE, os.path.join(d, TAG)))
 
@@ -415,15 +419,16 @@ class Forge:
         with open(self.path(DATA), "wb") as f:
             f.write(data)
 
-    def replace_stored(self, key: str, new: bytes, sxxh3: bool = True) -> None:
-        """Give chunk 0 of ``key`` the stored bytes ``new`` (the data file is rebuilt, later chunks move)."""
+    def replace_stored(self, new: bytes) -> None:
+        """Give chunk 0 of the zstd record the stored bytes ``new`` (the data file is rebuilt, chunks move)."""
+        key = self.record("zstd")[0]
         old = self.data()
         chunks = sorted((c["off"], k, c) for k, r in self.index["tensors"].items() for c in r.get("chunks", []))
         out = bytearray()
         for off, k, c in chunks:
             piece = new if c is self.index["tensors"][key]["chunks"][0] else old[off: off + c["len"]]
             c.update(off=len(out), len=len(piece))
-            if c is self.index["tensors"][key]["chunks"][0] and sxxh3:
+            if c is self.index["tensors"][key]["chunks"][0]:
                 c["sxxh3"] = fmt.checksum(piece)
             out += piece
         self.write_data(bytes(out))
@@ -438,8 +443,9 @@ def _zstd(data: bytes, content_size: bool = True) -> bytes:
     return c.compress(data) + c.flush()
 
 
-def _decoded(ck: Forge, key: str) -> bytes:
-    c = ck.index["tensors"][key]["chunks"][0]
+def _decoded(ck: Forge) -> bytes:
+    """What the zstd record's chunk 0 decodes to."""
+    c = ck.record("zstd")[1]["chunks"][0]
     return zstandard.ZstdDecompressor().decompress(ck.data()[c["off"]: c["off"] + c["len"]])
 
 
@@ -536,8 +542,9 @@ def _deep_skeleton(ck: Forge, doc: dict) -> None:
 
 def _dtensor_with_a_hole(ck: Forge, doc: dict) -> None:
     rec = doc["tensors"]["w"]
-    rec.update(global_shape=[512], global_offset=[0])
-    doc["skeleton"]["w"] = {"__t": "dtensor", "key": "w", "global_shape": [512], "placements": [["S", 0]]}
+    whole = [2 * rec["shape"][0]]
+    rec.update(global_shape=whole, global_offset=[0])
+    doc["skeleton"]["w"] = {"__t": "dtensor", "key": "w", "global_shape": whole, "placements": [["S", 0]]}
 
 
 def _add_chunk(ck: Forge, doc: dict) -> None:
@@ -627,17 +634,17 @@ INVALID = {  # name: (error class, description, forge)
     "chunk_zstd_ratio": (UNSAFE, "a zstd chunk claiming more than 32768 decoded bytes per stored byte",
                          _edit_index(_zstd_ratio)),
     "zstd_no_content_size": (CORRUPT, "a zstd frame that does not declare its content size",
-                             lambda ck: ck.replace_stored("b", _zstd(_decoded(ck, "b"), content_size=False))),
+                             lambda ck: ck.replace_stored(_zstd(_decoded(ck), content_size=False))),
     "zstd_wrong_content_size": (CORRUPT, "a zstd frame declaring more bytes than the chunk's raw",
-                                lambda ck: ck.replace_stored("b", _zstd(_decoded(ck, "b") + b"\0"))),
+                                lambda ck: ck.replace_stored(_zstd(_decoded(ck) + b"\0"))),
     "zstd_trailing_bytes": (CORRUPT, "a zstd frame followed by a zero byte",
-                            lambda ck: ck.replace_stored("b", _zstd(_decoded(ck, "b")) + b"\0")),
+                            lambda ck: ck.replace_stored(_zstd(_decoded(ck)) + b"\0")),
     "zstd_two_frames": (CORRUPT, "a zstd frame followed by a second (empty) frame",
-                        lambda ck: ck.replace_stored("b", _zstd(_decoded(ck, "b")) + _zstd(b""))),
+                        lambda ck: ck.replace_stored(_zstd(_decoded(ck)) + _zstd(b""))),
     "zstd_skippable_after": (CORRUPT, "a zstd frame followed by a skippable frame",
-                             lambda ck: ck.replace_stored("b", _zstd(_decoded(ck, "b")) + _skippable(4))),
+                             lambda ck: ck.replace_stored(_zstd(_decoded(ck)) + _skippable(4))),
     "zstd_skippable_before": (CORRUPT, "a skippable frame before the zstd frame",
-                              lambda ck: ck.replace_stored("b", _skippable(4) + _zstd(_decoded(ck, "b")))),
+                              lambda ck: ck.replace_stored(_skippable(4) + _zstd(_decoded(ck)))),
     # views (section 6)
     "view_negative_stride": (UNSAFE, "a view with a negative stride", _edit_view(lambda v: v.update(stride=[4, -1]))),
     "view_past_storage": (UNSAFE, "a view whose furthest element ends one element past its storage",
@@ -666,7 +673,7 @@ INVALID = {  # name: (error class, description, forge)
 def invalid_cases(root: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = os.path.join(tmp, "base")
-        save(small_state(), base)
+        save(small_state(), base, SMALL_CONFIG)
         ck = Forge(base)
         codecs = {c["codec"] for r in ck.index["tensors"].values() for c in r.get("chunks", [])}
         assert codecs == {"raw", "zstd", "shuffle"}, codecs
