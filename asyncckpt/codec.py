@@ -162,14 +162,21 @@ class ChunkCodec:
             raise CorruptCheckpointError(f"{where}: checksum mismatch")
 
 
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # a zstd frame (RFC 8878); skippable and legacy frames have other magics
+
+
 def _decompress(stored, expected: int) -> bytes:
-    """Decompress one frame that must decode to ``expected`` bytes. ``max_output_size`` does not bound a frame
-    that declares its content size (the decoder allocates what the header says), so check that first: a
-    tiny hostile frame could otherwise make the reader allocate gigabytes."""
+    """Decode a piece that must be exactly one zstd frame declaring ``expected`` bytes of content, with nothing
+    after it. ``max_output_size`` does not bound a frame that declares its content size (the decoder allocates
+    what the header says), so the declared size is checked first: a tiny hostile frame cannot make the reader
+    allocate more than the record's ``raw``."""
+    if bytes(stored[:4]) != _ZSTD_MAGIC:
+        raise ValueError("the piece is not a zstd frame (bad magic number)")
     declared = zstandard.frame_content_size(stored)
-    if declared not in (expected, -1, zstandard.CONTENTSIZE_UNKNOWN):  # unknown: max_output_size bounds it
-        raise ValueError(f"the zstd frame declares {declared} bytes, expected {expected}")
-    return _dctx().decompress(stored, max_output_size=expected)
+    if declared != expected:
+        raise ValueError(f"the zstd frame declares {'no content size' if declared < 0 else f'{declared} bytes'}, "
+                         f"expected {expected}")
+    return _dctx().decompress(stored, max_output_size=expected, allow_extra_data=False)
 
 
 def _stored_checksum(pieces) -> str:

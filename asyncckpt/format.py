@@ -1,5 +1,5 @@
-"""The on-disk contract, format v1: names, dtypes, sealed JSON documents, and validation of untrusted
-manifests. See docs/FORMAT.md.
+"""The on-disk contract (format v2; v1 is still read): names, dtypes, device strings, sealed JSON documents,
+and validation of untrusted manifests and rank indices. See docs/FORMAT.md.
 
 Everything read from disk goes through :func:`parse_rank_index` / :func:`parse_manifest`, which check names,
 dtypes, shapes and offsets *before* anything is allocated or any file is opened.
@@ -15,10 +15,11 @@ from typing import Any
 import torch
 import xxhash
 
-from .errors import CorruptCheckpointError, InvalidTagError, UnsafeCheckpointError
+from .errors import CorruptCheckpointError, InvalidTagError, UnsafeCheckpointError, UnsupportedStateError
 
 FORMAT_NAME = "asyncckpt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what writers write
+READABLE_VERSIONS = (1, 2)  # what readers read: every version asyncckpt ever wrote
 MANIFEST = "manifest.json"
 LATEST = "latest"
 PARTIAL_SUFFIX = ".partial"
@@ -27,6 +28,7 @@ MAX_LATEST_BYTES = 4096  # a `latest` file larger than this is refused before it
 MIN_CHUNK_BYTES = 4096  # the writer cuts tensors into chunks of at least this many bytes (all but the last)
 MAX_CHUNK_RAW = 1 << 31  # no chunk decodes to more than 2 GiB
 MAX_NDIM = 64
+MAX_WORLD_SIZE = 1 << 24
 CODECS = ("raw", "zstd", "shuffle")
 # zstd cannot expand more than this: its densest block (RLE) is 4 bytes for at most 128 KiB. With the chunks of
 # a file not overlapping, what a reader allocates is bounded by the bytes actually on disk.
@@ -36,6 +38,9 @@ MAX_ZSTD_RATIO = 32768
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-+=@]{0,199}")
 _INDEX_RE = re.compile(r"^rank(\d{5,})\.json$", re.ASCII)
 _DATA_RE = re.compile(r"^rank(\d{5,})-(\d+)\.bin$", re.ASCII)
+# a device type (lower-case ASCII letters, digits, "_"), optionally ":" and an index without leading zeros
+_DEVICE_RE = re.compile(r"[a-z][a-z0-9_]{0,31}(?::(?:0|[1-9][0-9]{0,3}))?", re.ASCII)
+_HEX16_RE = re.compile(r"[0-9a-f]{16}", re.ASCII)
 
 
 def rank_index_name(rank: int) -> str:
@@ -63,6 +68,15 @@ def validate_tag(tag: Any) -> str:
             "not starting with '.' or '-', and not 'latest'"
         )
     return tag
+
+
+def check_device(device: Any, where: str) -> str:
+    """A saved device string: a device type of lower-case ASCII letters, digits and ``_`` (``cpu``, ``cuda``,
+    ``mps``, ``xpu``, ``hpu``, ``xla``, a renamed private backend...), optionally ``:`` and an index in
+    0..9999 without leading zeros. ``meta`` (no data) is never saved."""
+    _need(isinstance(device, str) and bool(_DEVICE_RE.fullmatch(device)) and device.split(":")[0] != "meta", where,
+          f"device {device!r:.80} is not a device string (type[:index], e.g. cpu or cuda:0)")
+    return device
 
 
 def is_checkpoint_file_name(name: str) -> bool:
@@ -105,24 +119,119 @@ def checksum(data) -> str:
     return xxhash.xxh3_64_hexdigest(data)
 
 
+# Format v2 seal: the file starts with the fixed 31 bytes {"checksum":"<16 lower-case hex>", and the checksum is
+# the xxh3-64 of every byte after them. Any JSON parser reads the file; nothing depends on how it was formatted.
+_SEAL_OPEN = b'{"checksum":"'
+_SEAL_RE = re.compile(rb'\{"checksum":"([0-9a-f]{16})",')
+SEAL_PREFIX_BYTES = 31
+# a \u escape of a UTF-16 surrogate somewhere in the text (only then are the parsed strings checked for lone ones)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def seal(doc: dict) -> bytes:
+    """The sealed bytes of a JSON document (format v2, docs/FORMAT.md section 2): ``{"checksum":"<hex>",``, then
+    the document's other members, each top-level member on its own line and the entries of a top-level object
+    or list one per line (so that large indices stay readable and the C JSON encoder does the work), then
+    ``}`` and a newline. The checksum is the xxh3-64 of everything after the 31-byte prefix. Strings are written
+    as UTF-8; a string that is not valid Unicode (an unpaired surrogate) is refused, as no JSON parser outside
+    Python would read it back."""
+    members = [(k, v) for k, v in doc.items() if k != "checksum"]
+    if not members:
+        raise ValueError("a sealed document needs a member besides its checksum")
+    text = ",".join(f"\n {_key(k)}: {_layout(v)}" for k, v in members) + "\n}\n"
+    try:
+        rest = text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        shown = exc.object[max(0, exc.start - 60): exc.start + 20]
+        raise UnsupportedStateError(
+            f"cannot save a string holding an unpaired surrogate ({shown!r}): format v{FORMAT_VERSION} documents "
+            "are UTF-8, and no JSON reader outside Python accepts it; store such a value as bytes") from None
+    return _SEAL_OPEN + checksum(rest).encode() + b'",' + rest
+
+
+def _key(k: Any) -> str:
+    if type(k) is not str:
+        raise TypeError(f"object keys must be strings, not {type(k).__name__}")
+    return _compact(k)
+
+
+def _compact(v: Any) -> str:
+    return json.dumps(v, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def _layout(v: Any) -> str:
+    if isinstance(v, dict) and v:
+        return "{" + ",".join(f"\n  {_key(k)}: {_compact(x)}" for k, x in v.items()) + "\n }"
+    if isinstance(v, list) and v:
+        return "[" + ",".join(f"\n  {_compact(x)}" for x in v) + "\n ]"
+    return _compact(v)
+
+
+def unseal(data: bytes, where: str) -> dict:
+    """The document a sealed file holds, without its ``checksum``, after checking the seal: the v2 seal when
+    the file starts with ``{"checksum":"``, else the v1 seal. A document's seal must be its version's."""
+    if len(data) > MAX_JSON_BYTES:
+        raise UnsafeCheckpointError(f"{where}: {len(data)} bytes is over the {MAX_JSON_BYTES}-byte limit for metadata")
+    if data.startswith(_SEAL_OPEN):
+        return _unseal_v2(data, where)
+    doc = _unseal_v1(data, where)
+    if doc.get("format_version") != 1:
+        raise UnsafeCheckpointError(f"{where}: a format v1 seal on a document of format_version "
+                                    f"{doc.get('format_version')!r:.40}")
+    return doc
+
+
+def _unseal_v2(data: bytes, where: str) -> dict:
+    prefix = _SEAL_RE.match(data)
+    try:
+        text = data.decode("utf-8")  # strict: no encoded surrogates, no invalid UTF-8
+        doc = json.loads(text, object_pairs_hook=_no_duplicate_keys(where), parse_constant=_reject_constant(where),
+                         parse_float=_finite_float)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise CorruptCheckpointError(f"{where}: not valid JSON ({str(exc)[:200]})") from None
+    if prefix is None or checksum(memoryview(data)[SEAL_PREFIX_BYTES:]) != prefix.group(1).decode():
+        raise CorruptCheckpointError(f"{where}: checksum mismatch (the file was modified or is corrupt)")
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(doc):
+        raise CorruptCheckpointError(f"{where}: not valid JSON (a string escapes an unpaired UTF-16 surrogate)")
+    doc.pop("checksum")  # the first member, so the prefix's (a second one would be a duplicated key)
+    if doc.get("format_version") == 1:
+        raise UnsafeCheckpointError(f"{where}: a format v2 seal on a document of format_version 1")
+    return doc
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of the range of a double")
+    return value
+
+
+def _has_lone_surrogate(doc: Any) -> bool:
+    """Whether any string (key or value) of a parsed document holds an unpaired surrogate (a paired escape
+    parses to one code point outside the BMP, which UTF-8 encodes)."""
+    todo = [doc]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            todo.extend(node.keys())
+            todo.extend(node.values())
+        elif isinstance(node, list):
+            todo.extend(node)
+        elif isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+    return False
+
+
 def _canonical(doc: dict) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
-def seal(doc: dict) -> bytes:
-    """Serialise a JSON document with a checksum of its own canonical form, so that any flipped byte in a
-    manifest is detected (JSON alone would happily parse ``[1024]`` flipped to ``[1025]``)."""
-    body = dict(doc)
-    body.pop("checksum", None)
-    body["checksum"] = checksum(_canonical(body))
-    # the file keeps insertion order (a skeleton's dicts come back in the order they were saved); only the
-    # canonical form the checksum covers is sorted
-    return json.dumps(body, indent=1, allow_nan=False).encode() + b"\n"
-
-
-def unseal(data: bytes, where: str) -> dict:
-    if len(data) > MAX_JSON_BYTES:
-        raise UnsafeCheckpointError(f"{where}: {len(data)} bytes is over the {MAX_JSON_BYTES}-byte limit for metadata")
+def _unseal_v1(data: bytes, where: str) -> dict:
+    """Format v1's seal: the checksum covers CPython's canonical serialisation of the document, and the file
+    must be exactly ``json.dumps(doc, indent=1)`` and a newline."""
     try:
         doc = json.loads(data, object_pairs_hook=_no_duplicate_keys(where), parse_constant=_reject_constant(where))
         # the checksum covers the canonical form, so also require the exact bytes seal() writes: a flipped
@@ -143,11 +252,11 @@ def unseal(data: bytes, where: str) -> dict:
 
 def _no_duplicate_keys(where: str):
     def hook(pairs):
-        out = {}
-        for k, v in pairs:
-            if k in out:
-                raise UnsafeCheckpointError(f"{where}: duplicated key {k!r}")
-            out[k] = v
+        out = dict(pairs)
+        if len(out) != len(pairs):  # rare: find the name to report it
+            seen = set()
+            k = next(k for k, _ in pairs if k in seen or seen.add(k))
+            raise UnsafeCheckpointError(f"{where}: duplicated key {k!r:.100}")
         return out
 
     return hook
@@ -248,18 +357,26 @@ def check_file_name(name: Any, where: str, pattern: re.Pattern = _DATA_RE) -> st
     return name
 
 
-def parse_manifest(data: bytes, where: str) -> dict:
-    doc = unseal(data, where)
-    _need(doc.get("format") == FORMAT_NAME, where, f"not an asyncckpt manifest (format={doc.get('format')!r})")
+def _version(doc: dict, where: str) -> int:
     version = doc.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version not in READABLE_VERSIONS:
         raise UnsafeCheckpointError(
-            f"{where}: format_version {version!r} is not supported (this asyncckpt reads version {FORMAT_VERSION}); "
-            "upgrade asyncckpt to load it"
-        )
-    world = _int(doc.get("world_size"), where, "world_size", lo=1, hi=1 << 24)
+            f"{where}: format_version {version!r:.40} is not supported (this asyncckpt reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}); upgrade asyncckpt to load it")
+    return version
+
+
+def parse_manifest(data: bytes, where: str) -> dict:
+    """Validate a manifest: its seal, version, world size, and every rank entry (each rank once, its index named
+    after it, an index checksum and a byte count) before any rank index is opened."""
+    doc = unseal(data, where)
+    _need(doc.get("format") == FORMAT_NAME, where, f"not an asyncckpt manifest (format={doc.get('format')!r:.40})")
+    _version(doc, where)
+    world = _int(doc.get("world_size"), where, "world_size", lo=1, hi=MAX_WORLD_SIZE)
     ranks = doc.get("ranks")
-    if doc.get("node_local"):  # each node's copy lists the ranks of that node
+    node_local = doc.get("node_local", False)
+    _need(node_local is True or node_local is False, where, "node_local must be true or false")
+    if node_local:  # each node's copy lists the ranks of that node
         _need(isinstance(ranks, list) and 1 <= len(ranks) <= world, where, "ranks must list this node's ranks")
     else:
         _need(isinstance(ranks, list) and len(ranks) == world, where, "ranks must list one entry per rank")
@@ -269,20 +386,40 @@ def parse_manifest(data: bytes, where: str) -> dict:
         rank = _int(r.get("rank"), where, f"ranks[{i}].rank", hi=world - 1)
         _need(rank not in seen, where, f"rank {rank} is listed twice")
         seen.add(rank)
-        check_file_name(r.get("index"), where, _INDEX_RE)
-        _need(isinstance(r.get("xxh3"), str), where, f"ranks[{i}].xxh3 missing")
-    _need(isinstance(doc.get("tag"), str), where, "tag missing")
+        index = check_file_name(r.get("index"), where, _INDEX_RE)
+        _need(index == rank_index_name(rank), where, f"ranks[{i}]: rank {rank}'s index must be named "
+              f"{rank_index_name(rank)}, not {index}")
+        _need(isinstance(r.get("xxh3"), str) and bool(_HEX16_RE.fullmatch(r["xxh3"])), where,
+              f"ranks[{i}].xxh3 must be 16 lower-case hex digits")
+        _int(r.get("bytes"), where, f"ranks[{i}].bytes")
+    if "ranks_present" in doc:
+        present = doc["ranks_present"]
+        _need(isinstance(present, list) and all(type(r) is int for r in present) and present == sorted(seen), where,
+              "ranks_present must list the ranks of `ranks`, sorted")
+    tag = doc.get("tag")
+    try:
+        _need(validate_tag(tag) == tag, where, "tag must be a valid tag")
+    except InvalidTagError:
+        _need(False, where, f"tag {tag!r:.80} is not a valid tag")
     return doc
 
 
-def parse_rank_index(data: bytes, where: str, file_sizes: dict[str, int] | None = None) -> tuple[dict, dict[str, TensorRecord]]:
+def parse_rank_index(data: bytes, where: str, file_sizes: dict[str, int] | None = None, *,
+                     version: int | None = None, rank: int | None = None) -> tuple[dict, dict[str, TensorRecord]]:
     """Validate one rank's index. ``file_sizes`` maps the data files that exist to their sizes; chunk
-    offsets are checked against them. Returns the document and its tensor records by key."""
+    offsets are checked against them. ``version`` and ``rank``, when given, are the manifest's format_version
+    and the rank its entry names: the index must say the same. Returns the document and its tensor records."""
     doc = unseal(data, where)
-    _need(doc.get("format_version") == FORMAT_VERSION, where, f"format_version {doc.get('format_version')!r} unsupported")
+    found = _version(doc, where)
+    _need(version is None or found == version, where, f"format_version {found} differs from the manifest's {version}")
+    own = _int(doc.get("rank"), where, "rank", hi=MAX_WORLD_SIZE - 1)
+    _need(rank is None or own == rank, where, f"the index of rank {rank} says it is rank {own}'s")
     files = doc.get("files")
     _need(isinstance(files, dict), where, "files must map data file names to sizes")
     declared = {check_file_name(n, where): _int(s, where, f"size of {n}") for n, s in files.items()}
+    for name in declared:  # each rank writes only its own data files, named canonically
+        _need(name == data_file_name(own, int(_DATA_RE.fullmatch(name).group(2))), where,
+              f"data file {name} is not a file of rank {own} (rank{own:05d}-<k>.bin)")
     if file_sizes is not None:
         for name, size in declared.items():
             actual = file_sizes.get(name)
@@ -322,12 +459,7 @@ def _parse_tensor(key: str, t: Any, where: str, files: dict[str, int]) -> Tensor
     _need(isinstance(name, str) and name in DTYPES, where, f"unknown dtype {name!r}")
     dtype = DTYPES[name]
     shape = _int_list(t.get("shape"), where, "shape")
-    device = t.get("device")
-    _need(isinstance(device, str) and len(device) < 64, where, "device must be a short string")
-    try:
-        torch.device(device)
-    except (RuntimeError, ValueError):
-        _need(False, where, f"device {device!r} is not a device")
+    device = check_device(t.get("device"), where)
     nbytes = math.prod(shape) * dtype.itemsize
     _need(nbytes <= 1 << 50, where, f"shape {list(shape)} is absurdly large")
     gshape, goff = (), ()
@@ -401,9 +533,13 @@ def _plane_codec(x: Any, where: str) -> str:
 
 
 def _check_view_bounds(rec: TensorRecord, base_nbytes: int, where: str) -> None:
+    """The view's elements lie in the storage: ``byte_offset`` is aligned, and the furthest element,
+    ``byte_offset + (1 + sum((shape[i] - 1) * stride[i])) * itemsize``, ends inside it (strides are >= 0, so the
+    nearest element is the first; a view of no elements only needs ``byte_offset <= base_nbytes``)."""
     item = rec.dtype.itemsize
     _need(rec.byte_offset % item == 0, where, "view offset is not aligned to its dtype")
     if math.prod(rec.shape) == 0:
+        _need(rec.byte_offset <= base_nbytes, where, "view starts outside its storage")
         return
     last = sum((s - 1) * st for s, st in zip(rec.shape, rec.stride))
     _need(rec.byte_offset + (last + 1) * item <= base_nbytes, where, "view reaches outside its storage")

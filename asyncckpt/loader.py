@@ -19,7 +19,8 @@ import torch
 from .codec import ChunkCodec
 from .errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, InvalidTagError,
                      StateMismatchError, UnsafeCheckpointError)
-from .format import (LATEST, MANIFEST, MAX_JSON_BYTES, MAX_LATEST_BYTES, MAX_NDIM, PARTIAL_SUFFIX, TensorRecord,
+from .format import (DTYPE_NAMES, LATEST, MANIFEST, MAX_JSON_BYTES, MAX_LATEST_BYTES, MAX_NDIM, PARTIAL_SUFFIX,
+                     TensorRecord,
                      check_view, checksum, is_checkpoint_file_name, parse_manifest, parse_rank_index,
                      partial_dir_name, validate_tag)
 from .placement import DTensorInfo, copy_overlap, local_region, to_dtensor
@@ -227,7 +228,11 @@ def split_path(path: str) -> tuple[str, str | None]:
 
 def target_device(saved: str, map_location: MapLocation) -> torch.device:
     if map_location is None:
-        dev = torch.device(saved)
+        try:  # any device string of the format's grammar; this torch may not know its type
+            dev = torch.device(saved)
+        except (RuntimeError, ValueError):
+            raise CheckpointNotFoundError(f"a tensor was saved on {saved}, a device this torch does not know; "
+                                          "pass map_location (e.g. 'cpu')") from None
     elif isinstance(map_location, (str, torch.device)):
         dev = torch.device(map_location)
     elif isinstance(map_location, dict):
@@ -256,12 +261,13 @@ class CheckpointReader:
         self.world_size = self.manifest["world_size"]
         self.indices: dict[int, dict] = {}
         self.records: dict[str, list[tuple[int, TensorRecord]]] = {}
-        for entry in self.manifest["ranks"]:
+        version = self.manifest["format_version"]
+        for entry in self.manifest["ranks"]:  # one index at a time: memory follows the bytes on disk, not claims
             name = entry["index"]
             data = self._read_metadata(name)
             if checksum(data) != entry["xxh3"]:
                 raise CorruptCheckpointError(f"{self._file(name)}: checksum does not match the manifest's")
-            doc, records = parse_rank_index(data, self._file(name), self._sizes)
+            doc, records = parse_rank_index(data, self._file(name), self._sizes, version=version, rank=entry["rank"])
             self.indices[entry["rank"]] = doc
             for key, rec in records.items():
                 self.records.setdefault(key, []).append((entry["rank"], rec))
@@ -323,7 +329,7 @@ class CheckpointReader:
         copy (replicated state, written by whichever rank it was assigned to)."""
         recs = self.records.get(key)
         if not recs:
-            raise CorruptCheckpointError(f"{self.path}: the skeleton references tensor {key!r}, which no rank index holds")
+            raise UnsafeCheckpointError(f"{self.path}: the skeleton references tensor {key!r}, which no rank index holds")
         by_rank = dict(recs)
         return by_rank.get(rank) or by_rank.get(rank % self.world_size) or recs[0][1]
 
@@ -358,7 +364,7 @@ class CheckpointReader:
         overlaps it; shards that do not overlap are not read."""
         recs = [rec for _, rec in self.records.get(key, [])]
         if not recs:
-            raise CorruptCheckpointError(f"{self.path}: the skeleton references tensor {key!r}, which no rank index holds")
+            raise UnsafeCheckpointError(f"{self.path}: the skeleton references tensor {key!r}, which no rank index holds")
         out = torch.empty(shape, dtype=recs[0].dtype)
         covered = 0
         seen: set[tuple] = set()
@@ -488,6 +494,8 @@ class CheckpointReader:
             rec = self.record_for(key, rank)
             if rec.is_view:
                 self._check_storage(key, rec, rank)
+            if node.get(TAG) == "ndarray":
+                _check_ndarray(node, rec, f"{where}: array {key!r}")
             plain.append(key)
         return skeleton, plain, dtensors
 
@@ -507,7 +515,7 @@ class CheckpointReader:
         info = DTensorInfo(tuple(gshape), tuple(tuple(p) for p in placements))
         recs = [rec for _, rec in self.records.get(key, [])]
         if not recs:
-            raise CorruptCheckpointError(f"{self.path}: the skeleton references tensor {key!r}, which no rank index holds")
+            raise UnsafeCheckpointError(f"{self.path}: the skeleton references tensor {key!r}, which no rank index holds")
         saved = {rec.global_shape if rec.is_shard else rec.shape for rec in recs}
         if saved != {info.global_shape}:  # the shape read_region allocates must be what the records hold
             raise UnsafeCheckpointError(f"{where} claims global shape {list(info.global_shape)}, "
@@ -558,6 +566,22 @@ class CheckpointReader:
                 n_chunks += len(rec.chunks)
         return {"tensors": sum(len(r) for r in self.records.values()), "chunks": n_chunks,
                 "raw_bytes": self.raw_bytes, "stored_bytes": self.stored_bytes}
+
+
+# the dtypes numpy has: an ndarray node's record holds one of them
+_NUMPY_DTYPES = frozenset({"bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64", "float16",
+                           "float32", "float64", "complex64", "complex128"})
+
+
+def _check_ndarray(node: dict, rec: TensorRecord, where: str) -> None:
+    """A numpy array node names a record of a numpy dtype holding as many elements as its shape (the record's
+    own shape may differ: format v1 stored a 0-d array as a [1] record)."""
+    shape = node.get("shape")
+    if not (_is_shape(shape) and math.prod(shape) == math.prod(rec.shape)):
+        raise UnsafeCheckpointError(f"{where}: shape {shape!r:.100} does not hold the {math.prod(rec.shape)} "
+                                    "elements of its record")
+    if DTYPE_NAMES[rec.dtype] not in _NUMPY_DTYPES:
+        raise UnsafeCheckpointError(f"{where}: its record's dtype {DTYPE_NAMES[rec.dtype]} is not a numpy dtype")
 
 
 def _is_shape(v: Any) -> bool:
