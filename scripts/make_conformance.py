@@ -261,6 +261,12 @@ def compose(save_dir: str, states: dict[int, object], world_size: int, config: d
             for rec in doc["tensors"].values():
                 if "file" in rec:
                     rec["file"] = renames[rec["file"]]
+            # packs are named after the rank that wrote them (~pack/<rank>/<n>): keep that true for rank r
+            pack = lambda key: key.replace("~pack/0/", f"~pack/{rank}/", 1) if key.startswith("~pack/0/") else key
+            doc["tensors"] = {pack(k): rec for k, rec in doc["tensors"].items()}
+            for rec in doc["tensors"].values():
+                if "base" in rec:
+                    rec["base"] = pack(rec["base"])
             if edit is not None:
                 edit(rank, doc)
             data = write_doc(os.path.join(tag_dir, fmt.rank_index_name(rank)), doc)
@@ -319,8 +325,9 @@ def valid_cases(root: str) -> None:
                            edit=_rep_on_rank0_only))
     case("sharded", "a DTensor sharded over two ranks on dimension 0 (records with global_shape and "
          "global_offset), loaded whole",
-         lambda d: compose(d, {0: {"w": torch.arange(6.0).reshape(2, 3)}, 1: {"w": torch.arange(6.0, 12.0).reshape(2, 3)}},
-                           2, edit=_shard_rows))
+         lambda d: compose(d, {0: {"w": torch.arange(1200.0).reshape(2, 600)},
+                               1: {"w": torch.arange(1200.0, 2400.0).reshape(2, 600)}},
+                           2, config={"codec": {"chunk_mib": 1 / 64}}, edit=_shard_rows))  # shards too big to pack
     case("node_local", "a node-local copy of a two-rank job holding rank 1 only (node_local, ranks_present)",
          lambda d: compose(d, {1: {"x": torch.full((2,), 5.0)}}, 2, node_local=True))
     case("replaced_partial", "an overwrite cut short between its two renames: `t` is missing, and the complete "
@@ -337,8 +344,8 @@ def _rep_on_rank0_only(rank: int, doc: dict) -> None:
 
 
 def _shard_rows(rank: int, doc: dict) -> None:
-    doc["tensors"]["w"].update(global_shape=[4, 3], global_offset=[2 * rank, 0])
-    doc["skeleton"]["w"] = {"__t": "dtensor", "key": "w", "global_shape": [4, 3], "placements": [["S", 0]]}
+    doc["tensors"]["w"].update(global_shape=[4, 600], global_offset=[2 * rank, 0])
+    doc["skeleton"]["w"] = {"__t": "dtensor", "key": "w", "global_shape": [4, 600], "placements": [["S", 0]]}
 
 
 def _foreign_json(tag_dir: str) -> None:

@@ -97,7 +97,7 @@ def test_inspect_tag_json_matches_the_reader(ckpts):
     d = json.loads(r.output)
     reader = asyncckpt.CheckpointReader(ckpts, "global_step2")
     assert d["tag"] == "global_step2" and d["latest"] is True and d["world_size"] == 1
-    assert d["format_version"] == 1 and d["global_steps"] == 2
+    assert d["format_version"] == 2 and d["global_steps"] == 2
     assert d["raw_bytes"] == reader.raw_bytes and d["stored_bytes"] == reader.stored_bytes
     assert d["files"] == {n: os.path.getsize(os.path.join(reader.path, n)) for n in os.listdir(reader.path)}
     tensors = {t["key"]: t for t in d["tensors"]}

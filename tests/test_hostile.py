@@ -392,7 +392,7 @@ CASES = {  # name: (kind, forge, expected text in the message)
     "index: data file a/b.bin": ("path traversal", _forge_index(_set_file("a/rank00000-0.bin")), "not a plain"),
     "index: rank index symlinked outside": ("symlink", _symlinked_index_elsewhere, ""),
     "index: data file symlinked outside": ("symlink", _symlink(DATA), ""),
-    "index: format_version from the future": ("future version", _forge_index(lambda ck, d: d.update(format_version=2)), "format_version"),
+    "index: format_version from the future": ("future version", _forge_index(lambda ck, d: d.update(format_version=3)), "format_version"),
     "index: duplicated key": ("duplicated key", _dup_index_key, "duplicated key"),
     "index: shape 2**31 from tiny zstd chunks": ("huge size", _forge_index(_huge_tensor_cheap_chunks), ""),
     "index: zstd frame declaring 1 TiB": ("huge size", _forge_index(_zstd_frame_claiming_terabytes), "declares"),
