@@ -54,7 +54,7 @@ import click
 from . import __version__
 from .errors import (CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError, InvalidTagError,
                      StateMismatchError, TagExistsError)
-from .export import CAST_DTYPES, DEFAULT_MAX_SHARD_SIZE, export, import_checkpoint
+from .export import DEFAULT_MAX_SHARD_SIZE, export, import_checkpoint
 from .format import LATEST, PARTIAL_SUFFIX, TensorRecord, dtype_name
 from .loader import CheckpointReader, list_tags, read_latest, refused_tags, split_path
 
@@ -377,7 +377,7 @@ def _watch_reads(reader: CheckpointReader, enabled: bool):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="asyncckpt")
 def main() -> None:
-    """Inspect and verify asyncckpt checkpoints.
+    """Inspect, verify, export and import asyncckpt checkpoints.
 
     Exit status: 0 good, 1 corrupt checkpoint, 2 usage error or checkpoint not found."""
 
@@ -524,7 +524,7 @@ def _convert(fn) -> Any:
               help="safetensors: OUT is a directory (model.safetensors, or shards and an index); torch: OUT is a file.")
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--model-only", is_flag=True, help="Only the model: the 'module' entry of an AsyncCheckpointer checkpoint.")
-@click.option("--dtype", type=click.Choice(sorted(CAST_DTYPES), case_sensitive=False),
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32", "fp64"], case_sensitive=False),
               help="Cast floating-point tensors (never integers or booleans).")
 @click.option("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, show_default=True,
               help="safetensors: start a new shard file past this size (5GB = 5*10^9 bytes; MiB/GiB too).")

@@ -352,6 +352,7 @@ def ckpt(tmp_path):
 
 
 def test_cli_export_and_import(tmp_path, ckpt, same):
+    pytest.importorskip("tqdm")
     save_dir, model = ckpt
     r = run("export", save_dir, "--to", "safetensors", str(tmp_path / "st"), "--model-only")
     assert r.exit_code == 0, r.output
