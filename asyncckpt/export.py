@@ -4,8 +4,9 @@ import such files as a published asyncckpt checkpoint.
 Export consolidates: a DTensor (FSDP2) comes out as the full tensor, stitched from the shards of every rank
 that overlap it (:meth:`CheckpointReader.read_region`); replicated (DDP) state from whichever rank wrote it;
 rank-local state (anything else) as rank ``rank`` (default 0) saved it. It streams: tensors are read, cast
-and written one at a time (the views of one shared storage together), so the memory it needs is about the
-largest tensor, never the checkpoint:
+and written one at a time, in the order the state holds them (tensors stored in one shared storage are read
+together, the storage once), so the memory it needs is about two tensors (or a shared storage), never the
+checkpoint:
 
 - safetensors: written straight into the output files, whose headers are known before any data is read;
 - torch: ``torch.save`` needs the whole tree at once, so each tensor is first written to a scratch file next
@@ -144,7 +145,7 @@ class _Tensor:
 
 
 class _Tree:
-    """The exported part of a skeleton: its tensors in read order, the key paths that reference a tensor
+    """The exported part of a skeleton: its tensors in the order they are met, the key paths that reference a tensor
     already met (tied), what cannot be exported, and (for torch) a skeleton whose every tensor-like node is a
     plain tensor node. Key paths are built as :mod:`asyncckpt.state` builds them."""
 
@@ -224,34 +225,24 @@ class _Tree:
         self.tensors[key] = entry
         return key
 
-    def ordered(self) -> list[_Tensor]:
-        """The tensors in the order they are read: first reference first, views of one storage together."""
-        by_base: dict[str, list[_Tensor]] = {}
-        for t in self.tensors.values():
-            if t.base is not None:
-                by_base.setdefault(t.base, []).append(t)
-        out: list[_Tensor] = []
-        for t in self.tensors.values():
-            if t.base is None:
-                out.append(t)
-            elif t.base in by_base:
-                out.extend(by_base.pop(t.base))
-        return out
-
     def stream(self, entries: list[_Tensor], cast: torch.dtype | None) -> Iterator[tuple[_Tensor, torch.Tensor]]:
-        """Each entry with its data (cast), read when its turn comes; the views of one storage are read
-        together (their storage once) and released as they are handed out."""
-        views: dict[str, torch.Tensor] = {}
+        """Each entry with its data (cast), in order, read when its turn comes. Tensors stored in one storage
+        (views, small tensors packed together) are read together when the first of them is due, the storage
+        once, and each is released when handed out."""
+        groups: dict[str, list[str]] = {}
+        for e in entries:
+            if e.base is not None:
+                groups.setdefault(e.base, []).append(e.key)
+        pending: dict[str, torch.Tensor] = {}
         for e in entries:
             if e.kind == "scalar":
                 t = e.value
             elif e.kind == "dtensor":
                 t = self.reader.read_region(e.key, e.shape, (0,) * len(e.shape))
             elif e.base is not None:
-                if e.key not in views:
-                    group = [x.key for x in entries if x.base == e.base]
-                    views.update(self.reader.read_tensors(group, rank=self.rank, map_location="cpu"))
-                t = views.pop(e.key)
+                if e.key not in pending:  # the first of its storage: every entry of the storage is still due
+                    pending.update(self.reader.read_tensors(groups[e.base], rank=self.rank, map_location="cpu"))
+                t = pending.pop(e.key)
             else:
                 t = self.reader.read_tensors([e.key], rank=self.rank, map_location="cpu")[e.key]
             if tuple(t.shape) != e.shape:
@@ -307,7 +298,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, to: str = "
 
 def _export_safetensors(tree: _Tree, out_dir: str, cast: torch.dtype | None, shard_bytes: int, overwrite: bool,
                         progress: bool, result: ExportResult) -> None:
-    entries = [e for e in tree.ordered() if e.kind != "scalar"]
+    entries = [e for e in tree.tensors.values() if e.kind != "scalar"]
     for e in entries:
         if e.out_dtype(cast) not in SAFETENSORS_DTYPES:
             raise UnsupportedStateError(f"{tree.reader.path}: tensor {e.name!r} has dtype {e.out_dtype(cast)}, "
@@ -404,7 +395,7 @@ def _export_torch(tree: _Tree, out: str, cast: torch.dtype | None, overwrite: bo
         raise ConfigError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
     out_dir = os.path.dirname(out)
     os.makedirs(out_dir, exist_ok=True)
-    entries = tree.ordered()
+    entries = list(tree.tensors.values())
     with tempfile.TemporaryFile(dir=out_dir, prefix=".asyncckpt-export-") as scratch, \
             _bar(progress, sum(e.out_nbytes(cast) for e in entries), "export") as bar:
         places: dict[str, tuple[int, int, torch.dtype]] = {}
