@@ -54,7 +54,7 @@ from .errors import (CheckpointError, CheckpointNotFoundError, ConfigError, Corr
                      StateMismatchError, UnsafeCheckpointError, UnsupportedStateError)
 from .format import partial_dir_name
 from .loader import CheckpointReader, split_path
-from .state import METADATA_PART, TAG, escape, join, key_part, unflatten
+from .state import METADATA_PART, TAG, escape, join, key_part, skeleton_tensor_refs, unflatten
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -504,7 +504,7 @@ class ImportResult:
     tag: str
     sources: list[str]  # the files read
     kind: str  # "torch" | "safetensors"
-    tensors: int  # tensors in the published checkpoint
+    tensors: int  # tensors in the published state (a tied tensor once)
     nbytes: int  # their bytes
 
 
@@ -531,7 +531,8 @@ def import_checkpoint(source: str | os.PathLike, save_dir: str | os.PathLike, ta
     del state
     _wait_writing(future, os.path.join(os.fspath(save_dir), partial_dir_name(tag)), progress, tag)
     reader = CheckpointReader(os.fspath(save_dir), tag)
-    return ImportResult(reader.path, reader.tag, files, kind, len(reader.records), reader.raw_bytes)
+    tensors = [reader.record_for(key) for key in skeleton_tensor_refs(reader.skeleton())]
+    return ImportResult(reader.path, reader.tag, files, kind, len(tensors), sum(rec.nbytes for rec in tensors))
 
 
 def _wait_writing(future: Any, partial: str, progress: bool, tag: str) -> None:
