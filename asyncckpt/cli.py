@@ -3,26 +3,58 @@
     asyncckpt inspect DIR          tags in DIR, which one ``latest`` names, sizes, compression ratio
     asyncckpt inspect DIR/TAG      one tag: ranks, files, sizes, and a table of every tensor (``--json`` too)
     asyncckpt verify DIR[/TAG]     read and check every chunk of every rank (``--all``: every tag in DIR)
+    asyncckpt export DIR[/TAG] --to safetensors|torch OUT    consolidated full tensors (:func:`asyncckpt.export`)
+    asyncckpt import SRC DIR --tag TAG    a torch.save / safetensors file as a checkpoint (:func:`asyncckpt.import_checkpoint`)
+
+``verify``, ``export`` and ``import`` draw a progress bar (tqdm) on stderr when stderr is a terminal, or with
+``--progress``; ``--no-progress`` (and ``--quiet``) turn it off.
 
 Exit status: 0 good; 1 a checkpoint is corrupt or refused (the message names the file, chunk and tensor at
 fault; ``inspect DIR`` and ``verify --all`` report every tag, then exit 1 if any was bad, or ``latest`` is);
 2 usage errors and checkpoints that do not exist (the message lists the tags that do).
 
 Only the public reader API of :mod:`asyncckpt.loader` is used: what this prints is what a load would see.
+
+``inspect --json`` prints one JSON object; its fields are stable (new fields may be added, none removed or
+retyped). ``inspect DIR --json``::
+
+    save_dir: str; latest: str | null (the tag `latest` names); partial: [str] (partial directories);
+    latest_error: str (only when `latest` cannot be read); tags: [ one object per tag, oldest first:
+        tag: str; latest: bool; and either
+        world_size: int; global_steps: int | null; created_unix: number | null; raw_bytes: int;
+        stored_bytes: int; ratio: number | null (raw / stored)
+        or error: str (the tag cannot be read), with refused: true (an entry refused as a tag) ]
+
+``inspect DIR/TAG --json``::
+
+    save_dir, tag, path: str; latest: bool; format: str; format_version: int; library_version: str;
+    created_unix: number; global_steps: int (only when the manifest has it); world_size: int;
+    node_local: bool; raw_bytes, stored_bytes: int; ratio: number | null;
+    files: {name: size in bytes};
+    ranks: [ {rank: int, index: str (its rank index file), bytes: int | null, data_files: {name: size}} ];
+    tensors: [ one object per record, by key then rank: key: str; rank: int; dtype: str; shape: [int];
+        device: str; raw_bytes: int; stored_bytes: int; chunks: int; codecs: {codec: chunk count};
+        file: str (a tensor with its own bytes) or view_of: str, byte_offset: int, stride: [int] (a view);
+        global_shape, global_offset: [int] (a shard of a DTensor) ]
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import re
+import sys
+import threading
 import time
 from typing import Any, Sequence
 
 import click
 
 from . import __version__
-from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, InvalidTagError
+from .errors import (CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError, InvalidTagError,
+                     StateMismatchError, TagExistsError)
+from .export import DEFAULT_MAX_SHARD_SIZE, export, import_checkpoint
 from .format import LATEST, PARTIAL_SUFFIX, TensorRecord, dtype_name
 from .loader import CheckpointReader, list_tags, read_latest, refused_tags, split_path
 
@@ -299,11 +331,53 @@ def _print_tag(d: dict[str, Any]) -> None:
     click.echo("codecs: raw = stored as is; zstd = compressed; shuffle[..] = byte planes, each z (zstd) or r (raw)")
 
 
+# ------------------------------------------------------------------------------------------ progress
+_PROGRESS = click.option("--progress/--no-progress", default=None,
+                         help="Draw a progress bar on stderr (default: when stderr is a terminal).")
+
+
+def _show_progress(flag: bool | None) -> bool:
+    return flag if flag is not None else sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def _watch_reads(reader: CheckpointReader, enabled: bool):
+    """While the block runs (a verify), a bar of the stored bytes ``reader`` has read, polled from its public
+    ``bytes_read`` counter by a helper thread."""
+    if not enabled:
+        yield
+        return
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        yield
+        return
+    total = sum(c.length for recs in reader.records.values() for _, rec in recs if not rec.is_view for c in rec.chunks)
+    start = reader.bytes_read
+    bar = tqdm(total=total, desc=f"verify {reader.tag}", unit="B", unit_scale=True, unit_divisor=1024,
+               file=sys.stderr, dynamic_ncols=True, leave=False)
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(0.2):
+            bar.update(min(total, reader.bytes_read - start) - bar.n)
+
+    thread = threading.Thread(target=poll, name="asyncckpt-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.update(min(total, reader.bytes_read - start) - bar.n)
+        bar.close()
+
+
 # ------------------------------------------------------------------------------------------ commands
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="asyncckpt")
 def main() -> None:
-    """Inspect and verify asyncckpt checkpoints.
+    """Inspect, verify, export and import asyncckpt checkpoints.
 
     Exit status: 0 good, 1 corrupt checkpoint, 2 usage error or checkpoint not found."""
 
@@ -363,7 +437,8 @@ def inspect_cmd(path: str, as_json: bool) -> None:
 @main.command("verify")
 @click.argument("path", type=click.Path(file_okay=False, path_type=str))
 @click.option("--all", "all_tags", is_flag=True, help="Verify every published tag in DIR.")
-def verify_cmd(path: str, all_tags: bool) -> None:
+@_PROGRESS
+def verify_cmd(path: str, all_tags: bool, progress: bool | None) -> None:
     """Read and check every chunk of every rank of a checkpoint.
 
     PATH is DIR (the tag `latest` names; with --all every published tag, and every entry refused as a tag)
@@ -371,10 +446,12 @@ def verify_cmd(path: str, all_tags: bool) -> None:
     every skeleton's references, views and DTensor shards), then the xxh3 checksum of every decoded chunk.
     Exit status 1 on the first corruption found in a tag, naming the file, chunk and tensor."""
 
+    show = _show_progress(progress)
+
     def go() -> None:
         save_dir, tag = _locate(path)
         if not all_tags:
-            if not _verify_one(save_dir, tag, stop_if_missing=True):
+            if not _verify_one(save_dir, tag, stop_if_missing=True, progress=show):
                 raise click.exceptions.Exit(EXIT_CORRUPT)
             return
         if tag is not None:
@@ -384,7 +461,7 @@ def verify_cmd(path: str, all_tags: bool) -> None:
             raise _Failure(EXIT_USAGE, f"{save_dir}: no published checkpoints")
         failed = 0
         for t in tags:  # one bad tag does not stop the others from being verified
-            if not _verify_one(save_dir, t, stop_if_missing=False):
+            if not _verify_one(save_dir, t, stop_if_missing=False, progress=show):
                 failed += 1
         for why in refused.values():
             click.echo(f"REFUSED: {why}", err=True)
@@ -397,7 +474,7 @@ def verify_cmd(path: str, all_tags: bool) -> None:
     _run(go)
 
 
-def _verify_one(save_dir: str, tag: str | None, stop_if_missing: bool) -> bool:
+def _verify_one(save_dir: str, tag: str | None, stop_if_missing: bool, progress: bool) -> bool:
     """Verify one tag; print one line. False when it is corrupt (or, with ``stop_if_missing`` off, cannot be
     opened at all); with it on, a tag that does not exist stops the command with a usage error."""
     t0 = time.perf_counter()
@@ -409,7 +486,8 @@ def _verify_one(save_dir: str, tag: str | None, stop_if_missing: bool) -> bool:
         click.echo(str(exc), err=True)
         return False
     try:
-        counts = reader.verify()
+        with _watch_reads(reader, progress):
+            counts = reader.verify()
     except CorruptCheckpointError as exc:
         click.echo(f"CORRUPT: {exc}", err=True)
         return False
@@ -420,6 +498,106 @@ def _verify_one(save_dir: str, tag: str | None, stop_if_missing: bool) -> bool:
                f"{_size(counts['raw_bytes'])} raw, {_size(counts['stored_bytes'])} on disk, "
                f"checked in {time.perf_counter() - t0:.2f} s")
     return True
+
+
+_USAGE_ERRORS = (CheckpointNotFoundError, ConfigError, InvalidTagError, StateMismatchError, TagExistsError)
+
+
+def _convert(fn) -> Any:
+    """Run an export or import; its errors as failures: 2 for what the user asked for (a missing checkpoint or
+    source, a bad option, an existing output), 1 for what cannot be read or written."""
+    try:
+        return fn()
+    except _USAGE_ERRORS as exc:
+        raise _Failure(EXIT_USAGE, str(exc)) from None
+    except CorruptCheckpointError as exc:
+        raise _Failure(EXIT_CORRUPT, f"CORRUPT: {exc}") from None
+    except CheckpointError as exc:
+        raise _Failure(EXIT_CORRUPT, str(exc)) from None
+    except OSError as exc:
+        raise _Failure(EXIT_CORRUPT, f"{exc.filename or ''}: {exc.strerror or exc}") from None
+
+
+@main.command("export")
+@click.argument("path", type=click.Path(path_type=str))
+@click.option("--to", "to", type=click.Choice(["safetensors", "torch"]), required=True,
+              help="safetensors: OUT is a directory (model.safetensors, or shards and an index); torch: OUT is a file.")
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--model-only", is_flag=True, help="Only the model: the 'module' entry of an AsyncCheckpointer checkpoint.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32", "fp64"], case_sensitive=False),
+              help="Cast floating-point tensors (never integers or booleans).")
+@click.option("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, show_default=True,
+              help="safetensors: start a new shard file past this size (5GB = 5*10^9 bytes; MiB/GiB too).")
+@click.option("--rank", default=0, show_default=True, type=int, help="Whose rank-local state to export.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing export at OUT.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+@_PROGRESS
+def export_cmd(path: str, to: str, out: str, model_only: bool, dtype: str | None, max_shard_size: str, rank: int,
+               overwrite: bool, quiet: bool, progress: bool | None) -> None:
+    """Write checkpoint PATH (DIR: the tag `latest` names; or DIR/TAG) as consolidated full tensors.
+
+    FSDP2 shards are stitched into full tensors and replicated (DDP) state is taken from whichever rank wrote
+    it; rank-local state is the state rank --rank (0) saved. Tensors are read and written one at a time.
+    --to torch writes one torch.save file of the whole state (or of the model with --model-only) that loads
+    with torch.load(weights_only=True). --to safetensors writes tensors only, keyed by key path
+    (module/fc.weight; fc.weight with --model-only): non-tensor values (step counters, hyper-parameters,
+    client state) are left out and counted; tied tensors are written once and the other names recorded in
+    the file's metadata."""
+    show = not quiet and _show_progress(progress)
+
+    def go() -> None:
+        save_dir, tag = _locate(path)
+        r = _convert(lambda: export(save_dir, out, to=to, tag=tag, model_only=model_only, dtype=dtype,
+                                    max_shard_size=max_shard_size, rank=rank, overwrite=overwrite, progress=show))
+        if quiet:
+            return
+        click.echo(f"exported {r.tensors} tensors ({_size(r.nbytes)}) from {r.source} to {out}")
+        for f in r.files:
+            click.echo(f"  {f}")
+        if r.world_size > 1:
+            click.echo(f"note: rank-local state (not sharded, not replicated) is rank {r.rank}'s of "
+                       f"{r.world_size} ranks (--rank to choose)")
+        if r.non_tensors:
+            click.echo(f"note: safetensors holds tensors only: {r.non_tensors} non-tensor values were left out "
+                       "(use --to torch to keep the whole state)")
+        if r.aliases:
+            click.echo(f"note: {len(r.aliases)} tied tensor(s) written once: " +
+                       ", ".join(f"{a} = {k}" for a, k in list(r.aliases.items())[:5]) +
+                       (", ..." if len(r.aliases) > 5 else ""))
+        if r.dropped:
+            click.echo(f"note: {len(r.dropped)} pickled object(s) (torch.load(weights_only=True) refuses them) were "
+                       "replaced by None: " + ", ".join(r.dropped[:5]) + (", ..." if len(r.dropped) > 5 else ""))
+
+    _run(go)
+
+
+@main.command("import")
+@click.argument("source", type=click.Path(path_type=str))
+@click.argument("save_dir", type=click.Path(file_okay=False, path_type=str))
+@click.option("--tag", required=True, help="The tag to publish the imported state as.")
+@click.option("--as-module", is_flag=True,
+              help="Save {'module': state}, which AsyncCheckpointer.load_checkpoint loads into a model.")
+@click.option("--no-latest", is_flag=True, help="Do not point `latest` at the imported tag.")
+@click.option("--config", "config", type=click.Path(dir_okay=False, path_type=str),
+              help="A YAML config for the save (compression, writer threads, ...).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+@_PROGRESS
+def import_cmd(source: str, save_dir: str, tag: str, as_module: bool, no_latest: bool, config: str | None,
+               quiet: bool, progress: bool | None) -> None:
+    """Publish a torch.save or safetensors file as checkpoint TAG of SAVE_DIR.
+
+    SOURCE: a torch.save file (loaded with weights_only=True), a safetensors file, a Hugging Face
+    model.safetensors.index.json (with its shards), or a directory holding one of the last two."""
+    show = not quiet and _show_progress(progress)
+
+    def go() -> None:
+        r = _convert(lambda: import_checkpoint(source, save_dir, tag, as_module=as_module, save_latest=not no_latest,
+                                               config=config, progress=show))
+        if not quiet:
+            files = f"{len(r.sources)} {r.kind} files" if len(r.sources) > 1 else f"a {r.kind} file"
+            click.echo(f"imported {r.tensors} tensors ({_size(r.nbytes)}) from {source} ({files}) as {r.path}")
+
+    _run(go)
 
 
 if __name__ == "__main__":  # pragma: no cover
