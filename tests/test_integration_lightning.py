@@ -49,7 +49,8 @@ class Tiny(L.LightningModule):
 def make_trainer(plugin, ckpt_dir, max_steps, *, save_last=True, save_top_k=2, every=2, **kw):
     callback = ModelCheckpoint(dirpath=ckpt_dir, monitor="step", mode="max", save_top_k=save_top_k,
                                save_last=save_last, every_n_train_steps=every)
-    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+    kw.setdefault("devices", 1)
+    return L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
                      enable_model_summary=False, num_sanity_val_steps=0, plugins=[plugin], callbacks=[callback],
                      default_root_dir=os.path.dirname(ckpt_dir), **kw)
 
@@ -250,3 +251,21 @@ def test_loads_a_torch_save_checkpoint(tmp_path, plugin):
     path = str(tmp_path / "old.ckpt")
     torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 3}, path)
     assert plugin().load_checkpoint(path, weights_only=True)["global_step"] == 3
+
+
+@pytest.mark.timeout(300)
+def test_ddp_two_ranks(tmp_path, fast_config):
+    """Two gloo ranks (ddp_spawn on CPU): Lightning hands the checkpoint to the plugin on global rank 0 only,
+    which writes the whole replicated state as a one-rank checkpoint (no collective the other rank would have
+    to join); both ranks resume from it and end identical to the uninterrupted 2-rank run."""
+    def run(d, ckpt_path=None):
+        trainer = make_trainer(AsyncCheckpointIO(fast_config()), d, 8, save_top_k=-1, strategy="ddp_spawn", devices=2)
+        trainer.fit(Tiny(0 if ckpt_path is None else 5), ckpt_path=ckpt_path)
+        return trainer.lightning_module.state_dict()
+
+    ref_dir = str(tmp_path / "ref")
+    ref = run(ref_dir)
+    names = [f"epoch={e}-step={s}.ckpt" for e, s in ((0, 2), (1, 4), (2, 6), (3, 8))]  # 2 batches per rank
+    assert visible(ref_dir) == names + ["last.ckpt"] and hidden(ref_dir) == []
+    assert asyncckpt.CheckpointReader(ref_dir, "last.ckpt").manifest["world_size"] == 1
+    assert_same(run(str(tmp_path / "resumed"), ckpt_path=os.path.join(ref_dir, names[1])), ref)

@@ -10,11 +10,13 @@ the whole (replicated) state and the other ranks read it on resume.
 """
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import dataclasses
 import logging
 import os
 import threading
+import weakref
 from typing import Any, Mapping
 
 import torch
@@ -53,6 +55,8 @@ class AsyncCheckpointIO(CheckpointIO):
       never published, because the run died first, loads the newest published checkpoint of the directory,
       which its ``latest`` file names, with a warning), a checkpoint directory (→ its ``latest``), or a
       ``torch.save`` file of an earlier run.
+    * A hidden name (``.temp.ckpt``, which ``ddp_spawn`` uses to hand the final weights to the main process
+      after ``teardown``) is written synchronously with ``torch.save``; any other name must be a valid tag.
 
     ``config``: an :class:`asyncckpt.Config`, a mapping or a YAML path. ``overwrite`` is always on (Lightning
     re-saves ``last.ckpt`` under the same name; the replacement is atomic) and ``keep_last`` must be 0
@@ -90,9 +94,13 @@ class AsyncCheckpointIO(CheckpointIO):
             raise TypeError("AsyncCheckpointIO.save_checkpoint does not take storage_options")
         key = _local_path(path)
         save_dir, tag = os.path.split(key)
+        if tag.startswith("."):  # Lightning's own hand-over file (ddp_spawn's .temp.ckpt, read back at once)
+            TorchCheckpointIO().save_checkpoint(checkpoint, key)
+            return
         if self._engine is None:
             # Lightning calls CheckpointIO on global rank 0 only: a one-rank engine, no collectives.
             self._engine = SaveEngine(self.config, DistContext())
+            _live.add(self)
         with self._lock:
             self._generation[key] = self._generation.get(key, 0) + 1
             self._pending = {p: f for p, f in self._pending.items() if not f.done()}
@@ -205,6 +213,19 @@ class AsyncCheckpointIO(CheckpointIO):
                 remover.shutdown(wait=True)
             self._removals = []
             self._pending = {}
+
+
+_live: "weakref.WeakSet[AsyncCheckpointIO]" = weakref.WeakSet()
+
+
+@atexit.register
+def _drain_at_exit() -> None:
+    """A save made after the last teardown (``trainer.save_checkpoint`` after ``fit``) is finished at exit."""
+    for plugin in list(_live):
+        try:
+            plugin.teardown()
+        except Exception as exc:  # noqa: BLE001 - at exit there is nobody left to raise to
+            log.error("asyncckpt: a Lightning checkpoint failed at exit: %s", exc)
 
 
 def _local_path(path: Any) -> str:
