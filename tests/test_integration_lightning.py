@@ -178,11 +178,13 @@ def test_save_returns_before_durable_and_in_flight_removal(tmp_path, plugin, gat
     """save_checkpoint returns while the writer is held: the path does not exist yet (Lightning's
     os.path.exists sees nothing half-written). remove_checkpoint of that in-flight path returns at once and
     the checkpoint is gone once the save is published; a path saved again after its removal was requested
-    keeps the newer checkpoint; a published path disappears at once."""
+    keeps the newer checkpoint; a published path disappears at once. The directory exists when the first
+    save returns."""
     io = plugin(max_inflight=4)
     d = tmp_path / "c"
     a, b, c = (str(d / f"{n}.ckpt") for n in "abc")
     io.save_checkpoint({"w": torch.ones(3), "n": 1}, a)
+    assert os.path.isdir(d)  # at once: Lightning's save_last="link" symlinks into it right after the call
     io.save_checkpoint({"w": torch.ones(3), "n": 2}, b)
     assert not os.path.exists(a) and not os.path.exists(b)
     io.remove_checkpoint(a)  # in flight: removed once published

@@ -97,6 +97,7 @@ class AsyncCheckpointIO(CheckpointIO):
         if tag.startswith("."):  # Lightning's own hand-over file (ddp_spawn's .temp.ckpt, read back at once)
             TorchCheckpointIO().save_checkpoint(checkpoint, key)
             return
+        os.makedirs(save_dir, exist_ok=True)  # now: save_last="link" links into it as soon as this returns
         if self._engine is None:
             # Lightning calls CheckpointIO on global rank 0 only: a one-rank engine, no collectives.
             self._engine = SaveEngine(self.config, DistContext())
