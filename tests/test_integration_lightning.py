@@ -118,7 +118,7 @@ def assert_same(a, b, path=""):
         assert a == b, path
 
 
-def test_fit_keeps_top_k_and_last_and_resumes_exactly(tmp_path, plugin):
+def test_fit_keeps_top_k_and_last_and_resumes_exactly(tmp_path, plugin, caplog):
     """ModelCheckpoint(save_top_k=2, save_last=True) through the plugin: after fit only the two best tags and
     last.ckpt exist (removed ones gone, no partial leftovers), each a published asyncckpt checkpoint; a fresh
     model resumed with ckpt_path="last" ends bit-identical (weights, optimizer, scheduler, step, losses) to
@@ -146,6 +146,7 @@ def test_fit_keeps_top_k_and_last_and_resumes_exactly(tmp_path, plugin):
         if resume == "explicit":  # Lightning never removes the checkpoint it resumed from
             kept.insert(0, "epoch=0-step=4.ckpt")
         assert visible(d) == kept and hidden(d) == []
+    assert "did not finish" not in caplog.text  # removals are never mistaken for interrupted saves
 
 
 def test_save_last_link(tmp_path, plugin, caplog):
@@ -179,11 +180,14 @@ def test_save_returns_before_durable_and_in_flight_removal(tmp_path, plugin, gat
     os.path.exists sees nothing half-written). remove_checkpoint of that in-flight path returns at once and
     the checkpoint is gone once the save is published; a path saved again after its removal was requested
     keeps the newer checkpoint; a published path disappears at once. The directory exists when the first
-    save returns."""
+    save returns, without the leftovers of a removal a crash interrupted."""
     io = plugin(max_inflight=4)
     d = tmp_path / "c"
+    (d / ".old.ckpt.removed-0f").mkdir(parents=True)  # a removal that a crash cut short
+    (d / ".old.ckpt.removed-0f" / "rank00000-0.bin").write_bytes(b"x")
     a, b, c = (str(d / f"{n}.ckpt") for n in "abc")
     io.save_checkpoint({"w": torch.ones(3), "n": 1}, a)
+    assert not (d / ".old.ckpt.removed-0f").exists()
     assert os.path.isdir(d)  # at once: Lightning's save_last="link" symlinks into it right after the call
     io.save_checkpoint({"w": torch.ones(3), "n": 2}, b)
     assert not os.path.exists(a) and not os.path.exists(b)

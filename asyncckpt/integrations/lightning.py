@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import os
 import threading
+import uuid
 import weakref
 from typing import Any, Mapping
 
@@ -33,7 +34,7 @@ from ..config import Config
 from ..durable import fsync_dir, remove_tree
 from ..engine import SaveEngine
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError
-from ..format import MANIFEST, PARTIAL_SUFFIX
+from ..format import MANIFEST
 from ..future import SaveFuture
 from ..loader import load, read_latest
 from ..state import flatten
@@ -41,6 +42,8 @@ from ..state import flatten
 log = logging.getLogger(__name__)
 
 __all__ = ["AsyncCheckpointIO"]
+
+_REMOVED = ".removed-"  # .<tag>.removed-<hex>: a removed checkpoint whose bytes are being deleted
 
 
 class AsyncCheckpointIO(CheckpointIO):
@@ -78,6 +81,7 @@ class AsyncCheckpointIO(CheckpointIO):
         self._removals: list[concurrent.futures.Future] = []
         self._pending: dict[str, SaveFuture] = {}  # absolute path -> its newest save, while in flight
         self._generation: dict[str, int] = {}  # absolute path -> number of saves requested for it
+        self._cleaned: set[str] = set()  # directories whose leftover removals were deleted
         self._lock = threading.Lock()
 
     # Lightning pickles its plugins into ddp_spawn workers: only the configuration travels.
@@ -98,6 +102,11 @@ class AsyncCheckpointIO(CheckpointIO):
             TorchCheckpointIO().save_checkpoint(checkpoint, key)
             return
         os.makedirs(save_dir, exist_ok=True)  # now: save_last="link" links into it as soon as this returns
+        if save_dir not in self._cleaned:
+            self._cleaned.add(save_dir)
+            for name in os.listdir(save_dir):
+                if name.startswith(".") and _REMOVED in name:  # a removal a crash cut short
+                    self._discard(os.path.join(save_dir, name))
         if self._engine is None:
             # Lightning calls CheckpointIO on global rank 0 only: a one-rank engine, no collectives.
             self._engine = SaveEngine(self.config, DistContext())
@@ -138,10 +147,10 @@ class AsyncCheckpointIO(CheckpointIO):
         self._discard(doomed)
 
     def _withdraw(self, key: str) -> str | None:
-        """Make the checkpoint at ``key`` disappear in one step (rename to a hidden partial name, which the
-        next save's cleanup also removes after a crash). Returns the hidden name, or None if nothing is there."""
+        """Make the checkpoint at ``key`` disappear in one step (rename to a hidden name, which the first save
+        into that directory removes after a crash). Returns the hidden name, or None if nothing is there."""
         save_dir, tag = os.path.split(key)
-        doomed = os.path.join(save_dir, f".{tag}.removed-{os.getpid()}-{id(self)}-{threading.get_ident()}{PARTIAL_SUFFIX}")
+        doomed = os.path.join(save_dir, f".{tag}{_REMOVED}{uuid.uuid4().hex}")
         try:
             os.rename(key, doomed)
         except FileNotFoundError:
