@@ -116,3 +116,74 @@ def test_sigkill_before_commit_resumes_previous_tag(runs):
         assert got["latest"] == "A\n" and got["tags"] == ["A"] and "B" not in got["entries"]
         assert os.path.dirname(got["path"]) == os.path.join(d, "A")
         assert got["losses"] == crash[rank]["losses"]
+
+
+# ------------------------------------------------------------------- the engine alone, in this process
+def _info(save_dir, tag, save_latest=False):
+    from deepspeed.runtime.checkpoint_engine import CheckpointCommitInfo
+
+    return CheckpointCommitInfo(tag=tag, save_dir=save_dir, save_latest=save_latest)
+
+
+@pytest.fixture
+def engine():
+    from asyncckpt.integrations.deepspeed import AsyncCheckpointEngine
+
+    eng = AsyncCheckpointEngine({"writer": {"threads_per_node": 1}})
+    yield eng
+    eng.close()
+
+
+def test_files_of_a_tag_become_entries_of_one_checkpoint(engine, tmp_path):
+    """The calls DeepSpeed makes, in its order: the tag directory is left to the commit's rename, each file is
+    an entry (Python objects such as DeepSpeed's records are pickled), a file outside the tag is a plain
+    torch.save written at once, and `latest` is not touched when DeepSpeed was asked not to write it."""
+    import collections
+
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    d = str(tmp_path / "ckpts")
+    engine.makedirs(d, exist_ok=True)
+    info = _info(d, "t1")
+    engine.create(info)
+    engine.makedirs(os.path.join(d, "t1"), exist_ok=True)
+    assert os.listdir(d) == []
+    model = {"module": collections.OrderedDict(w=torch.arange(6.0).view(2, 3)), "global_steps": 3,
+             "slices": {"w": fragment_address(numel=6, start=0)}}
+    optim = {"optimizer_state_dict": {"fp32": [torch.ones(3)]}}
+    engine.save(model, os.path.join(d, "t1", "mp_rank_00_model_states.pt"))
+    engine.save(optim, os.path.join(d, "t1", "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    engine.save({"w": torch.ones(2)}, os.path.join(d, "model16.bin"))
+    assert torch.equal(torch.load(os.path.join(d, "model16.bin"), weights_only=True)["w"], torch.ones(2))
+    engine.commit(info)
+    (result,) = engine.wait(timeout=60)
+    assert result.tag == "t1" and not os.path.exists(os.path.join(d, "latest"))
+    got = engine.load(os.path.join(d, "t1", "mp_rank_00_model_states.pt"), map_location=lambda s, loc: s)
+    assert type(got["module"]) is collections.OrderedDict and torch.equal(got["module"]["w"], model["module"]["w"])
+    assert got["global_steps"] == 3 and got["slices"]["w"] == fragment_address(numel=6, start=0)
+    assert torch.equal(engine.load(os.path.join(d, "t1", "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+                       ["optimizer_state_dict"]["fp32"][0], torch.ones(3))
+    with pytest.raises(asyncckpt.CheckpointNotFoundError, match="mp_rank_00_model_states.pt"):
+        engine.load(os.path.join(d, "t1", "zero_pp_rank_1_mp_rank_00_optim_states.pt"))
+
+
+@pytest.mark.parametrize("name", ["mp_rank_00_model_states.pt", "manifest.json", "rank00000.json",
+                                  "rank00000-0.bin", ".hidden.pt"])
+def test_an_entry_cannot_take_a_saved_name_or_a_checkpoint_file_name(engine, tmp_path, name):
+    info = _info(str(tmp_path), "t1")
+    engine.create(info)
+    engine.save({"x": 1}, str(tmp_path / "t1" / "mp_rank_00_model_states.pt"))
+    with pytest.raises(asyncckpt.KeyCollisionError, match=name):
+        engine.save({"x": 2}, str(tmp_path / "t1" / name))
+
+
+def test_commit_of_an_unwrapped_save_latest_returns_only_when_durable(engine, tmp_path):
+    """DeepSpeed writes `latest` itself right after commit when save_latest reaches it: commit must block."""
+    info = _info(str(tmp_path), "t1", save_latest=True)
+    engine.create(info)
+    engine.makedirs(str(tmp_path / "t1"), exist_ok=True)
+    engine.save({"w": torch.zeros(4)}, str(tmp_path / "t1" / "mp_rank_00_model_states.pt"))
+    engine.commit(info)
+    assert engine.last_future.done() and engine.last_future.result().tag == "t1"
+    with open(tmp_path / "t1" / "mp_rank_00_model_states.pt", "rb") as f:
+        assert f.read().startswith(STUB_MARK)

@@ -56,7 +56,7 @@ from ..config import Config
 from ..durable import fsync_dir, replace_atomic, write_durable
 from ..engine import SaveEngine
 from ..errors import CheckpointNotFoundError, KeyCollisionError
-from ..format import LATEST, MANIFEST
+from ..format import LATEST, MANIFEST, is_checkpoint_file_name
 from ..future import SaveFuture
 from ..io_types import SaveResult
 from ..loader import CheckpointReader
@@ -129,18 +129,20 @@ class AsyncCheckpointEngine(CheckpointEngine):
         self._info, self._entries, self._claimed = info, {}, False
 
     def makedirs(self, path: str, exist_ok: bool = False) -> None:
-        if self._in_tag_dir(os.path.join(path, "x")):
+        if self._is_tag_dir(path):
             self._claimed = True  # asyncckpt publishes the tag directory itself, by rename
             return
         os.makedirs(path, exist_ok=exist_ok)
 
     def save(self, state_dict: Any, path: str) -> None:
-        if not self._in_tag_dir(path):
+        if not self._is_tag_dir(os.path.dirname(path)):
             _torch_save_durable(state_dict, path, self.config.writer.fsync)
             return
         name = os.path.basename(path)
-        if name in self._entries:
-            raise KeyCollisionError(f"DeepSpeed saved {path} twice in checkpoint {self._info.tag!r}")
+        if name in self._entries or is_checkpoint_file_name(name) or name.startswith("."):
+            raise KeyCollisionError(f"cannot save {path} as an entry of checkpoint {self._info.tag!r}: "
+                                    + ("saved twice" if name in self._entries else
+                                       "the name belongs to asyncckpt's own files in the tag directory"))
         self._entries[name] = state_dict
 
     def commit(self, info: Any) -> bool:
@@ -178,7 +180,8 @@ class AsyncCheckpointEngine(CheckpointEngine):
 
     # ---------------------------------------------------------------------------------- our interface
     def wait(self, timeout: float | None = None) -> list[SaveResult]:
-        """Block until every save so far is published (and ``latest`` moved); raise the first failure."""
+        """Block until every save so far is published and its stub files (and ``latest``, if asked) are durable;
+        on ranks other than the publisher (rank 0), until it is published. Raises the first unobserved failure."""
         with self._lock:
             pending = list(self._futures)
         done, not_done = concurrent.futures.wait([f._inner for f in pending], timeout=timeout)
@@ -188,23 +191,24 @@ class AsyncCheckpointEngine(CheckpointEngine):
         return [f.result() for f in pending if f.exception() is None]
 
     def close(self, timeout: float | None = None) -> None:
-        """Drain in-flight saves, then stop the background threads (idempotent)."""
+        """Drain in-flight saves, then stop the background threads (idempotent). Raises an unobserved failure."""
         if self._closed:
             return
         try:
             self.wait(timeout)
         finally:
-            self._finisher.shutdown(wait=True)
-            self.saver.close(timeout)
-            self._closed = True
+            with self._lock:
+                in_flight = any(not f.done() for f in self._futures)
+            if not in_flight:  # else (timeout) stay open so that the saves in flight finish: call close() again
+                self._closed = True
+                self._finisher.shutdown(wait=True)
+                self.saver.close()
 
     # ----------------------------------------------------------------------------------------- helpers
-    def _in_tag_dir(self, path: str) -> bool:
+    def _is_tag_dir(self, path: str) -> bool:
+        """Whether ``path`` is the directory of the tag being saved (DeepSpeed's files go into it)."""
         info = self._info
-        if info is None:
-            return False
-        tag_dir = os.path.join(info.save_dir, str(info.tag))
-        return os.path.normpath(os.path.dirname(os.path.abspath(path))) == os.path.normpath(os.path.abspath(tag_dir))
+        return info is not None and os.path.abspath(path) == os.path.abspath(os.path.join(info.save_dir, str(info.tag)))
 
     def _raise_failed(self) -> None:
         with self._lock:
