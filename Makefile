@@ -10,6 +10,8 @@ STAMP      := $(VENV)/.installed
 # The TORCH_SPEC the stamp was made with: a different one for an existing VENV reinstalls torch.
 SPEC       := $(VENV)/.spec
 PYTEST_ARGS ?=
+# Optional integrations installed for the tests (their tests skip without them): `make test EXTRAS=` for none.
+EXTRAS     ?= export,lightning,transformers,deepspeed
 # The modules of tests/reliability.py's MODULES.
 RELIABILITY_TESTS := tests/test_crash.py tests/test_faults.py tests/test_corruption.py tests/test_hostile.py \
                      tests/test_pickle_policy.py
@@ -25,7 +27,8 @@ $(SPEC): FORCE
 $(STAMP): pyproject.toml Makefile $(SPEC)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/.torch-pin
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet -c $(VENV)/.torch-pin -e ".[dev,$(EXTRAS)]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -40,7 +43,7 @@ reliability: $(STAMP)
 	$(BIN)/python -m pytest -q --reliability-report=docs/RELIABILITY.md $(PYTEST_ARGS) $(RELIABILITY_TESTS)
 
 bench-deps: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+	$(BIN)/python -m pip install --quiet -c $(VENV)/.torch-pin -e ".[dev,bench]"
 
 bench: bench-deps
 	$(BIN)/python -m benchmarks --config benchmarks/configs/gpt_1p5gb.yaml

@@ -8,14 +8,21 @@
   checkpoints the python blocks saved there and must exit 0. ``make ...`` lines are NOT executed (they build a
   virtual environment and run the demo or the whole suite; tests/test_demo.py covers what ``make demo``
   runs); any other command needs a ``# not run:`` block.
+* A python block whose first line is ``# requires: mod, mod`` needs optional packages (an integration): it is
+  skipped when one is missing, and otherwise runs in its own Python process (a framework may initialise
+  ``torch.distributed`` or global state), in the same directory and after the same prelude, with the variables a
+  launcher such as torchrun sets for one process (``SUBPROCESS_PRELUDE``).
 * Every ```yaml block is a valid ``asyncckpt.Config``.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 import traceback
 
 import pytest
@@ -29,6 +36,8 @@ from asyncckpt.cli import main as cli_main
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 NOT_RUN = "# not run:"
+REQUIRES = "# requires:"
+SUBPROCESS_TIMEOUT_S = 300
 
 README_PRELUDE = '''
 import types
@@ -50,6 +59,44 @@ sched = torch.optim.lr_scheduler.StepLR(optimizer, step_size=100)
 loader = [torch.randn(4, 8) for _ in range(500)]
 epoch = 0
 '''
+
+
+# What a launcher (torchrun) gives a one-process job; and, for DeepSpeed on a CPU-only machine, its shared-memory
+# all-reduce op switched off (DeepSpeed would otherwise compile it with g++ for minutes before the first step).
+SUBPROCESS_PRELUDE = '''
+import os, socket
+with socket.socket() as _s:
+    _s.bind(("127.0.0.1", 0))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(_s.getsockname()[1]))
+try:
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__ = {}
+except ImportError:
+    pass
+'''
+
+
+def _requires(block: str) -> list[str]:
+    first = block.lstrip().split("\n", 1)[0]
+    if not first.startswith(REQUIRES):
+        return []
+    return [m.strip() for m in first[len(REQUIRES):].split(",") if m.strip()]
+
+
+def _missing(block: str) -> list[str]:
+    return [m for m in _requires(block) if importlib.util.find_spec(m) is None]
+
+
+def _run_in_subprocess(line: int, block: str, where) -> str | None:
+    script = SUBPROCESS_PRELUDE + README_PRELUDE + "\n" * (line - 1) + block
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    try:
+        r = subprocess.run([sys.executable, "-c", script], cwd=where, env=env, capture_output=True, text=True,
+                           timeout=SUBPROCESS_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"timed out after {SUBPROCESS_TIMEOUT_S} s"
+    return None if r.returncode == 0 else f"exit status {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
 
 
 def _blocks(lang: str) -> list[tuple[int, str]]:
@@ -85,7 +132,10 @@ def readme_dir(tmp_path_factory):
     os.chdir(where)
     try:
         for line, block in PYTHON:
-            if _not_run(block) is not None:
+            if _not_run(block) is not None or _missing(block):
+                continue
+            if _requires(block):
+                outcomes[line] = _run_in_subprocess(line, block, where)
                 continue
             namespace: dict = {"__name__": "__readme__"}
             exec(compile(README_PRELUDE, "<README_PRELUDE>", "exec"), namespace)
@@ -117,6 +167,8 @@ def test_python_block_runs(readme_dir, line, block):
     reason = _not_run(block)
     if reason is not None:
         pytest.skip(f"README.md:{line} is marked not run: {reason}")
+    if _missing(block):
+        pytest.skip(f"README.md:{line} needs {', '.join(_missing(block))}, which is not installed")
     _, outcomes = readme_dir
     assert outcomes[line] is None, f"README.md:{line} failed:\n{outcomes[line]}"
 
