@@ -10,7 +10,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import xxhash
@@ -75,7 +75,7 @@ def check_device(device: Any, where: str) -> str:
     ``mps``, ``xpu``, ``hpu``, ``xla``, a renamed private backend...), optionally ``:`` and an index in
     0..9999 without leading zeros. ``meta`` (no data) is never saved."""
     _need(isinstance(device, str) and bool(_DEVICE_RE.fullmatch(device)) and device.split(":")[0] != "meta", where,
-          f"device {device!r:.80} is not a device string (type[:index], e.g. cpu or cuda:0)")
+          lambda: f"device {device!r:.80} is not a device string (type[:index], e.g. cpu or cuda:0)")
     return device
 
 
@@ -335,17 +335,25 @@ class TensorRecord:
 
 
 # ---------------------------------------------------------------------------------- untrusted parsing
-def _need(cond: bool, where: str, what: str) -> None:
+def _need(cond: bool, where: str, what: str | Callable[[], str]) -> None:
+    """Refuse unless ``cond``. ``what`` may be a callable building the message, so that checks on the hot path
+    (one per record of an index of many thousands) do not format messages that are never shown."""
     if not cond:
-        raise UnsafeCheckpointError(f"{where}: {what}")
+        raise UnsafeCheckpointError(f"{where}: {what() if callable(what) else what}")
 
 
-def _int(v: Any, where: str, what: str, lo: int = 0, hi: int = 1 << 62) -> int:
-    _need(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi, where, f"{what} must be an integer in {lo}..{hi}, got {v!r}")
-    return v
+_INT_MAX = 1 << 62
+
+
+def _int(v: Any, where: str, what: str, lo: int = 0, hi: int = _INT_MAX) -> int:
+    if type(v) is int and lo <= v <= hi:  # bool is a subclass of int, not int itself
+        return v
+    raise UnsafeCheckpointError(f"{where}: {what} must be an integer in {lo}..{hi}, got {v!r:.100}")
 
 
 def _int_list(v: Any, where: str, what: str, lo: int = 0) -> tuple[int, ...]:
+    if type(v) is list and len(v) <= MAX_NDIM and all(type(x) is int and lo <= x <= _INT_MAX for x in v):
+        return tuple(v)
     _need(isinstance(v, list) and len(v) <= MAX_NDIM, where, f"{what} must be a list of at most {MAX_NDIM} integers")
     return tuple(_int(x, where, what, lo=lo) for x in v)
 
@@ -456,12 +464,12 @@ def check_view(rec: TensorRecord, base: TensorRecord | None, where: str) -> None
 def _parse_tensor(key: str, t: Any, where: str, files: dict[str, int]) -> TensorRecord:
     _need(isinstance(t, dict), where, "entry is not an object")
     name = t.get("dtype")
-    _need(isinstance(name, str) and name in DTYPES, where, f"unknown dtype {name!r}")
+    _need(isinstance(name, str) and name in DTYPES, where, lambda: f"unknown dtype {name!r:.80}")
     dtype = DTYPES[name]
     shape = _int_list(t.get("shape"), where, "shape")
     device = check_device(t.get("device"), where)
     nbytes = math.prod(shape) * dtype.itemsize
-    _need(nbytes <= 1 << 50, where, f"shape {list(shape)} is absurdly large")
+    _need(nbytes <= 1 << 50, where, lambda: f"shape {list(shape)} is absurdly large")
     gshape, goff = (), ()
     if "global_shape" in t:
         gshape = _int_list(t.get("global_shape"), where, "global_shape")
@@ -480,28 +488,28 @@ def _parse_tensor(key: str, t: Any, where: str, files: dict[str, int]) -> Tensor
                             byte_offset=_int(t.get("byte_offset"), where, "byte_offset"),
                             global_shape=gshape, global_offset=goff, packed=packed)
     fname = check_file_name(t.get("file"), where)
-    _need(fname in files, where, f"file {fname} is not declared in the rank's file list")
+    _need(fname in files, where, lambda: f"file {fname} is not declared in the rank's file list")
     fsize = files[fname]
     raw_chunks = t.get("chunks")
     _need(isinstance(raw_chunks, list), where, "chunks must be a list")
-    _need(len(raw_chunks) <= max_chunks(nbytes), where, f"{len(raw_chunks)} chunks for {nbytes} bytes: at most "
+    _need(len(raw_chunks) <= max_chunks(nbytes), where, lambda: f"{len(raw_chunks)} chunks for {nbytes} bytes: at most "
           f"{max_chunks(nbytes)} (chunks hold at least {MIN_CHUNK_BYTES} bytes, except a tensor's last)")
     chunks, total = [], 0
     for i, c in enumerate(raw_chunks):
-        cw = f"{where} chunk {i}"
+        cw = where + " chunk " + str(i)
         _need(isinstance(c, dict), cw, "not an object")
         off = _int(c.get("off"), cw, "off")
         length = _int(c.get("len"), cw, "len", lo=1)  # no empty chunks: a tensor of 0 bytes has none
         raw = _int(c.get("raw"), cw, "raw", lo=1, hi=MAX_CHUNK_RAW)
-        _need(off + length <= fsize, cw, f"bytes {off}..{off + length} lie outside {fname} ({fsize} bytes)")
+        _need(off + length <= fsize, cw, lambda: f"bytes {off}..{off + length} lie outside {fname} ({fsize} bytes)")
         codec = c.get("codec")
-        _need(codec in CODECS, cw, f"unknown codec {codec!r}")
+        _need(codec in CODECS, cw, lambda: f"unknown codec {codec!r:.80}")
         _need(isinstance(c.get("xxh3"), str) and len(c["xxh3"]) == 16, cw, "bad checksum field")
         planes: tuple = ()
         if codec == "raw":
             _need(length == raw, cw, "a raw chunk's stored and decoded lengths differ")
         elif codec == "zstd":
-            _need(raw <= MAX_ZSTD_RATIO * length, cw, f"{length} stored bytes cannot decode to {raw} (zstd's limit)")
+            _need(raw <= MAX_ZSTD_RATIO * length, cw, lambda: f"{length} stored bytes cannot decode to {raw} (zstd's limit)")
         elif codec == "shuffle":
             p = c.get("planes")
             _need(isinstance(p, list) and 2 <= len(p) <= 16 and raw % len(p) == 0, cw, "bad byte planes")
@@ -514,7 +522,7 @@ def _parse_tensor(key: str, t: Any, where: str, files: dict[str, int]) -> Tensor
         _need(isinstance(sxxh3, str) and len(sxxh3) in (0, 16), cw, "bad stored-bytes checksum field")
         chunks.append(ChunkRecord(off, length, raw, codec, c["xxh3"], planes, sxxh3))
         total += raw
-    _need(total == nbytes, where, f"chunks decode to {total} bytes but dtype {name} x shape {list(shape)} needs {nbytes}")
+    _need(total == nbytes, where, lambda: f"chunks decode to {total} bytes but dtype {name} x shape {list(shape)} needs {nbytes}")
     return TensorRecord(key, dtype, shape, device, file=fname, chunks=tuple(chunks), global_shape=gshape, global_offset=goff)
 
 
