@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from .agreement import agree_on_tag
 from .commit import DistContext
 from .config import Config
 from .engine import SaveEngine
@@ -187,6 +188,11 @@ class AsyncCheckpointer:
         Returns ``(path, client_state)``. As in DeepSpeed, when ``tag`` is None and ``load_dir`` has no
         ``latest`` file, nothing is loaded and ``(None, None)`` is returned (with a warning).
 
+        With several ranks the call is collective: the ranks agree on one tag and its save identity over the
+        saver's group before anything is read (see :mod:`asyncckpt.agreement`); when they cannot (a rank lacks
+        the tag, or has no ``latest`` while others have one), every rank raises :class:`CheckpointError`
+        naming the ranks and what each sees. ``(None, None)`` only when no rank has a ``latest``.
+
         All or nothing: a checkpoint that does not fit raises :class:`StateMismatchError` naming the keys, and
         the model, optimizer, scheduler, step counter and RNG states are left exactly as they were. Refused
         before anything is modified: missing or unexpected module keys (``load_module_strict``; parameters the
@@ -197,7 +203,13 @@ class AsyncCheckpointer:
         state was put back."""
         load_dir = os.fspath(load_dir)
         tag = None if tag is None else _tag_text(tag)
-        if tag is None and read_latest(load_dir) is None:
+        if self._engine.ctx.distributed:  # every rank loads the same checkpoint, or none does (agreement.py)
+            tag = self._engine.coordinated(agree_on_tag, self._engine.coordinator.gather, load_dir, tag)
+            if tag is None:
+                log.warning("no rank has a 'latest' file in %s: nothing to load (pass tag= to load a specific "
+                            "checkpoint)", load_dir)
+                return None, None
+        elif tag is None and read_latest(load_dir) is None:
             log.warning("no 'latest' file in %s: nothing to load (pass tag= to load a specific checkpoint)", load_dir)
             return None, None
         reader = CheckpointReader(load_dir, tag)

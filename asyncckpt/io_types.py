@@ -105,3 +105,4 @@ class SaveJob:
     stall_s: float = 0.0
     replicated_fp: str = ""
     reason: str = ""  # a placeholder for a save this rank could not make: "busy" (skip) or the error
+    seq: int = 0  # this saver's sequence number of the save (compared across ranks at prepare)

@@ -17,9 +17,9 @@ import os
 import socket
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
-from .durable import LockFile, remove_tree
+from .durable import LockFile
 from .format import LATEST, PARTIAL_SUFFIX
 
 log = logging.getLogger("asyncckpt.commit")  # one logger for everything a save does to save_dir
@@ -113,7 +113,7 @@ def claim(save_dir: str, name: str, kind: str) -> LockFile:
     return lock
 
 
-def clean(save_dir: str, own: str) -> None:
+def clean(save_dir: str, own: str, remove_tree: Callable[[str], None]) -> None:
     """Remove what earlier saves provably abandoned in ``save_dir``: partial directories and their locks, and
     temporary files of a ``latest`` replace; put back a tag whose overwrite was cut short. ``own`` is the
     partial directory this saver is about to create."""
@@ -130,7 +130,7 @@ def clean(save_dir: str, own: str) -> None:
             log.warning("removing leftover temporary file %s (an earlier save did not finish)", path)
             lock.release(unlink=True)
         elif name.startswith(".") and name.endswith(PARTIAL_SUFFIX) and name != own:
-            _clean_partial(save_dir, name)
+            _clean_partial(save_dir, name, remove_tree)
         elif (name.startswith(".") and name.endswith(PARTIAL_SUFFIX + LOCK_SUFFIX) and name != own + LOCK_SUFFIX
               and name[:-len(LOCK_SUFFIX)] not in names):  # a lock whose directory was never made or is gone
             lock = LockFile.take(path, create=False)
@@ -138,7 +138,7 @@ def clean(save_dir: str, own: str) -> None:
                 lock.release(unlink=lock.locked and not os.path.lexists(path[:-len(LOCK_SUFFIX)]))
 
 
-def _clean_partial(save_dir: str, name: str) -> None:
+def _clean_partial(save_dir: str, name: str, remove_tree: Callable[[str], None]) -> None:
     path = os.path.join(save_dir, name)
     lock, rec = _take_abandoned(path + LOCK_SUFFIX, create=False)
     if lock is None:

@@ -190,7 +190,7 @@ def train_while_committing(rank: int, world: int, save_dir: str) -> int:
 
 
 def node_local(rank: int, world: int, root: str) -> list:
-    node = os.environ["ASYNCCKPT_NODE_SUFFIX"]
+    node = os.environ["GROUP_RANK"]  # one rank per simulated node (test_multirank sets torchrun's variables)
     save_dir = os.path.join(root, f"node{node}")
     from torch.nn.parallel import DistributedDataParallel as DDP
 
