@@ -190,3 +190,23 @@ def test_inconsistent_node_variables_are_refused_on_every_rank(tmp_path):
     out = assert_all_ok(run_ranks(nw.inconsistent_nodes, 2, str(tmp_path)))
     assert all("node0 (GROUP_RANK) holds ranks [0, 1]" in o for o in out), out
 
+
+# --------------------------------------------------------------------------------- 6. rank mapping
+def test_another_world_size_never_gets_another_ranks_rng_state(tmp_path):
+    shared = str(tmp_path / "ckpt")
+    assert_all_ok(run_ranks(nw.save_tags, 2, str(tmp_path), [shared, shared], ["t1"]))
+    out = assert_all_ok(run_ranks(nw.load, 3, str(tmp_path), [shared] * 3))
+    for o in out:
+        assert "StateMismatchError" in o["error"] and "load_rng_states=False" in o["error"], out
+    out = assert_all_ok(run_ranks(nw.load, 3, str(tmp_path), [shared] * 3, None, 0, False))
+    assert [o["client"]["rank"] for o in out] == [0, 0, 0]  # asked for: the lowest saved rank's client_state
+
+
+def test_a_node_local_copy_of_another_node_never_gives_its_ranks_state(tmp_path):
+    n0, n1 = _dirs(tmp_path, "node0", "node1")
+    assert_all_ok(run_ranks(nw.save_tags, 2, str(tmp_path), [n0, n1], ["t1"], 1))
+    out = assert_all_ok(run_ranks(nw.load, 2, str(tmp_path), [n1, n0], None, 1))  # the nodes swapped
+    for o in out:
+        assert "StateMismatchError" in o["error"] and "has no RNG state of its own" in o["error"], out
+    out = assert_all_ok(run_ranks(nw.load, 2, str(tmp_path), [n0, n1], None, 1))
+    assert [o["client"]["rank"] for o in out] == [0, 1]
