@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from .agreement import agree_on_tag
 from .commit import DistContext
 from .config import Config
 from .engine import SaveEngine
@@ -187,6 +188,11 @@ class AsyncCheckpointer:
         Returns ``(path, client_state)``. As in DeepSpeed, when ``tag`` is None and ``load_dir`` has no
         ``latest`` file, nothing is loaded and ``(None, None)`` is returned (with a warning).
 
+        With several ranks the call is collective: the ranks agree on one tag and its save identity over the
+        saver's group before anything is read (see :mod:`asyncckpt.agreement`); when they cannot (a rank lacks
+        the tag, or has no ``latest`` while others have one), every rank raises :class:`CheckpointError`
+        naming the ranks and what each sees. ``(None, None)`` only when no rank has a ``latest``.
+
         All or nothing: a checkpoint that does not fit raises :class:`StateMismatchError` naming the keys, and
         the model, optimizer, scheduler, step counter and RNG states are left exactly as they were. Refused
         before anything is modified: missing or unexpected module keys (``load_module_strict``; parameters the
@@ -197,13 +203,20 @@ class AsyncCheckpointer:
         state was put back."""
         load_dir = os.fspath(load_dir)
         tag = None if tag is None else _tag_text(tag)
-        if tag is None and read_latest(load_dir) is None:
+        if self._engine.ctx.distributed:  # every rank loads the same checkpoint, or none does (agreement.py)
+            tag = self._engine.coordinated(agree_on_tag, self._engine.coordinator.gather, load_dir, tag)
+            if tag is None:
+                log.warning("no rank has a 'latest' file in %s: nothing to load (pass tag= to load a specific "
+                            "checkpoint)", load_dir)
+                return None, None
+        elif tag is None and read_latest(load_dir) is None:
             log.warning("no 'latest' file in %s: nothing to load (pass tag= to load a specific checkpoint)", load_dir)
             return None, None
         reader = CheckpointReader(load_dir, tag)
         if map_location is None:
             map_location = self._module_device_map()
-        state = reader.load_state(rank=self.rank, map_location=map_location, verify=self.config.verify_on_load,
+        source = self._source_rank(reader, load_rng_states and not load_module_only)
+        state = reader.load_state(rank=source, map_location=map_location, verify=self.config.verify_on_load,
                                   allow_pickle=self.config.allow_pickle, mesh=self._device_mesh())
         if not isinstance(state, dict) or "module" not in state:
             raise CheckpointError(f"{reader.path} was not written by AsyncCheckpointer (no 'module' entry); "
@@ -239,6 +252,23 @@ class AsyncCheckpointer:
             self.global_steps = steps
         return path, state.get("client_state", {})
 
+    def _source_rank(self, reader: CheckpointReader, want_rng: bool) -> int:
+        """Whose rank-local records (RNG states, client_state, non-replicated state) this rank loads. The same
+        rank's, when the checkpoint was saved by as many ranks and this copy holds this rank's records. Any
+        other mapping (another world size, a node-local copy of another node) loads the lowest saved rank's
+        records, and only when no RNG state is to be restored: a rank never silently receives another rank's
+        RNG streams (pass ``load_rng_states=False`` to keep this process's own)."""
+        present = sorted(entry["rank"] for entry in reader.manifest["ranks"])
+        if reader.world_size == self.world_size and self.rank in present:
+            return self.rank
+        if want_rng and _saved_rng(reader, present[0]):
+            raise StateMismatchError(
+                f"{reader.path}: saved by {reader.world_size} rank(s) (this copy holds ranks "
+                f"{present[:8]}{'...' if len(present) > 8 else ''}); rank {self.rank} of {self.world_size} has no "
+                "RNG state of its own there and will not be given another rank's: pass load_rng_states=False "
+                "(its client_state then comes from the lowest saved rank)")
+        return present[0]
+
     def _device_mesh(self) -> Any:
         """The mesh of the model's DTensor parameters (FSDP2), onto which sharded state is resharded."""
         for p in self.module.parameters():
@@ -251,6 +281,11 @@ class AsyncCheckpointer:
         CPU, and the reverse); a model spread over several devices keeps each tensor where it was saved."""
         devices = {(p.to_local() if is_dtensor(p) else p).device for p in self.module.parameters()}
         return next(iter(devices)) if len(devices) == 1 else None
+
+
+def _saved_rng(reader: CheckpointReader, rank: int) -> bool:
+    skeleton = reader.skeleton(rank)
+    return isinstance(skeleton, dict) and bool(skeleton.get("rng"))
 
 
 def _tag_text(tag: Any) -> Any:

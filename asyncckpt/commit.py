@@ -7,21 +7,29 @@ collectives. Saves are serialised per saver, so every rank issues the same colle
 
 Protocol for one save (docs/FORMAT.md has the crash-safety argument):
 
-1. ``prepare``: all-gather (tag, save_dir) → tag validation; the publisher takes the lock file
-   ``.<tag>.partial.lock`` (held until the save is published or given up), removes partial directories that
-   are provably abandoned (see :func:`_clean`) and creates ``.<tag>.partial/``; all-gather
-   of the publishers' status (a barrier that carries errors).
+1. ``prepare``: all-gather of (tag, save_dir, status, nonce, spec). Every rank takes the same verdict: an
+   error or a busy rank fails or skips the save everywhere; the tags are validated (``tag_validation``); the
+   specs (sequence number, resolved save_dir, save_latest, overwrite, keep_last, codec, manifest fields such
+   as global_steps) must be equal (:func:`agreement.spec_mismatches`), so that save k of one rank is never
+   paired with save k+1 of another. Rank 0's nonce becomes the ``save_id`` every node's manifest records.
+   The publisher (rank 0, or each node's first rank with node-local storage: nodes.py says which node a
+   rank is on and checks, with probe files, that node-local directories are not shared) takes the lock file
+   ``.<tag>.partial.lock``, removes partial directories that are provably abandoned (see
+   :func:`ownership.clean`) and creates ``.<tag>.partial/``; all-gather of the publishers' status.
 2. every rank writes and fsyncs its files (writer.py), then ``commit``: all-gather each rank's outcome.
-3. all ok → the publisher writes ``manifest.json``, fsyncs it and the partial dir, renames the partial dir to
-   ``<tag>``, fsyncs ``save_dir``, replaces ``latest``; any failure → the partial directory is removed.
-4. all-gather of the publishers' status: every rank's future resolves only after publication, or fails with
-   the same :class:`CommitError`.
+3. all ok → each publisher writes ``manifest.json`` (with ``save_id`` and ``save_latest``), fsyncs it and
+   the partial dir, renames the partial dir to ``<tag>`` (replacing an older one when ``overwrite``, or an
+   orphan: :func:`orphan_reason`) and fsyncs ``save_dir``; with one publisher it then replaces ``latest``.
+   Any failure → the partial directory is removed.
+4. all-gather of the publishers' states (:class:`_Publication`). With node-local storage this is the first of
+   two phases: when every node published its directory, every publisher replaces its ``latest`` and a last
+   all-gather follows; when some node failed, every node withdraws its copy (unless it replaced an older one
+   of that name). Every rank's future resolves only after publication, or fails with a :class:`CommitError`
+   that says where the checkpoint was published and whether ``latest`` names it.
 """
 from __future__ import annotations
 
 import datetime
-import errno
-import json
 import logging
 import os
 import socket
@@ -35,15 +43,15 @@ import torch.distributed as dist
 from . import __version__
 from .durable import LockFile, exchange, fsync_dir, remove_tree, replace_atomic, write_durable
 from .errors import CheckpointError, CommitError, CommitTimeoutError
-from .format import FORMAT_NAME, FORMAT_VERSION, LATEST, MANIFEST, PARTIAL_SUFFIX, partial_dir_name, seal
+from .format import FORMAT_NAME, FORMAT_VERSION, LATEST, MANIFEST, partial_dir_name, seal
+from .agreement import created, rank_ranges, read_manifest, spec_mismatches
 from .io_types import RankOutcome
+from .nodes import check_nodes, other_nodes_here, remove_probe, this_node, write_probe
 from .loader import read_latest
+from .ownership import DELETING_SUFFIX, REPLACED_SUFFIX, claim, clean
 
 log = logging.getLogger(__name__)
 
-REPLACED_SUFFIX = ".replaced" + PARTIAL_SUFFIX  # an overwritten tag on its way out (without RENAME_EXCHANGE)
-DELETING_SUFFIX = ".deleting" + PARTIAL_SUFFIX  # a tag keep_last is removing
-LOCK_SUFFIX = ".lock"  # ".<name>.partial.lock": the owner of ".<name>.partial" holds an flock on it
 BUSY = "busy"  # a rank's prepare status when it had no free staging slot (on_busy: skip)
 
 
@@ -58,19 +66,29 @@ class DistContext:
     node: str = field(default_factory=socket.gethostname)
     group: Any = None
     node_ranks: tuple[int, ...] = (0,)  # the ranks on this node, in order
+    nodes: tuple[str, ...] = ("",)  # the node of every rank
+    job: str = ""  # rank 0's nonce: names this job's node probes (nodes.py)
 
     @classmethod
     def create(cls, timeout_s: float) -> "DistContext":
-        """Join the job if torch.distributed is initialised; must be called collectively on every rank."""
+        """Join the job if torch.distributed is initialised; must be called collectively on every rank. The
+        ranks are grouped into nodes by :func:`nodes.this_node` (torchrun's GROUP_RANK/LOCAL_RANK/
+        LOCAL_WORLD_SIZE, else host name and boot id)."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return cls()
         group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
         rank, world = dist.get_rank(), dist.get_world_size()
-        nodes: list = [None] * world
-        dist.all_gather_object(nodes, socket.gethostname() + os.environ.get("ASYNCCKPT_NODE_SUFFIX", ""), group=group)
+        keys: list = [None] * world
+        dist.all_gather_object(keys, (this_node(), uuid.uuid4().hex), group=group)
+        nodes = check_nodes([k[0] for k in keys])
         me = nodes[rank]
         local = [r for r in range(world) if nodes[r] == me]
-        return cls(rank, world, local.index(rank), len(local), me, group, tuple(local))
+        return cls(rank, world, local.index(rank), len(local), me, group, tuple(local), tuple(nodes), keys[0][1])
+
+    @property
+    def node_index(self) -> int:
+        """This node's position among the job's nodes (in the order of their first rank)."""
+        return list(dict.fromkeys(self.nodes)).index(self.node)
 
     @property
     def distributed(self) -> bool:
@@ -92,6 +110,14 @@ class DistContext:
             self.group = None
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A save every rank agreed to make: its tag and its identity (recorded in every node's manifest)."""
+
+    tag: str
+    save_id: str
+
+
 @dataclass
 class PublishInfo:
     path: str
@@ -111,6 +137,7 @@ class CommitCoordinator:
         self.keep_last = keep_last
         self.timeout_s = timeout_s
         self._cleaned: set[str] = set()
+        self._probed: set[str] = set()  # save directories checked for being shared between nodes
         self._claims: dict[str, LockFile] = {}  # partial directories this process is writing, and their locks
         self._published: dict[str, list[str]] = {}
         self._broken: str = ""  # set once a collective failed: the group can no longer be trusted
@@ -131,7 +158,9 @@ class CommitCoordinator:
         return [o.rank for o in outcomes if o.node == self.ctx.node]
 
     # ------------------------------------------------------------------------------------ collectives
-    def _gather(self, obj: Any, what: str) -> list:
+    def gather(self, obj: Any, what: str) -> list:
+        """Every rank's ``obj`` (rank order) over the saver's group; CommitTimeoutError when a peer died or hung
+        (then this coordinator refuses every later collective)."""
         if self._broken:
             raise CommitError(f"checkpoint coordination is unusable after an earlier failure ({self._broken}); "
                               "recreate the saver")
@@ -144,11 +173,18 @@ class CommitCoordinator:
                 f"peer rank died or hung: {str(exc).splitlines()[0][:300]}") from exc
 
     # ---------------------------------------------------------------------------------------- prepare
-    def prepare(self, save_dir: str, tag: str, status: str = "") -> str | None:
-        """Agree on the tag, create the partial directory. Returns the tag every rank will use, or None when
-        some rank could not stage this save (on_busy skip) so that every rank skips it. ``status`` is this
-        rank's: "" (staged), BUSY, or the error that stopped it."""
-        infos = self._gather((tag, os.path.abspath(save_dir), status), "tag validation")
+    def prepare(self, save_dir: str, tag: str, status: str = "", spec: dict | None = None) -> Prepared | None:
+        """Agree on the tag and the save identity, create the partial directory. Returns the tag every rank will
+        use and the save id (rank 0's nonce), or None when some rank could not stage this save (on_busy skip)
+        so that every rank skips it. ``status`` is this rank's: "" (staged), BUSY, or the error that stopped it.
+        ``spec`` is what every rank must agree on besides the tag (see :func:`agreement.spec_mismatches`)."""
+        probe = self._probe(save_dir)
+        try:
+            infos = self.gather((tag, os.path.abspath(save_dir), status, uuid.uuid4().hex, spec), "tag validation")
+        except BaseException:
+            remove_probe(probe)
+            raise
+        save_id = infos[0][3]
         errors = {r: i[2] for r, i in enumerate(infos) if i[2] and i[2] != BUSY}
         if errors:
             raise CommitError(_describe(f"checkpoint {tag!r} was not started", errors), errors)
@@ -156,6 +192,11 @@ class CommitCoordinator:
             busy = [r for r, i in enumerate(infos) if i[2] == BUSY]
             log.info("skipping checkpoint %r on every rank: rank(s) %s still busy with earlier saves", tag, busy)
             return None
+        groups = [self.ctx.nodes[r] if self.node_local else "" for r in range(len(infos))]
+        mismatches = spec_mismatches([i[4] or {} for i in infos], groups)
+        if mismatches:
+            raise CommitError(f"checkpoint {tag!r} was not started: the ranks are not making the same save "
+                              f"({'; '.join(mismatches)})", {r: "differs" for r in range(len(infos))})
         tags = [i[0] for i in infos]
         if len(set(tags)) > 1:
             detail = ", ".join(f"rank {r}: {t!r}" for r, t in enumerate(tags))
@@ -167,22 +208,41 @@ class CommitCoordinator:
         status = ""
         local_error: OSError | None = None
         if self.is_publisher:
-            try:
-                self._make_partial(save_dir, tag)
-            except OSError as exc:
-                status = f"cannot create {os.path.join(save_dir, partial_dir_name(tag))}: {exc}"
-                local_error = exc
+            shared = other_nodes_here(save_dir, self.ctx.job, self.ctx.node_index) if probe else []
+            if shared:
+                status = (f"use_node_local_storage is set, but {save_dir} is shared with node(s) {shared} (their "
+                          "probe files are visible here): give each node a directory of its own, or turn "
+                          "use_node_local_storage off")
+            else:
+                try:
+                    self._make_partial(save_dir, tag)
+                except OSError as exc:
+                    status = f"cannot create {os.path.join(save_dir, partial_dir_name(tag))}: {exc}"
+                    local_error = exc
         partial = os.path.join(save_dir, partial_dir_name(tag))
         try:
-            statuses = self._gather((self.ctx.rank, status), "prepare")
+            statuses = self.gather((self.ctx.rank, status), "prepare")
         except BaseException:
             self._abandon(partial)
             raise
+        finally:
+            remove_probe(probe)
         failures = {r: s for r, s in statuses if s}
         if failures:  # this rank's own OS error (permission denied, ...) is the cause
             self._abandon(partial)
             raise CommitError(_describe("could not start checkpoint " + repr(tag), failures), failures) from local_error
-        return tag
+        return Prepared(tag, save_id)
+
+    def _probe(self, save_dir: str) -> str:
+        """Node-local storage, a publisher's first save to ``save_dir``: write this node's probe file (see
+        nodes.py) before the first collective; the caller removes it after the second. "" otherwise."""
+        if not (self.node_local and self.is_publisher and self.ctx.distributed) or save_dir in self._probed:
+            return ""
+        self._probed.add(save_dir)
+        try:
+            return write_probe(save_dir, self.ctx.job, self.ctx.node_index)
+        except OSError:  # reported by _make_partial, which fails the same way
+            return ""
 
     def _make_partial(self, save_dir: str, tag: str) -> None:
         """Take the lock of ``.<tag>.partial``, clean up what earlier saves provably abandoned (once per
@@ -190,11 +250,11 @@ class CommitCoordinator:
         os.makedirs(save_dir, exist_ok=True)
         name = partial_dir_name(tag)
         partial = os.path.join(save_dir, name)
-        lock = _claim(save_dir, name, "save")
+        lock = claim(save_dir, name, "save")
         try:
             if save_dir not in self._cleaned:
                 self._cleaned.add(save_dir)
-                _clean(save_dir, own=name)
+                clean(save_dir, own=name, remove_tree=remove_tree)  # commit's remover: one place to observe removals
             if os.path.lexists(partial):  # its owner is gone: we could take its lock
                 log.warning("removing leftover partial checkpoint %s (an earlier save did not finish)", partial)
                 remove_tree(partial)
@@ -218,9 +278,10 @@ class CommitCoordinator:
             self._release(partial)
 
     # ----------------------------------------------------------------------------------------- commit
-    def commit(self, save_dir: str, tag: str, outcome: RankOutcome, save_latest: bool, manifest_extra: dict) -> PublishInfo:
+    def commit(self, save_dir: str, tag: str, outcome: RankOutcome, save_latest: bool, manifest_extra: dict,
+               save_id: str = "") -> PublishInfo:
         try:
-            return self._commit(save_dir, tag, outcome, save_latest, manifest_extra)
+            return self._commit(save_dir, tag, outcome, save_latest, {**manifest_extra, "save_id": save_id})
         finally:
             self._release(os.path.join(save_dir, partial_dir_name(tag)))
 
@@ -228,7 +289,7 @@ class CommitCoordinator:
                 manifest_extra: dict) -> PublishInfo:
         phases: dict[str, float] = {}
         t0 = time.perf_counter()
-        outcomes: list[RankOutcome] = self._gather(outcome, "gathering every rank's outcome")
+        outcomes: list[RankOutcome] = self.gather(outcome, "gathering every rank's outcome")
         phases["gather"] = time.perf_counter() - t0
         failures = {o.rank: o.error for o in outcomes if not o.ok}
         if len({o.replicated_fp for o in outcomes}) > 1:  # the same verdict on every rank: all see all outcomes
@@ -237,80 +298,127 @@ class CommitCoordinator:
                     failures.setdefault(o.rank, "its replicated state (keys and sizes) differs from rank 0's; "
                                                 "every rank must hold the same replicated tensors")
         partial = os.path.join(save_dir, partial_dir_name(tag))
-        final = os.path.join(save_dir, tag)
-        status = ""
-        publish_error: Exception | None = None
         t1 = time.perf_counter()
-        if self.is_publisher:
-            if failures:
-                _remove_quietly(partial)
-            else:
-                try:
-                    self._publish(save_dir, tag, outcomes, save_latest, manifest_extra)
-                except Exception as exc:
-                    status = f"publishing {final} failed: {type(exc).__name__}: {exc}"
-                    publish_error = exc
-                    _remove_quietly(partial)
-        if not failures:
-            statuses = self._gather((self.ctx.rank, status), "publication")
-            failures = {r: s for r, s in statuses if s}
-        phases["publish"] = time.perf_counter() - t1
         if failures:
+            if self.is_publisher:
+                _remove_quietly(partial)
             raise CommitError(_describe(f"checkpoint {tag!r} was not published (the previous checkpoint is intact)",
-                                        failures), failures) from publish_error
-        return PublishInfo(final, tag, sum(o.bytes_written for o in outcomes), phases)
+                                        failures), failures)
+        two_phase = self.node_local and save_latest  # every node's tag directory first, then every latest
+        mine = _Publication()
+        if self.is_publisher:
+            mine.run(lambda: self._publish_dir(save_dir, tag, outcomes, save_latest, manifest_extra, mine))
+            if mine.published and save_latest and not two_phase:
+                mine.run(lambda: self._publish_latest(save_dir, tag, mine))
+        states = self._gather_publication(mine, tag, "publication")
+        if self.node_local and any(st.error for st in states):  # a node failed: every node takes its copy back
+            if self.is_publisher and mine.published and not mine.replaced:
+                self._withdraw(save_dir, tag, mine)
+            for st in states:  # what every publisher does, known on every rank
+                st.published = st.published and st.replaced
+        elif two_phase:
+            if self.is_publisher:
+                mine.run(lambda: self._publish_latest(save_dir, tag, mine))
+            states = self._gather_publication(mine, tag, "updating latest on every node")
+        phases["publish"] = time.perf_counter() - t1
+        failures = {r: st.error for r, st in enumerate(states) if st.error}
+        if failures:
+            raise CommitError(_describe(_publication_text(tag, states, save_latest), failures),
+                              failures) from mine.exc
+        return PublishInfo(os.path.join(save_dir, tag), tag, sum(o.bytes_written for o in outcomes), phases)
 
-    def _publish(self, save_dir: str, tag: str, outcomes: list[RankOutcome], save_latest: bool, extra: dict) -> None:
+    def _gather_publication(self, mine: "_Publication", tag: str, what: str) -> list["_Publication"]:
+        """Every rank's publication state; when the collective fails, the error says what this rank knows."""
+        try:
+            return self.gather(mine, what)
+        except CommitTimeoutError as exc:
+            if not self.is_publisher:
+                known = ("this rank does not know whether its publisher (rank "
+                         f"{self._publisher_of(self.ctx.rank)}) published it: read {LATEST} to find out")
+            elif mine.error:
+                known = f"this rank did not publish it: {mine.error}"
+            else:
+                known = "this rank published it" + (f" and {LATEST} names it" if mine.latest else
+                                                     f" ({LATEST} not updated)")
+            raise CommitTimeoutError(f"checkpoint {tag!r}: {exc}; {known}") from exc
+
+    def _publisher_of(self, rank: int) -> int:
+        if not self.node_local:
+            return 0
+        return min(r for r in range(self.ctx.world_size) if self.ctx.nodes[r] == self.ctx.nodes[rank])
+
+    def _publish_dir(self, save_dir: str, tag: str, outcomes: list[RankOutcome], save_latest: bool, extra: dict,
+                     state: "_Publication") -> None:
+        """Write the manifest and put the tag directory in place (replacing an older one of that name when
+        allowed); ``latest`` is not touched."""
         partial = os.path.join(save_dir, partial_dir_name(tag))
         final = os.path.join(save_dir, tag)
         mine = set(self.publisher_ranks(outcomes))
         manifest = {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "library_version": __version__,
             "tag": tag, "world_size": self.ctx.world_size, "created_unix": time.time(),
-            "node_local": self.node_local,
+            "node_local": self.node_local, "save_latest": bool(save_latest),
             "ranks": [{"rank": o.rank, "index": o.index_name, "xxh3": o.index_xxh3, "bytes": o.bytes_written}
                       for o in outcomes if o.rank in mine],
             **extra,
         }
         if self.node_local:
             manifest["ranks_present"] = sorted(mine)
-        write_durable(os.path.join(partial, MANIFEST), seal(manifest), self.fsync)
-        if self.fsync:
-            fsync_dir(partial)
-        old = old_lock = None
-        if os.path.lexists(final):
-            if not self.overwrite:
-                raise FileExistsError(f"tag {tag!r} already exists in {save_dir} (set overwrite: true to replace it)")
-            if exchange(partial, final):  # one atomic step: `final` is never missing, even in a crash
-                old = partial
-            else:  # two renames; a crash between them is repaired by the next save (see _clean)
-                old = os.path.join(save_dir, f".{tag}{REPLACED_SUFFIX}")
-                old_lock = _claim(save_dir, os.path.basename(old), "replaced")
-                try:
-                    os.rename(final, old)
-                except BaseException:
-                    old_lock.release(unlink=True)
-                    raise
         try:
-            if old != partial:
-                os.rename(partial, final)
+            write_durable(os.path.join(partial, MANIFEST), seal(manifest), self.fsync)
             if self.fsync:
-                fsync_dir(save_dir)
-            if old is not None:
-                remove_tree(old)
-        finally:
-            if old_lock is not None:
-                old_lock.release(unlink=not os.path.lexists(old))
-        if save_latest:
-            try:
-                replace_atomic(os.path.join(save_dir, LATEST), (tag + "\n").encode(), self.fsync)
-            except OSError:
-                if old is None:  # unpublish, so that a failed save leaves no tag (the caller removes the partial)
+                fsync_dir(partial)
+            old = old_lock = None
+            if os.path.lexists(final):
+                if not self.overwrite and not orphan_reason(save_dir, tag):
+                    raise FileExistsError(f"tag {tag!r} already exists in {save_dir} (set overwrite: true to replace it)")
+                if exchange(partial, final):  # one atomic step: `final` is never missing, even in a crash
+                    old = partial
+                else:  # two renames; a crash between them is repaired by the next save (see ownership.clean)
+                    old = os.path.join(save_dir, f".{tag}{REPLACED_SUFFIX}")
+                    old_lock = claim(save_dir, os.path.basename(old), "replaced")
                     try:
-                        os.rename(final, partial)
-                    except OSError as exc:
-                        log.warning("could not withdraw %s after updating %s failed: %s", final, LATEST, exc)
-                raise
+                        os.rename(final, old)
+                    except BaseException:
+                        old_lock.release(unlink=True)
+                        raise
+            try:
+                if old != partial:
+                    os.rename(partial, final)
+                state.published, state.replaced = True, old is not None
+                if self.fsync:
+                    fsync_dir(save_dir)
+                if old is not None:
+                    remove_tree(old)
+            finally:
+                if old_lock is not None:
+                    old_lock.release(unlink=not os.path.lexists(old))
+        finally:
+            if not state.published:
+                _remove_quietly(partial)
+
+    def _publish_latest(self, save_dir: str, tag: str, state: "_Publication") -> None:
+        """Point ``latest`` at the published tag; when that fails, withdraw the tag (unless it replaced an older
+        one of that name, which is gone)."""
+        try:
+            replace_atomic(os.path.join(save_dir, LATEST), (tag + "\n").encode(), self.fsync)
+        except OSError:
+            if not state.replaced:
+                self._withdraw(save_dir, tag, state)
+            raise
+        state.latest = True
+
+    def _withdraw(self, save_dir: str, tag: str, state: "_Publication") -> None:
+        """Take a tag this save published back out (another node, or ``latest``, failed), so that no tag is
+        left that ``latest`` never named."""
+        partial = os.path.join(save_dir, partial_dir_name(tag))
+        try:
+            os.rename(os.path.join(save_dir, tag), partial)
+        except OSError as exc:
+            log.warning("could not withdraw %s: %s", os.path.join(save_dir, tag), exc)
+            return
+        state.published = False
+        _remove_quietly(partial)
 
     def retain(self, save_dir: str, tag: str) -> None:
         """``keep_last``: after ``tag`` was published, remove the oldest tags this saver published beyond the
@@ -336,7 +444,7 @@ class CommitCoordinator:
             doomed = os.path.join(save_dir, f".{old}{DELETING_SUFFIX}")
             lock = None
             try:
-                lock = _claim(save_dir, os.path.basename(doomed), "deleting")
+                lock = claim(save_dir, os.path.basename(doomed), "deleting")
                 os.rename(os.path.join(save_dir, old), doomed)  # the tag disappears atomically...
                 if self.fsync:
                     fsync_dir(save_dir)
@@ -354,158 +462,61 @@ class CommitCoordinator:
         self.ctx.close()
 
 
-# ----------------------------------------------------------------------------- who owns a partial directory
-# Several savers may share one save_dir (a main and an EMA saver, asyncckpt.save next to an AsyncCheckpointer,
-# a job restarted while the old one still finishes a save). Whoever creates or removes ``.<name>.partial``
-# first takes the flock of ``.<name>.partial.lock`` (next to it, so a published tag never holds anything
-# extra) and keeps it until done; the file holds an owner record: pid, host, boot id, pid namespace, nonce.
-# A partial directory is removed only when its owner is provably gone: its lock can be taken (the kernel drops
-# an flock when its process dies), or the record names a process of this host and boot that no longer exists
-# (a child it forked may have inherited the lock). Anything else is left alone and logged.
+@dataclass
+class _Publication:
+    """What one rank's publisher did with a save (gathered, so that every rank's error says exactly where the
+    checkpoint was published): its tag directory is in place, it replaced an older directory of that name
+    (which is gone), ``latest`` names it; or the error that stopped it."""
 
-def _this_host() -> dict[str, Any]:
+    published: bool = False
+    replaced: bool = False
+    latest: bool = False
+    error: str = ""
+    exc: Exception | None = field(default=None, compare=False)
+
+    def run(self, step) -> None:
+        try:
+            step()
+        except Exception as exc:
+            self.error = self.error or f"publishing failed: {type(exc).__name__}: {exc}"
+            self.exc = exc
+
+    def __getstate__(self):  # the exception stays on this rank
+        return {**self.__dict__, "exc": None}
+
+
+def _publication_text(tag: str, states: list[_Publication], save_latest: bool) -> str:
+    """Where ``tag`` was published, for the error of a save that failed while publishing."""
+    published = [r for r, st in enumerate(states) if st.published]
+    replaced = [r for r, st in enumerate(states) if st.replaced]
+    gone = (f"; the older checkpoint named {tag!r} was replaced by publisher(s) {rank_ranges(replaced)} and is "
+            "gone there") if replaced else ""
+    if not published:
+        return f"checkpoint {tag!r} was not published (the previous checkpoint is intact){gone}"
+    named = [r for r in published if states[r].latest]
+    where = (f"checkpoint {tag!r} was published by publisher(s) {rank_ranges(published)} only"
+             + (f", and {LATEST} names it there ({rank_ranges(named)})" if named else
+                f"; {LATEST} was not updated" if save_latest else ""))
+    return where + gone + "; a load agrees on the newest checkpoint every node holds"
+
+
+def orphan_reason(save_dir: str, tag: str) -> str:
+    """Why the published ``tag`` is an orphan, or "" when it is not. An orphan is what a crash between
+    publishing a tag and updating ``latest`` leaves: its manifest says ``save_latest`` was asked for, yet
+    ``latest`` does not name it and names nothing newer. A replayed run reaches the same tag again and replaces
+    it (with a warning) instead of failing with TagExistsError on every restart."""
     try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = ""
-    try:
-        pidns = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        pidns = 0
-    return {"host": socket.gethostname(), "boot_id": boot, "pidns": pidns}
-
-
-def _owner_record(kind: str) -> bytes:
-    return json.dumps({"pid": os.getpid(), **_this_host(), "nonce": uuid.uuid4().hex, "kind": kind}).encode()
-
-
-def _read_record(path: str) -> dict:
-    try:
-        doc = json.loads(LockFile.record(path) or b"")
-    except ValueError:
-        return {}
-    return doc if isinstance(doc, dict) else {}
-
-
-def _owner_gone(rec: dict) -> bool:
-    """The owner was a process of this host that is gone: its boot is over, or its pid no longer exists."""
-    here = _this_host()
-    if not rec or rec.get("host") != here["host"]:
-        return False
-    if here["boot_id"] and rec.get("boot_id") and rec.get("boot_id") != here["boot_id"]:
-        return True
-    pid = rec.get("pid")
-    if type(pid) is not int or pid <= 0 or pid == os.getpid() or rec.get("pidns") != here["pidns"]:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # EPERM: it exists
-        pass
-    return False
-
-
-def _owner_text(rec: dict) -> str:
-    if not rec.get("pid"):
-        return "an unknown owner"
-    return f"pid {rec['pid']} on host {rec.get('host', '?')}"
-
-
-def _take_abandoned(path: str, create: bool) -> tuple[LockFile | None, dict]:
-    """The lock at ``path`` (and its owner record) when nobody works under it any more; (None, record) when
-    its owner may still be alive. With ``create``, a missing lock file is created (and taken)."""
-    lock = LockFile.take(path, create=create)
-    rec = _read_record(path)
-    if lock is not None:
-        if lock.locked or create or _owner_gone(rec):  # no flock on this file system: only the record tells
-            return lock, rec
-        lock.release(unlink=False)
-        return None, rec
-    if not _owner_gone(rec):
-        return None, rec
-    # held by a process that inherited the dead owner's descriptor: take the name over, unless another
-    # cleaner did so since we read the record
-    if _read_record(path).get("nonce") != rec.get("nonce"):
-        return None, rec
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    return LockFile.take(path, create=True), rec
-
-
-def _claim(save_dir: str, name: str, kind: str) -> LockFile:
-    """Become the owner of ``save_dir/name`` (a partial directory); OSError(EBUSY) when a live saver is."""
-    path = os.path.join(save_dir, name + LOCK_SUFFIX)
-    lock, rec = _take_abandoned(path, create=True)
-    if lock is None:
-        raise OSError(errno.EBUSY, f"{os.path.join(save_dir, name)} is being written by another saver "
-                                   f"({_owner_text(rec)}); use another tag")
-    lock.write(_owner_record(kind))
-    return lock
-
-
-def _clean(save_dir: str, own: str) -> None:
-    """Remove what earlier saves provably abandoned in ``save_dir``: partial directories and their locks, and
-    temporary files of a ``latest`` replace; put back a tag whose overwrite was cut short. ``own`` is the
-    partial directory this saver is about to create."""
-    names = set(os.listdir(save_dir))
-    for name in sorted(names):
-        path = os.path.join(save_dir, name)
-        if name.startswith(f".{LATEST}.") and name.endswith(".tmp"):  # a replace of latest cut short
-            lock = LockFile.take(path, create=False)
-            if lock is None:
-                continue  # being written right now
-            if not lock.locked and time.time() - _mtime(path) < _TMP_GRACE_S:
-                lock.release(unlink=False)
-                continue
-            log.warning("removing leftover temporary file %s (an earlier save did not finish)", path)
-            lock.release(unlink=True)
-        elif name.startswith(".") and name.endswith(PARTIAL_SUFFIX) and name != own:
-            _clean_partial(save_dir, name)
-        elif (name.startswith(".") and name.endswith(PARTIAL_SUFFIX + LOCK_SUFFIX) and name != own + LOCK_SUFFIX
-              and name[:-len(LOCK_SUFFIX)] not in names):  # a lock whose directory was never made or is gone
-            lock = LockFile.take(path, create=False)
-            if lock is not None:
-                lock.release(unlink=lock.locked and not os.path.lexists(path[:-len(LOCK_SUFFIX)]))
-
-
-def _clean_partial(save_dir: str, name: str) -> None:
-    path = os.path.join(save_dir, name)
-    lock, rec = _take_abandoned(path + LOCK_SUFFIX, create=False)
-    if lock is None:
-        if not os.path.lexists(path):
-            return  # published or removed by its owner meanwhile
-        if os.path.lexists(path + LOCK_SUFFIX):
-            log.info("leaving partial checkpoint %s alone: %s is still writing it", path, _owner_text(rec))
-        else:
-            log.warning("leaving partial checkpoint %s alone: it has no owner record %s (written by an older "
-                        "asyncckpt, or copied); remove it once no save is writing there",
-                        path, os.path.basename(path + LOCK_SUFFIX))
-        return
-    try:
-        replaced = name[1:-len(REPLACED_SUFFIX)] if name.endswith(REPLACED_SUFFIX) else ""
-        if replaced and rec.get("kind") != "save" and not os.path.lexists(os.path.join(save_dir, replaced)):
-            log.warning("restoring checkpoint %s from %s (an overwrite did not finish)",
-                        os.path.join(save_dir, replaced), path)  # the old copy, complete: the new one never was
-            os.rename(path, os.path.join(save_dir, replaced))
-        elif os.path.lexists(path):
-            log.warning("removing leftover partial checkpoint %s (an earlier save did not finish)", path)
-            remove_tree(path)
-    finally:
-        lock.release(unlink=not os.path.lexists(path))
-
-
-_TMP_GRACE_S = 600.0  # without flock, a temporary file of a latest replace this old is certainly abandoned
-
-
-def _mtime(path: str) -> float:
-    try:
-        return os.stat(path).st_mtime
-    except OSError:
-        return 0.0
+        doc, _ = read_manifest(save_dir, tag)
+        named = read_latest(save_dir)
+        if doc.get("save_latest") is not True or named == tag:
+            return ""
+        if named is not None and created(read_manifest(save_dir, named)[0]) >= created(doc):
+            return ""
+    except CheckpointError:  # unreadable: not provably an orphan
+        return ""
+    latest = "there is no latest file" if named is None else f"{LATEST} names the older {named!r}"
+    return (f"checkpoint {os.path.join(save_dir, tag)} was published but {latest} (a crash between publishing "
+            "it and updating latest); replacing it")
 
 
 def _describe(head: str, failures: dict[int, str]) -> str:

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from .codec import ChunkCodec
-from .commit import CommitCoordinator, DistContext
+from .commit import CommitCoordinator, DistContext, orphan_reason
 from .config import Config
 from .commit import BUSY
 from .errors import CheckpointError, ConfigError, TagExistsError, WriteError
@@ -95,7 +95,7 @@ class SaveEngine:
         try:
             self.raise_unobserved()
             tag = validate_tag(tag)
-            if not self.config.overwrite and os.path.lexists(os.path.join(save_dir, tag)):
+            if not self.config.overwrite and os.path.lexists(os.path.join(save_dir, tag)) and not self._orphan(save_dir, tag):
                 raise TagExistsError(f"checkpoint tag {tag!r} already exists in {save_dir}; choose another tag or "
                                      "set overwrite: true")
             flat = flat() if callable(flat) else flat
@@ -125,6 +125,7 @@ class SaveEngine:
         return fut
 
     def _submit(self, job: SaveJob, stage_s: float) -> SaveFuture:
+        job.seq = self.saves  # the k-th save of every rank's saver is paired with the k-th of the others
         fut = SaveFuture(self.writer.submit(self._run(job, stage_s)), job.tag)
         with self._lock:
             self._futures = [f for f in self._futures if not f.done() or f.unobserved_error() is not None]
@@ -143,6 +144,21 @@ class SaveEngine:
             fut.observed = True  # this rank raises the error itself, right now
         return fut
 
+    def _spec(self, job: SaveJob) -> dict | None:
+        """What every rank must agree on for one save besides its tag (compared at prepare): a placeholder has
+        none (its status already skips or fails the save)."""
+        if job.slot is None:
+            return None
+        return {"sequence": job.seq, "save_dir": os.path.realpath(job.save_dir), "save_latest": job.save_latest,
+                "overwrite": self.config.overwrite, "keep_last": self.config.keep_last,
+                "codec": repr(self.config.codec), **{f"manifest {k}": v for k, v in job.meta.items()}}
+
+    def _orphan(self, save_dir: str, tag: str) -> bool:
+        reason = orphan_reason(save_dir, tag)
+        if reason:
+            log.warning("%s", reason)
+        return bool(reason)
+
     def _skipped(self, tag: str) -> SaveResult:
         return SaveResult(tag, None, skipped=True, rank=self.ctx.rank, world_size=self.ctx.world_size)
 
@@ -160,6 +176,17 @@ class SaveEngine:
         items = [i for i in flat.items if not i.replicated or id(i) in mine]
         elsewhere = frozenset(i.key for i in replicated if id(i) not in mine)  # written by the other ranks
         return FlatState(flat.skeleton, items, flat.views, elsewhere=elsewhere), fp
+
+    def coordinated(self, fn: Callable, *args):
+        """Run ``fn(*args)`` on the commit thread after every save submitted so far (so that collectives over the
+        saver's group keep one order on every rank) and return its result. Called collectively."""
+        if self._closed:
+            raise CheckpointError("this saver is closed")
+        async def run():
+            async with self._order:
+                return await asyncio.get_running_loop().run_in_executor(self._commit_thread, fn, *args)
+
+        return self.writer.submit(run()).result()
 
     def raise_unobserved(self) -> None:
         """Raise the oldest background failure nobody has looked at yet."""
@@ -245,15 +272,16 @@ class SaveEngine:
         phases["copy_wait"] = time.perf_counter() - t
         t = time.perf_counter()
         try:
-            tag = await loop.run_in_executor(self._commit_thread, self.coordinator.prepare, job.save_dir, job.tag,
-                                             job.reason)
+            prepared = await loop.run_in_executor(self._commit_thread, self.coordinator.prepare, job.save_dir,
+                                                  job.tag, job.reason, self._spec(job))
         except CheckpointError as exc:  # one rank: could not create the partial directory (permission denied...)
             if not ctx.distributed and isinstance(exc.__cause__, OSError):
                 raise WriteError(f"cannot start checkpoint {job.tag!r} in {job.save_dir}: {exc.__cause__}") from exc.__cause__
             raise
         phases["prepare"] = time.perf_counter() - t
-        if tag is None:  # some rank had no free slot (on_busy=skip): every rank skips this save
+        if prepared is None:  # some rank had no free slot (on_busy=skip): every rank skips this save
             return self._skipped(job.tag)
+        tag = prepared.tag
         partial = os.path.join(job.save_dir, partial_dir_name(tag))
         t = time.perf_counter()
         try:
@@ -271,7 +299,7 @@ class SaveEngine:
         phases["write"] = time.perf_counter() - t
         try:
             info = await loop.run_in_executor(self._commit_thread, self.coordinator.commit, job.save_dir, tag,
-                                              outcome, job.save_latest, job.meta)
+                                              outcome, job.save_latest, job.meta, prepared.save_id)
         except CheckpointError as exc:
             if write_error is not None:
                 if not ctx.distributed:  # one rank: the write error itself is the clearest thing to raise

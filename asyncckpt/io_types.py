@@ -110,3 +110,4 @@ class SaveJob:
     replicated_fp: str = ""
     reason: str = ""  # a placeholder for a save this rank could not make: "busy" (skip) or the error
     returned: threading.Event = field(default_factory=threading.Event)  # set when ``stall_s`` is final
+    seq: int = 0  # this saver's sequence number of the save (compared across ranks at prepare)

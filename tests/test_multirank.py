@@ -70,7 +70,7 @@ def test_training_collectives_while_commits_run(tmp_path):
 
 def test_node_local_storage_each_node_publishes_its_copy(tmp_path):
     listing = assert_all_ok(run_ranks(w.node_local, 2, str(tmp_path), str(tmp_path),
-                                      env={"ASYNCCKPT_NODE_SUFFIX": "{rank}"}))
+                                      env={"GROUP_RANK": "{rank}", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}))
     assert listing[0] == ["manifest.json", "rank00000-0.bin", "rank00000.json"]
     assert listing[1] == ["manifest.json", "rank00001-0.bin", "rank00001.json"]
     for node in ("node0", "node1"):
