@@ -35,6 +35,7 @@ from .io_types import FlatState, RankOutcome, SaveJob, SaveResult
 from .placement import assign_replicated, fingerprint
 from .staging import StagingPool, ready_now
 from .writer import WriterPool, lower_thread_priority
+from .threads import started_pool
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,8 @@ class SaveEngine:
             self.ctx, tag_validation=config.tag_validation, node_local=config.use_node_local_storage,
             overwrite=config.overwrite, fsync=w.fsync, keep_last=config.keep_last, timeout_s=config.commit_timeout_s)
         lower = (lambda: lower_thread_priority(w.nice, w.ionice_idle))
-        self._commit_thread = concurrent.futures.ThreadPoolExecutor(1, "asyncckpt-commit", initializer=lower)
-        self._retain_thread = concurrent.futures.ThreadPoolExecutor(1, "asyncckpt-retain", initializer=lower)
+        self._commit_thread = started_pool(1, "asyncckpt-commit", initializer=lower)
+        self._retain_thread = started_pool(1, "asyncckpt-retain", initializer=lower)
         self._order = self.writer.submit(_make_lock()).result()
         self._futures: list[SaveFuture] = []
         self._lock = threading.Lock()

@@ -31,6 +31,7 @@ from .format import (FORMAT_VERSION, TensorRecord, checksum, contiguous_stride, 
 from .io_types import FlatState
 from .packing import Pack, Packer, pack_key
 from .state import skeleton_tensor_refs
+from .threads import started_pool
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,8 @@ class WriterPool:
         self.fsync = fsync
         self._packer = Packer(chunk_bytes)
         init = (lambda: lower_thread_priority(nice, ionice_idle))
-        self._encoders = concurrent.futures.ThreadPoolExecutor(self.threads, f"{name}-encode", initializer=init)
-        self._files = concurrent.futures.ThreadPoolExecutor(max(2, files_per_rank), f"{name}-file", initializer=init)
+        self._encoders = started_pool(self.threads, f"{name}-encode", initializer=init)
+        self._files = started_pool(max(2, files_per_rank), f"{name}-file", initializer=init)
         self._loop = asyncio.new_event_loop()
         self._loop.set_default_executor(self._files)  # aiofiles runs its blocking calls here
         self._thread = threading.Thread(target=self._run_loop, name=f"{name}-io", daemon=True)

@@ -61,6 +61,7 @@ from ..future import SaveFuture
 from ..io_types import SaveResult
 from ..loader import CheckpointReader
 from ..state import flatten, skeleton_tensor_refs, unflatten
+from ..threads import started_pool
 
 __all__ = ["AsyncCheckpointEngine", "enable", "load_file"]
 
@@ -112,7 +113,7 @@ class AsyncCheckpointEngine(CheckpointEngine):
         self.name = ENGINE_NAME
         self.config = Config.coerce(config).replace(allow_pickle=True)
         self.saver = SaveEngine(self.config)
-        self._finisher = concurrent.futures.ThreadPoolExecutor(1, "asyncckpt-deepspeed")
+        self._finisher = started_pool(1, "asyncckpt-deepspeed")
         self._lock = threading.Lock()
         self._futures: list[SaveFuture] = []
         self._info: Any = None  # the CheckpointCommitInfo of the save being collected

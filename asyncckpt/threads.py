@@ -1,0 +1,24 @@
+"""Thread pools whose threads all exist from the start.
+
+Python 3.12 refuses to start a thread once interpreter shutdown has begun ("can't create new thread at
+interpreter shutdown"), and ``ThreadPoolExecutor`` starts its threads lazily, one per submission that finds
+none idle. The exit drain (saves accepted before the interpreter exits are finished, see ``engine``) runs at
+shutdown, so every pool a save may use is started whole when its saver is built."""
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from typing import Callable
+
+_START_TIMEOUT_S = 60.0
+
+
+def started_pool(workers: int, name: str, initializer: Callable[[], None] | None = None
+                 ) -> concurrent.futures.ThreadPoolExecutor:
+    """A ``ThreadPoolExecutor`` of ``workers`` threads, all of them running when this returns."""
+    pool = concurrent.futures.ThreadPoolExecutor(workers, name, initializer=initializer)
+    barrier = threading.Barrier(workers + 1)  # each task holds its thread until every thread has one
+    for _ in range(workers):
+        pool.submit(barrier.wait, _START_TIMEOUT_S)
+    barrier.wait(_START_TIMEOUT_S)
+    return pool
