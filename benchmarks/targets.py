@@ -4,7 +4,8 @@
 for the first-save stall, which may use ``prepare()`` (``asyncckpt_prepared``). A target whose figures are
 missing (a system not run, or failed) is N/A, never PASS. The issue states them for the 1.5 GB workload; they
 are evaluated for every GPT workload of the run. A ``many_small`` workload (per-tensor overheads) has its own
-three targets instead (:data:`MANY_SMALL`), and the memory-growth check.
+three targets instead (:data:`MANY_SMALL`), and the memory-growth check. The framework integrations (issue 12)
+are held to :data:`INTEGRATIONS` on every GPT workload of a run that measures either system of the pair.
 """
 from __future__ import annotations
 
@@ -23,6 +24,14 @@ MANY_SMALL = (
     ("time to durable ≤ 1.0 × torch.save+fsync (many small tensors)", "ttd_warm_s", "ttd_warm_s", 1.0),
     ("load time ≤ 1.0 × torch.load (many small tensors)", "load_s", "load_s", 1.0),
     ("warm stall ≤ 0.3 × torch.save+fsync (many small tensors)", "stall_warm_s", "stall_warm_s", 0.3),
+)
+
+# framework integrations (issue 12): (target, asyncckpt's integration, the framework's own saver, limit)
+INTEGRATIONS = (
+    ("warm stall ≤ 0.2 × Lightning's AsyncCheckpointIO (asyncckpt_lightning vs lightning_async)",
+     "asyncckpt_lightning", "lightning_async", 0.2),
+    ("warm stall ≤ 0.2 × DeepSpeed's default engine (deepspeed_asyncckpt vs deepspeed)",
+     "deepspeed_asyncckpt", "deepspeed", 0.2),
 )
 
 
@@ -94,6 +103,7 @@ def evaluate(doc: dict) -> list[dict]:
             _check(out, run, f"staging memory ≤ 1.05 × state bytes (`{system}`)",
                    _med(run, system, "staging_bytes"), raw, 1.05, fmt=fmt_bytes)
         out.append(_growth(run, raw))
+        _integrations(out, run)
     for run in runs:
         if run["world"] == 1:
             continue
@@ -101,6 +111,16 @@ def evaluate(doc: dict) -> list[dict]:
         _check(out, run, f"world size {run['world']} replicated: time to durable ≤ 0.7 × world size 1",
                _med(run, MAIN, "ttd_warm_s"), _med(base, MAIN, "ttd_warm_s") if base else None, 0.7)
     return out
+
+
+def _integrations(out: list, run: dict) -> None:
+    for target, mine, theirs, limit in INTEGRATIONS:
+        if mine not in run.get("systems", {}) and theirs not in run.get("systems", {}):
+            continue
+        first_mine, first_theirs = _med(run, mine, "stall_first_s"), _med(run, theirs, "stall_first_s")
+        _check(out, run, target, _med(run, mine, "stall_warm_s"), _med(run, theirs, "stall_warm_s"), limit,
+               detail=(f"first-save stall {fmt_time(first_mine)} vs {fmt_time(first_theirs)} "
+                       f"({first_mine / first_theirs:.2f}×)" if first_mine is not None and first_theirs else ""))
 
 
 def _growth(run: dict, raw: int) -> dict[str, Any]:
