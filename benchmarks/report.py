@@ -180,7 +180,7 @@ def markdown(doc: dict, targets: list[dict] | None = None, plot_name: str | None
     for run in doc["runs"]:
         lines += [""] + run_markdown(run, cfg)
     if targets is not None:
-        lines += ["", "## Targets (issue 4), as ratios measured in this run", ""]
+        lines += ["", "## Targets (issues 4 and 12), as ratios measured in this run", ""]
         lines += targets_markdown(targets)
     lines += ["", "## Systems", ""]
     seen = set()

@@ -124,6 +124,7 @@ class System:
     notes = ""
     requires: tuple[str, ...] = ()
     max_world = 1 << 30
+    takes_asyncckpt_config = False  # True: options["config"] carries the run's ``asyncckpt:`` Config overrides
 
     def __init__(self, wl: Workload, ctx: Ctx, options: Mapping[str, Any] | None = None):
         self.wl = wl
@@ -252,7 +253,7 @@ class DeepSpeed(System):
         config = {"train_batch_size": wl.spec.batch, "train_micro_batch_size_per_gpu": wl.spec.batch,
                   "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 0},
                   "steps_per_print": 1 << 30, "wall_clock_breakdown": False}
-        config.update(self.options.get("config", {}))
+        config.update(self.options.get("deepspeed_config", {}))
         t0 = time.perf_counter()
         self.engine, self.ds_optimizer, _, _ = deepspeed.initialize(
             model=wl.module, optimizer=wl.optimizer, config=config, dist_init_required=False)
@@ -284,6 +285,52 @@ class DeepSpeed(System):
                                               load_lr_scheduler_states=False)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint {tag!r} in {self.save_dir}")
+
+
+class DeepSpeedAsyncCkpt(DeepSpeed):
+    name = "deepspeed_asyncckpt"
+    sync = False
+    requires = ("deepspeed", "asyncckpt")
+    takes_asyncckpt_config = True
+    notes = ("the same DeepSpeed engine (ZeRO stage 0, one process) after "
+             "asyncckpt.integrations.deepspeed.enable(engine, config) (a fresh asyncckpt engine per repetition): "
+             "stall = the engine.save_checkpoint call; time to durable = until enable()'s last_future resolves "
+             "(tag published, DeepSpeed's stub files and 'latest' fsynced)")
+
+    def open(self, save_dir: str) -> dict:
+        from asyncckpt import Config
+        from asyncckpt.integrations.deepspeed import enable
+
+        out = super().open(save_dir)
+        t0 = time.perf_counter()
+        self.ckpt = enable(self.engine, Config.from_dict(dict(self.options.get("config", {}))))
+        out["construct_s"] = time.perf_counter() - t0
+        return out
+
+    def save(self, tag: str) -> Pending:
+        t0 = time.perf_counter()
+        self.engine.save_checkpoint(self.save_dir, tag=tag)
+        fut = self.ckpt.last_future
+        p = Pending(t0)
+        fut.add_done_callback(lambda f: p.mark_done())
+
+        def waiter(timeout):
+            return _result_dict(fut.result(timeout))
+
+        p._waiter = waiter
+        return p
+
+    def staging_bytes(self) -> int | None:
+        return int(self.ckpt.saver.pool.staging_bytes)
+
+    def allocations(self) -> int | None:
+        return int(self.ckpt.saver.pool.allocations)
+
+    def close(self) -> None:
+        ckpt = getattr(self, "ckpt", None)
+        if ckpt is not None:
+            ckpt.close()
+            self.ckpt = None
 
 
 # ------------------------------------------------------------------------------ torch.distributed.checkpoint
@@ -404,6 +451,7 @@ class AsyncCkpt(System):
     compression = True
     prepare = False
     requires = ("asyncckpt",)
+    takes_asyncckpt_config = True
 
     @property
     def notes(self) -> str:  # type: ignore[override]
@@ -487,6 +535,103 @@ class AsyncCkptRawPrepared(AsyncCkpt):
     prepare = True
 
 
+# ------------------------------------------------------------------------------------------- Lightning
+class _LightningIO(System):
+    """A Lightning ``CheckpointIO`` plugin saving what Lightning's ``Trainer.save_checkpoint`` hands it (the
+    parts that are state: weights, optimizer states, step) to ``<save_dir>/<tag>.ckpt``; no Trainer."""
+
+    requires = ("lightning", "asyncckpt")
+    max_world = 1
+
+    def make_io(self):
+        raise NotImplementedError
+
+    def open(self, save_dir: str) -> dict:
+        out = super().open(save_dir)
+        self.io = self.make_io()
+        self.global_step = 0
+        return out
+
+    def path(self, tag: str) -> str:
+        return os.path.join(self.save_dir, f"{tag}.ckpt")
+
+    def save(self, tag: str) -> Pending:
+        t0 = time.perf_counter()
+        self.global_step += 1
+        checkpoint = {"state_dict": self.wl.module.state_dict(), "optimizer_states": [self.wl.optimizer.state_dict()],
+                      "global_step": self.global_step}
+        self.io.save_checkpoint(checkpoint, self.path(tag))
+        p = Pending(t0)
+        p._waiter = lambda timeout: self.durable(tag, timeout)
+        return p
+
+    def durable(self, tag: str, timeout: float | None) -> dict:
+        raise NotImplementedError
+
+    def restore(self, checkpoint: dict) -> None:
+        self.wl.module.load_state_dict(checkpoint["state_dict"])
+        self.wl.optimizer.load_state_dict(checkpoint["optimizer_states"][0])
+
+    def close(self) -> None:
+        io = getattr(self, "io", None)
+        if io is not None:
+            self.io = None
+            io.teardown()
+
+
+class LightningAsync(_LightningIO):
+    name = "lightning_async"
+    sync = False
+    requires = ("lightning",)
+    notes = ("Lightning's own lightning.pytorch.plugins.io.AsyncCheckpointIO(TorchCheckpointIO()) saving "
+             "{state_dict, optimizer_states, global_step}: save_checkpoint clones every tensor on the training "
+             "thread, then torch.save in one background thread. It does not fsync: time to durable = its "
+             "teardown() (waits for the thread) plus an fsync of the file and its directory")
+
+    def make_io(self):
+        from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
+
+        return AsyncCheckpointIO(TorchCheckpointIO())
+
+    def durable(self, tag: str, timeout: float | None) -> dict:
+        self.io.teardown()  # the next save_checkpoint starts a new thread
+        fsync_path(self.path(tag))
+        fsync_path(self.save_dir)
+        return {}
+
+    def load(self, tag: str) -> None:
+        self.restore(torch.load(self.path(tag), map_location="cpu", weights_only=True))
+
+
+class AsyncCkptLightning(_LightningIO):
+    name = "asyncckpt_lightning"
+    sync = False
+    takes_asyncckpt_config = True
+    notes = ("asyncckpt.integrations.lightning.AsyncCheckpointIO(config) saving {state_dict, optimizer_states, "
+             "global_step} (compression as configured); time to durable = its wait() (published: files, "
+             "directory and 'latest' fsynced)")
+
+    def make_io(self):
+        from asyncckpt.integrations.lightning import AsyncCheckpointIO
+
+        return AsyncCheckpointIO(dict(self.options.get("config", {})))
+
+    def durable(self, tag: str, timeout: float | None) -> dict:
+        self.io.wait(timeout)
+        return {}
+
+    def load(self, tag: str) -> None:
+        self.restore(self.io.load_checkpoint(self.path(tag)))
+
+    def staging_bytes(self) -> int | None:
+        engine = self.io._engine  # private: the plugin's SaveEngine, made by the first save
+        return None if engine is None else int(engine.pool.staging_bytes)
+
+    def allocations(self) -> int | None:
+        engine = self.io._engine
+        return None if engine is None else int(engine.pool.allocations)
+
+
 SYSTEMS: dict[str, type[System]] = {}
 
 
@@ -502,6 +647,6 @@ def register(cls: type[System]) -> type[System]:
 
 
 for _cls in (TorchSave, DeepSpeed, DcpSave, DcpAsync, DcpAsyncDefault, AsyncCkpt, AsyncCkptPrepared, AsyncCkptRaw,
-             AsyncCkptRawPrepared):
+             AsyncCkptRawPrepared, LightningAsync, AsyncCkptLightning, DeepSpeedAsyncCkpt):
     register(_cls)
 assert tuple(SYSTEMS) == SYSTEM_NAMES, "spec.SYSTEM_NAMES lists the built-in systems implemented here, in order"

@@ -94,7 +94,7 @@ def _run(job: dict, rank: int, world: int, out: dict) -> None:
             continue
         if rank == 0:
             log(f"[{spec.name} ws{world}] {name} (round {task['round']})")
-        options = {"config": dict(run.asyncckpt)} if name.startswith("asyncckpt") else {}
+        options = {"config": dict(run.asyncckpt)} if cls.takes_asyncckpt_config else {}
         m = Measurer(cls, wl, ctx, run, workdir, options=options, round_index=task["round"],
                      growth=task["round"] == 0, log=log)
         res = m.measure()

@@ -51,8 +51,10 @@ def test_benchmark_tiny_end_to_end(tmp_path):
     (run,) = doc["runs"]
     assert set(run["systems"]) == set(systems)
     md = (out / "results.md").read_text()
+    from benchmarks.spec import ASYNCCKPT_MODES  # asyncckpt's modes and its framework integrations
+
     for name, res in run["systems"].items():
-        if not name.startswith("asyncckpt") and res["status"] == "failed":  # a peer may fail on some versions
+        if name not in ASYNCCKPT_MODES and res["status"] == "failed":  # a peer may fail on some versions
             assert res.get("reason") and f"| `{name}` | failed: {res['reason'][:40]}" in md, name
             continue
         _assert_ran(name, res, doc["config"]["growth"]["saves"])
@@ -121,3 +123,34 @@ def test_a_failing_peer_is_recorded_and_the_run_goes_on(tmp_path):
     assert "| `failing_peer` | failed: RuntimeError: deliberate failure of the test-only peer |" in md
     assert "| `asyncckpt` | " in md and "| `torch_save` | " in md
     assert any(t["result"] in ("PASS", "MISS") for t in doc["targets"])  # asyncckpt vs torch.save still compared
+
+
+def _run_doc(stalls: dict[str, tuple[float, float]]) -> dict:
+    """A results document with one GPT run whose systems have the given (first, warm) stall medians."""
+    summary = {name: {"stall_first_s": {"median": first}, "stall_warm_s": {"median": warm}}
+               for name, (first, warm) in stalls.items()}
+    return {"runs": [{"workload": "gpt", "world": 1, "raw_bytes": 1 << 20, "workload_info": {"kind": "gpt"},
+                      "systems": {name: {"status": "ok"} for name in stalls}, "summary": summary}]}
+
+
+def test_integration_targets_compare_each_integration_with_its_framework():
+    from benchmarks.targets import evaluate
+
+    doc = _run_doc({"lightning_async": (2.0, 1.0), "asyncckpt_lightning": (0.5, 0.1),
+                    "deepspeed": (1.0, 1.0), "deepspeed_asyncckpt": (0.5, 0.3)})
+    rows = {t["target"]: t for t in evaluate(doc)}
+    assert len(rows) == 2, "a run of the integrations only is not held to asyncckpt's own targets"
+    lightning = next(t for name, t in rows.items() if "Lightning" in name)
+    deepspeed = next(t for name, t in rows.items() if "DeepSpeed" in name)
+    assert (lightning["result"], lightning["value"]) == ("PASS", pytest.approx(0.1))
+    assert (deepspeed["result"], deepspeed["value"]) == ("MISS", pytest.approx(0.3))
+    assert "first-save stall" in lightning["detail"]
+
+
+def test_integration_target_is_na_when_one_side_is_missing_and_absent_when_both_are():
+    from benchmarks.targets import evaluate
+
+    rows = evaluate(_run_doc({"asyncckpt_lightning": (0.5, 0.1)}))
+    assert [(t["result"], "Lightning" in t["target"]) for t in rows] == [("N/A", True)]
+    rows = evaluate(_run_doc({"asyncckpt": (0.5, 0.1), "torch_save": (1.0, 1.0)}))
+    assert rows and not any("Lightning" in t["target"] or "DeepSpeed" in t["target"] for t in rows)
