@@ -16,7 +16,7 @@ EXTRAS     ?= export,lightning,transformers,deepspeed
 RELIABILITY_TESTS := tests/test_crash.py tests/test_faults.py tests/test_corruption.py tests/test_hostile.py \
                      tests/test_pickle_policy.py
 
-.PHONY: venv demo test reliability bench-deps bench bench-many-small clean FORCE
+.PHONY: venv demo test reliability bench-deps bench bench-many-small bench-integrations clean FORCE
 
 venv: $(STAMP)
 
@@ -50,6 +50,9 @@ bench: bench-deps
 
 bench-many-small: bench-deps
 	$(BIN)/python -m benchmarks --config benchmarks/configs/many_small.yaml
+
+bench-integrations: bench-deps
+	$(BIN)/python -m benchmarks --config benchmarks/configs/integrations.yaml
 
 clean:
 	rm -rf $(VENV) .demo_ckpt .pytest_cache build *.egg-info
