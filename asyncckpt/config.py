@@ -101,7 +101,7 @@ class Config(_Section):
     allow_pickle: bool = False  # allow non-JSON Python objects (pickled) in saved and loaded state
     verify_on_load: bool = True  # check every chunk's checksum while loading
     pin_memory: str = "auto"  # host buffers: auto (pinned iff CUDA is available) | always | never
-    keep_last: int = 0  # after publishing, delete all but the newest N tags this saver published; 0 = keep all
+    keep_last: int = 0  # after publishing, delete all but the newest N tags of the save directory; 0 = keep all
     save_rng_state: bool = True  # include python/numpy/torch/CUDA RNG states in AsyncCheckpointer saves
     commit_timeout_s: float = 600.0  # deadline for every cross-rank step of a commit (and of a load)
     tag_validation: str = "fail"  # a tag that differs across ranks: warn | fail | ignore
