@@ -131,7 +131,8 @@ class PublishInfo:
 
 class CommitCoordinator:
     def __init__(self, ctx: DistContext, *, tag_validation: str = "fail", node_local: bool = False,
-                 overwrite: bool = False, fsync: bool = True, keep_last: int = 0, timeout_s: float = 600.0):
+                 overwrite: bool = False, fsync: bool = True, keep_last: int = 0, timeout_s: float = 600.0,
+                 save_deadline_s: float = 0.0):
         self.ctx = ctx
         self.tag_validation = tag_validation
         self.node_local = node_local
@@ -139,6 +140,7 @@ class CommitCoordinator:
         self.fsync = fsync
         self.keep_last = keep_last
         self.timeout_s = timeout_s
+        self.save_deadline_s = save_deadline_s  # 0: none
         self._cleaned: set[str] = set()
         self._probed: set[str] = set()  # save directories checked for being shared between nodes
         self._claims: dict[str, LockFile] = {}  # partial directories this process is writing, and their locks
@@ -165,7 +167,9 @@ class CommitCoordinator:
         (then this coordinator refuses every later collective)."""
         if self._broken:
             raise CommitError(f"checkpoint coordination is unusable after an earlier failure ({self._broken}); "
-                              "recreate the saver")
+                              "restart the job (a load agrees on the newest checkpoint every rank holds), or create "
+                              "a new saver at a step every rank reaches after learning of the failure collectively "
+                              "(creating one is a collective over the default group)")
         try:
             return self.ctx.all_gather(obj)
         except Exception as exc:  # gloo: a peer closed the connection (died) or the timeout expired (hung)
@@ -281,18 +285,25 @@ class CommitCoordinator:
 
     # ----------------------------------------------------------------------------------------- commit
     def commit(self, save_dir: str, tag: str, outcome: RankOutcome, save_latest: bool, manifest_extra: dict,
-               save_id: str = "") -> PublishInfo:
+               save_id: str = "", started: float | None = None) -> PublishInfo:
+        """Publish the save every rank wrote, or nothing. ``started`` (``time.perf_counter()``) is when this
+        rank's save call began: with ``save_deadline_s``, the slowest rank's elapsed time decides, on every
+        rank alike, whether the save is still published."""
         try:
-            return self._commit(save_dir, tag, outcome, save_latest, {**manifest_extra, "save_id": save_id})
+            return self._commit(save_dir, tag, outcome, save_latest, {**manifest_extra, "save_id": save_id},
+                                started)
         finally:
             self._release(os.path.join(save_dir, partial_dir_name(tag)))
 
     def _commit(self, save_dir: str, tag: str, outcome: RankOutcome, save_latest: bool,
-                manifest_extra: dict) -> PublishInfo:
+                manifest_extra: dict, started: float | None) -> PublishInfo:
         phases: dict[str, float] = {}
         t0 = time.perf_counter()
-        outcomes: list[RankOutcome] = self.gather(outcome, "gathering every rank's outcome")
+        elapsed = t0 - started if started is not None else 0.0
+        gathered: list[tuple[RankOutcome, float]] = self.gather((outcome, elapsed), "gathering every rank's outcome")
+        outcomes = [g[0] for g in gathered]
         phases["gather"] = time.perf_counter() - t0
+        self._check_deadline(save_dir, tag, [g[1] for g in gathered])
         failures = {o.rank: o.error for o in outcomes if not o.ok}
         if len({o.replicated_fp for o in outcomes}) > 1:  # the same verdict on every rank: all see all outcomes
             for o in outcomes:
@@ -327,6 +338,19 @@ class CommitCoordinator:
             raise CommitError(_describe(_publication_text(tag, states, save_latest), failures),
                               failures) from mine.exc
         return PublishInfo(os.path.join(save_dir, tag), tag, sum(o.bytes_written for o in outcomes), phases)
+
+    def _check_deadline(self, save_dir: str, tag: str, elapsed: list[float]) -> None:
+        """``save_deadline_s``: every rank sees every rank's elapsed time, so every rank takes the same verdict
+        and no rank publishes while another gives up. The saver's group stays usable: the next save runs."""
+        slowest = max(range(len(elapsed)), key=lambda r: (elapsed[r], -r))
+        if not self.save_deadline_s or elapsed[slowest] <= self.save_deadline_s:
+            return
+        if self.is_publisher:
+            _remove_quietly(os.path.join(save_dir, partial_dir_name(tag)))
+        why = f"{elapsed[slowest]:.3g}s since its save call, more than save_deadline_s={self.save_deadline_s:g}s"
+        raise CommitTimeoutError(f"checkpoint {tag!r} was not published (the previous checkpoint is intact): rank "
+                                 f"{slowest} (the slowest) took {why}; every rank gives this save up, and later "
+                                 "saves run as usual", {slowest: why})
 
     def _gather_publication(self, mine: "_Publication", tag: str, what: str) -> list["_Publication"]:
         """Every rank's publication state; when the collective fails, the error says what this rank knows."""

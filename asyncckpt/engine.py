@@ -65,7 +65,8 @@ class SaveEngine:
                                  ionice_idle=w.ionice_idle)
         self.coordinator = CommitCoordinator(
             self.ctx, tag_validation=config.tag_validation, node_local=config.use_node_local_storage,
-            overwrite=config.overwrite, fsync=w.fsync, keep_last=config.keep_last, timeout_s=config.commit_timeout_s)
+            overwrite=config.overwrite, fsync=w.fsync, keep_last=config.keep_last, timeout_s=config.commit_timeout_s,
+            save_deadline_s=config.save_deadline_s)
         lower = (lambda: lower_thread_priority(w.nice, w.ionice_idle))
         self._commit_thread = started_pool(1, "asyncckpt-commit", initializer=lower)
         self._retain_thread = started_pool(1, "asyncckpt-retain", initializer=lower)
@@ -307,7 +308,7 @@ class SaveEngine:
         phases["write"] = time.perf_counter() - t
         try:
             info = await loop.run_in_executor(self._commit_thread, self.coordinator.commit, job.save_dir, tag,
-                                              outcome, job.save_latest, job.meta, prepared.save_id)
+                                              outcome, job.save_latest, job.meta, prepared.save_id, job.t_start)
         except CheckpointError as exc:
             if write_error is not None:
                 if not ctx.distributed:  # one rank: the write error itself is the clearest thing to raise
