@@ -474,18 +474,28 @@ class CommitCoordinator:
             return
         newest = sorted(ages, key=lambda t: (ages[t], t), reverse=True)
         for old in newest[self.keep_last:]:
+            doomed = os.path.join(save_dir, f".{old}{DELETING_SUFFIX}")
+            lock = None
             try:
+                lock = claim(save_dir, os.path.basename(doomed), "deleting")
                 with save_dir_lock(save_dir, self.timeout_s):
                     # under the lock, through the reader's checks: a FIFO, symlink or damaged `latest` must not
                     # steer deletion, and a tag published again since the listing is not the old one any more
                     if read_latest(save_dir) == old or created(read_manifest(save_dir, old)[0]) != ages[old]:
                         continue
-                    self._remove_tag(save_dir, old)
+                    os.rename(os.path.join(save_dir, old), doomed)  # the tag disappears atomically...
+                    if self.fsync:
+                        fsync_dir(save_dir)
+                remove_tree(doomed)  # ...and its bytes afterwards, without holding up a publish
+                log.info("keep_last=%d: removed checkpoint %s", self.keep_last, os.path.join(save_dir, old))
             except CheckpointError as exc:
                 log.warning("keep_last: not removing anything more this time: %s", exc)
                 return
             except OSError as exc:
                 log.warning("keep_last: could not remove %s: %s", os.path.join(save_dir, old), exc)
+            finally:
+                if lock is not None:
+                    lock.release(unlink=not os.path.lexists(doomed))
 
     def _ages(self, save_dir: str) -> dict[str, float]:
         """The creation time of every published tag of ``save_dir`` whose manifest is readable (the others are
@@ -498,19 +508,6 @@ class CommitCoordinator:
             except CheckpointError as exc:
                 log.warning("keep_last: keeping %s, its manifest cannot be read: %s", os.path.join(save_dir, name), exc)
         return ages
-
-    def _remove_tag(self, save_dir: str, tag: str) -> None:
-        """Take ``tag`` out of ``save_dir`` atomically, then delete its bytes."""
-        doomed = os.path.join(save_dir, f".{tag}{DELETING_SUFFIX}")
-        lock = claim(save_dir, os.path.basename(doomed), "deleting")
-        try:
-            os.rename(os.path.join(save_dir, tag), doomed)  # the tag disappears atomically...
-            if self.fsync:
-                fsync_dir(save_dir)
-            remove_tree(doomed)  # ...and its bytes afterwards
-            log.info("keep_last=%d: removed checkpoint %s", self.keep_last, os.path.join(save_dir, tag))
-        finally:
-            lock.release(unlink=not os.path.lexists(doomed))
 
     def close(self) -> None:
         for partial in list(self._claims):
