@@ -24,7 +24,7 @@ from .future import SaveFuture
 from .io_types import SaveResult
 from .loader import CheckpointReader, MapLocation, read_latest
 from .placement import is_dtensor
-from .state import flatten
+from .state import escape, flatten, join
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,14 @@ class AsyncCheckpointer:
             return self._flatten(self.state_dict(client_state, exclude_frozen_parameters))
 
         return self._engine.save(collect, os.fspath(save_dir), tag, save_latest=save_latest,
-                                 manifest_extra={"global_steps": self.global_steps})
+                                 manifest_extra={"global_steps": self.global_steps}, pinned=self._buffer_keys())
+
+    def _buffer_keys(self) -> frozenset[str]:
+        """Key paths of the module's buffers (BatchNorm running statistics...): each rank updates its own in
+        forward, so with replicated state they are saved as the first rank of the copy scope holds them."""
+        if not self.replicated:
+            return frozenset()
+        return frozenset(join("module", escape(name)) for name, _ in self.module.named_buffers())
 
     def wait(self, timeout: float | None = None) -> list[SaveResult]:
         """Block until every save so far is published; raises the first failure nobody observed."""

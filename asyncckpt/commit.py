@@ -29,7 +29,10 @@ Protocol for one save (docs/FORMAT.md has the crash-safety argument):
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
+import fcntl
 import logging
 import os
 import socket
@@ -47,7 +50,7 @@ from .format import FORMAT_NAME, FORMAT_VERSION, LATEST, MANIFEST, partial_dir_n
 from .agreement import created, rank_ranges, read_manifest, spec_mismatches
 from .io_types import RankOutcome
 from .nodes import check_nodes, other_nodes_here, remove_probe, this_node, write_probe
-from .loader import read_latest
+from .loader import list_tags, read_latest
 from .ownership import DELETING_SUFFIX, REPLACED_SUFFIX, claim, clean
 
 log = logging.getLogger(__name__)
@@ -128,7 +131,8 @@ class PublishInfo:
 
 class CommitCoordinator:
     def __init__(self, ctx: DistContext, *, tag_validation: str = "fail", node_local: bool = False,
-                 overwrite: bool = False, fsync: bool = True, keep_last: int = 0, timeout_s: float = 600.0):
+                 overwrite: bool = False, fsync: bool = True, keep_last: int = 0, timeout_s: float = 600.0,
+                 save_deadline_s: float = 0.0):
         self.ctx = ctx
         self.tag_validation = tag_validation
         self.node_local = node_local
@@ -136,10 +140,10 @@ class CommitCoordinator:
         self.fsync = fsync
         self.keep_last = keep_last
         self.timeout_s = timeout_s
+        self.save_deadline_s = save_deadline_s  # 0: none
         self._cleaned: set[str] = set()
         self._probed: set[str] = set()  # save directories checked for being shared between nodes
         self._claims: dict[str, LockFile] = {}  # partial directories this process is writing, and their locks
-        self._published: dict[str, list[str]] = {}
         self._broken: str = ""  # set once a collective failed: the group can no longer be trusted
 
     @property
@@ -163,7 +167,9 @@ class CommitCoordinator:
         (then this coordinator refuses every later collective)."""
         if self._broken:
             raise CommitError(f"checkpoint coordination is unusable after an earlier failure ({self._broken}); "
-                              "recreate the saver")
+                              "restart the job (a load agrees on the newest checkpoint every rank holds), or create "
+                              "a new saver at a step every rank reaches after learning of the failure collectively "
+                              "(creating one is a collective over the default group)")
         try:
             return self.ctx.all_gather(obj)
         except Exception as exc:  # gloo: a peer closed the connection (died) or the timeout expired (hung)
@@ -279,18 +285,25 @@ class CommitCoordinator:
 
     # ----------------------------------------------------------------------------------------- commit
     def commit(self, save_dir: str, tag: str, outcome: RankOutcome, save_latest: bool, manifest_extra: dict,
-               save_id: str = "") -> PublishInfo:
+               save_id: str = "", started: float | None = None) -> PublishInfo:
+        """Publish the save every rank wrote, or nothing. ``started`` (``time.perf_counter()``) is when this
+        rank's save call began: with ``save_deadline_s``, the slowest rank's elapsed time decides, on every
+        rank alike, whether the save is still published."""
         try:
-            return self._commit(save_dir, tag, outcome, save_latest, {**manifest_extra, "save_id": save_id})
+            return self._commit(save_dir, tag, outcome, save_latest, {**manifest_extra, "save_id": save_id},
+                                started)
         finally:
             self._release(os.path.join(save_dir, partial_dir_name(tag)))
 
     def _commit(self, save_dir: str, tag: str, outcome: RankOutcome, save_latest: bool,
-                manifest_extra: dict) -> PublishInfo:
+                manifest_extra: dict, started: float | None) -> PublishInfo:
         phases: dict[str, float] = {}
         t0 = time.perf_counter()
-        outcomes: list[RankOutcome] = self.gather(outcome, "gathering every rank's outcome")
+        elapsed = t0 - started if started is not None else 0.0
+        gathered: list[tuple[RankOutcome, float]] = self.gather((outcome, elapsed), "gathering every rank's outcome")
+        outcomes = [g[0] for g in gathered]
         phases["gather"] = time.perf_counter() - t0
+        self._check_deadline(save_dir, tag, [g[1] for g in gathered])
         failures = {o.rank: o.error for o in outcomes if not o.ok}
         if len({o.replicated_fp for o in outcomes}) > 1:  # the same verdict on every rank: all see all outcomes
             for o in outcomes:
@@ -307,18 +320,17 @@ class CommitCoordinator:
         two_phase = self.node_local and save_latest  # every node's tag directory first, then every latest
         mine = _Publication()
         if self.is_publisher:
-            mine.run(lambda: self._publish_dir(save_dir, tag, outcomes, save_latest, manifest_extra, mine))
-            if mine.published and save_latest and not two_phase:
-                mine.run(lambda: self._publish_latest(save_dir, tag, mine))
+            mine.run(lambda: self._publish(save_dir, tag, outcomes, save_latest, save_latest and not two_phase,
+                                           manifest_extra, mine))
         states = self._gather_publication(mine, tag, "publication")
         if self.node_local and any(st.error for st in states):  # a node failed: every node takes its copy back
             if self.is_publisher and mine.published and not mine.replaced:
-                self._withdraw(save_dir, tag, mine)
+                mine.run(lambda: self._locked(save_dir, self._withdraw, save_dir, tag, mine))
             for st in states:  # what every publisher does, known on every rank
                 st.published = st.published and st.replaced
         elif two_phase:
             if self.is_publisher:
-                mine.run(lambda: self._publish_latest(save_dir, tag, mine))
+                mine.run(lambda: self._locked(save_dir, self._publish_latest, save_dir, tag, mine))
             states = self._gather_publication(mine, tag, "updating latest on every node")
         phases["publish"] = time.perf_counter() - t1
         failures = {r: st.error for r, st in enumerate(states) if st.error}
@@ -326,6 +338,19 @@ class CommitCoordinator:
             raise CommitError(_describe(_publication_text(tag, states, save_latest), failures),
                               failures) from mine.exc
         return PublishInfo(os.path.join(save_dir, tag), tag, sum(o.bytes_written for o in outcomes), phases)
+
+    def _check_deadline(self, save_dir: str, tag: str, elapsed: list[float]) -> None:
+        """``save_deadline_s``: every rank sees every rank's elapsed time, so every rank takes the same verdict
+        and no rank publishes while another gives up. The saver's group stays usable: the next save runs."""
+        slowest = max(range(len(elapsed)), key=lambda r: (elapsed[r], -r))
+        if not self.save_deadline_s or elapsed[slowest] <= self.save_deadline_s:
+            return
+        if self.is_publisher:
+            _remove_quietly(os.path.join(save_dir, partial_dir_name(tag)))
+        why = f"{elapsed[slowest]:.3g}s since its save call, more than save_deadline_s={self.save_deadline_s:g}s"
+        raise CommitTimeoutError(f"checkpoint {tag!r} was not published (the previous checkpoint is intact): rank "
+                                 f"{slowest} (the slowest) took {why}; every rank gives this save up, and later "
+                                 "saves run as usual", {slowest: why})
 
     def _gather_publication(self, mine: "_Publication", tag: str, what: str) -> list["_Publication"]:
         """Every rank's publication state; when the collective fails, the error says what this rank knows."""
@@ -346,6 +371,19 @@ class CommitCoordinator:
         if not self.node_local:
             return 0
         return min(r for r in range(self.ctx.world_size) if self.ctx.nodes[r] == self.ctx.nodes[rank])
+
+    def _locked(self, save_dir: str, step, *args) -> None:
+        with save_dir_lock(save_dir, self.timeout_s):
+            step(*args)
+
+    def _publish(self, save_dir: str, tag: str, outcomes: list[RankOutcome], save_latest: bool, with_latest: bool,
+                 extra: dict, state: "_Publication") -> None:
+        """Put the tag directory in place and, ``with_latest``, point ``latest`` at it: one step under the
+        directory's lock, so that keep_last never removes a tag in between."""
+        with save_dir_lock(save_dir, self.timeout_s):
+            self._publish_dir(save_dir, tag, outcomes, save_latest, extra, state)
+            if state.published and with_latest:
+                self._publish_latest(save_dir, tag, state)
 
     def _publish_dir(self, save_dir: str, tag: str, outcomes: list[RankOutcome], save_latest: bool, extra: dict,
                      state: "_Publication") -> None:
@@ -421,40 +459,55 @@ class CommitCoordinator:
         _remove_quietly(partial)
 
     def retain(self, save_dir: str, tag: str) -> None:
-        """``keep_last``: after ``tag`` was published, remove the oldest tags this saver published beyond the
-        newest N (never the one ``latest`` names). Runs after the save's future resolved: deleting gigabytes
-        is not part of making the new checkpoint durable. Failures are logged, never raised."""
-        if not self.is_publisher:
+        """``keep_last``: after ``tag`` was published, remove every published tag of ``save_dir`` but the newest
+        N by their manifest's ``created_unix`` (tags of earlier runs and of other savers included), never the
+        one ``latest`` names and never one whose manifest cannot be read. Each removal holds the directory's
+        lock (:func:`save_dir_lock`), so that it never interleaves with a publish. Runs after the save's future
+        resolved: deleting gigabytes is not part of making the new checkpoint durable. Failures are logged,
+        never raised."""
+        if not self.is_publisher or not self.keep_last:
             return
-        history = self._published.setdefault(save_dir, [])
-        if tag in history:
-            history.remove(tag)
-        history.append(tag)
-        if not self.keep_last or len(history) <= self.keep_last:
-            return
-        try:  # through the reader's checks: a FIFO, symlink or damaged `latest` must not steer deletion
-            protected = read_latest(save_dir)
+        try:
+            ages = self._ages(save_dir)
         except CheckpointError as exc:
             log.warning("keep_last: not removing anything this time: %s", exc)
             return
-        for old in history[: len(history) - self.keep_last]:
-            if old == protected:
-                continue
-            history.remove(old)
+        newest = sorted(ages, key=lambda t: (ages[t], t), reverse=True)
+        for old in newest[self.keep_last:]:
             doomed = os.path.join(save_dir, f".{old}{DELETING_SUFFIX}")
             lock = None
             try:
                 lock = claim(save_dir, os.path.basename(doomed), "deleting")
-                os.rename(os.path.join(save_dir, old), doomed)  # the tag disappears atomically...
-                if self.fsync:
-                    fsync_dir(save_dir)
-                remove_tree(doomed)  # ...and its bytes afterwards
+                with save_dir_lock(save_dir, self.timeout_s):
+                    # under the lock, through the reader's checks: a FIFO, symlink or damaged `latest` must not
+                    # steer deletion, and a tag published again since the listing is not the old one any more
+                    if read_latest(save_dir) == old or created(read_manifest(save_dir, old)[0]) != ages[old]:
+                        continue
+                    os.rename(os.path.join(save_dir, old), doomed)  # the tag disappears atomically...
+                    if self.fsync:
+                        fsync_dir(save_dir)
+                remove_tree(doomed)  # ...and its bytes afterwards, without holding up a publish
                 log.info("keep_last=%d: removed checkpoint %s", self.keep_last, os.path.join(save_dir, old))
+            except CheckpointError as exc:
+                log.warning("keep_last: not removing anything more this time: %s", exc)
+                return
             except OSError as exc:
                 log.warning("keep_last: could not remove %s: %s", os.path.join(save_dir, old), exc)
             finally:
                 if lock is not None:
                     lock.release(unlink=not os.path.lexists(doomed))
+
+    def _ages(self, save_dir: str) -> dict[str, float]:
+        """The creation time of every published tag of ``save_dir`` whose manifest is readable (the others are
+        logged and never removed). CheckpointError when ``latest`` cannot be trusted."""
+        read_latest(save_dir)
+        ages: dict[str, float] = {}
+        for name in list_tags(save_dir):
+            try:
+                ages[name] = created(read_manifest(save_dir, name)[0])
+            except CheckpointError as exc:
+                log.warning("keep_last: keeping %s, its manifest cannot be read: %s", os.path.join(save_dir, name), exc)
+        return ages
 
     def close(self) -> None:
         for partial in list(self._claims):
@@ -517,6 +570,37 @@ def orphan_reason(save_dir: str, tag: str) -> str:
     latest = "there is no latest file" if named is None else f"{LATEST} names the older {named!r}"
     return (f"checkpoint {os.path.join(save_dir, tag)} was published but {latest} (a crash between publishing "
             "it and updating latest); replacing it")
+
+
+@contextlib.contextmanager
+def save_dir_lock(save_dir: str, timeout_s: float):
+    """Exclusive use of ``save_dir`` for a step that changes which tags it holds: a publisher's rename and
+    ``latest`` update, or the removal of one tag by ``keep_last``. An ``flock`` on the directory itself (no
+    file is left behind), waited for at most ``timeout_s`` (then OSError EBUSY). Where the file system has no
+    flock on directories, the step runs without exclusion."""
+    fd = os.open(save_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise OSError(errno.EBUSY, f"{save_dir} stayed locked by another saver (publishing, or keep_last "
+                                               f"removing a tag) for {timeout_s:g}s") from None
+                time.sleep(_LOCK_POLL_S)
+            except OSError as exc:
+                if exc.errno not in _NO_DIR_FLOCK:
+                    raise
+                break
+        yield
+    finally:
+        os.close(fd)
+
+
+_LOCK_POLL_S = 0.01
+_NO_DIR_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL, errno.EBADF)
 
 
 def _describe(head: str, failures: dict[int, str]) -> str:

@@ -101,9 +101,10 @@ class Config(_Section):
     allow_pickle: bool = False  # allow non-JSON Python objects (pickled) in saved and loaded state
     verify_on_load: bool = True  # check every chunk's checksum while loading
     pin_memory: str = "auto"  # host buffers: auto (pinned iff CUDA is available) | always | never
-    keep_last: int = 0  # after publishing, delete all but the newest N tags this saver published; 0 = keep all
+    keep_last: int = 0  # after publishing, delete all but the newest N tags of the save directory; 0 = keep all
     save_rng_state: bool = True  # include python/numpy/torch/CUDA RNG states in AsyncCheckpointer saves
     commit_timeout_s: float = 600.0  # deadline for every cross-rank step of a commit (and of a load)
+    save_deadline_s: float = 0.0  # a save whose slowest rank took longer (from its save call) is not published; 0 = none
     tag_validation: str = "fail"  # a tag that differs across ranks: warn | fail | ignore
     use_node_local_storage: bool = False  # each node's local rank 0 publishes that node's copy
     codec: CodecConfig = field(default_factory=CodecConfig)
@@ -117,6 +118,8 @@ class Config(_Section):
         _check(0 <= self.keep_last <= MAX_KEEP_LAST, "keep_last", self.keep_last, f"an integer in 0..{MAX_KEEP_LAST}")
         _check(0 < self.commit_timeout_s <= MAX_TIMEOUT_S, "commit_timeout_s", self.commit_timeout_s,
                f"a number > 0 and at most {MAX_TIMEOUT_S:.0f}")
+        _check(0 <= self.save_deadline_s <= MAX_TIMEOUT_S, "save_deadline_s", self.save_deadline_s,
+               f"a number >= 0 (0 = no deadline) and at most {MAX_TIMEOUT_S:.0f}")
         _check(self.tag_validation in TAG_VALIDATION, "tag_validation", self.tag_validation, " | ".join(TAG_VALIDATION))
 
     # ----------------------------------------------------------------- construction

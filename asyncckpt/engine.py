@@ -65,7 +65,8 @@ class SaveEngine:
                                  ionice_idle=w.ionice_idle)
         self.coordinator = CommitCoordinator(
             self.ctx, tag_validation=config.tag_validation, node_local=config.use_node_local_storage,
-            overwrite=config.overwrite, fsync=w.fsync, keep_last=config.keep_last, timeout_s=config.commit_timeout_s)
+            overwrite=config.overwrite, fsync=w.fsync, keep_last=config.keep_last, timeout_s=config.commit_timeout_s,
+            save_deadline_s=config.save_deadline_s)
         lower = (lambda: lower_thread_priority(w.nice, w.ionice_idle))
         self._commit_thread = started_pool(1, "asyncckpt-commit", initializer=lower)
         self._retain_thread = started_pool(1, "asyncckpt-retain", initializer=lower)
@@ -79,7 +80,8 @@ class SaveEngine:
 
     # ------------------------------------------------------------------------------------- training side
     def save(self, flat: FlatState | Callable[[], FlatState], save_dir: str | os.PathLike, tag: str, *,
-             save_latest: bool = True, manifest_extra: dict | None = None, t0: float | None = None) -> SaveFuture:
+             save_latest: bool = True, manifest_extra: dict | None = None, t0: float | None = None,
+             pinned: frozenset[str] = frozenset()) -> SaveFuture:
         """Stage and submit one save. ``flat`` may be a callable, so that an error while collecting the state
         is handled like any other error of this call: with several ranks, a rank that cannot take part in a
         save (error, or no free slot with on_busy skip/error) still submits a placeholder, so every rank
@@ -88,7 +90,8 @@ class SaveEngine:
 
         ``save_dir`` is resolved to an absolute path now (a later ``os.chdir`` does not move the save).
         ``t0`` (``time.perf_counter()``) is when the caller's public call began: the reported stall counts
-        from there."""
+        from there. ``pinned``: key paths of replicated tensors that one rank writes for all (see
+        :meth:`_own_share`)."""
         t0 = time.perf_counter() if t0 is None else t0
         if self._closed:
             raise CheckpointError("this saver is closed")
@@ -100,7 +103,7 @@ class SaveEngine:
                 raise TagExistsError(f"checkpoint tag {tag!r} already exists in {save_dir}; choose another tag or "
                                      "set overwrite: true")
             flat = flat() if callable(flat) else flat
-            flat, replicated_fp = self._own_share(flat)
+            flat, replicated_fp = self._own_share(flat, pinned)
             self.pool.check_budget(flat.nbytes)
             slot = self.pool.acquire(self.config.on_busy, timeout=self.config.commit_timeout_s)
         except BaseException as exc:
@@ -163,16 +166,21 @@ class SaveEngine:
     def _skipped(self, tag: str) -> SaveResult:
         return SaveResult(tag, None, skipped=True, rank=self.ctx.rank, world_size=self.ctx.world_size)
 
-    def _own_share(self, flat: FlatState) -> tuple[FlatState, str]:
-        """Keep this rank's own tensors and its share of the replicated ones (about 1/N of their bytes)."""
+    def _own_share(self, flat: FlatState, pinned: frozenset[str]) -> tuple[FlatState, str]:
+        """Keep this rank's own tensors and its share of the replicated ones (about 1/N of their bytes). The
+        replicated tensors named in ``pinned`` (or a storage one of them is a view of) are written by the first
+        rank of the copy scope: state that ranks may change locally (module buffers) is saved as one rank had
+        it, never as a patchwork of several ranks' values."""
         replicated = [i for i in flat.items if i.replicated]
         if not replicated:
             return flat, ""
-        fp = fingerprint([(i.key, i.nbytes) for i in replicated])
+        pinned_keys = pinned | {v.base for v in flat.views if v.key in pinned}
+        first = {n for n, i in enumerate(replicated) if i.key in pinned_keys}
+        fp = fingerprint([(i.key + ("\0pinned" if n in first else ""), i.nbytes) for n, i in enumerate(replicated)])
         if not self.ctx.distributed:
             return flat, fp
         scope = self.coordinator.copy_scope()
-        owners = assign_replicated([i.nbytes for i in replicated], len(scope))
+        owners = assign_replicated([i.nbytes for i in replicated], len(scope), first)
         mine = {id(i) for i, o in zip(replicated, owners) if scope[o] == self.ctx.rank}
         items = [i for i in flat.items if not i.replicated or id(i) in mine]
         elsewhere = frozenset(i.key for i in replicated if id(i) not in mine)  # written by the other ranks
@@ -300,7 +308,7 @@ class SaveEngine:
         phases["write"] = time.perf_counter() - t
         try:
             info = await loop.run_in_executor(self._commit_thread, self.coordinator.commit, job.save_dir, tag,
-                                              outcome, job.save_latest, job.meta, prepared.save_id)
+                                              outcome, job.save_latest, job.meta, prepared.save_id, job.t_start)
         except CheckpointError as exc:
             if write_error is not None:
                 if not ctx.distributed:  # one rank: the write error itself is the clearest thing to raise

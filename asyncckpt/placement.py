@@ -2,7 +2,8 @@
 
 * **rank-local** (the default): every rank saves its own copy (RNG states, per-rank client state).
 * **replicated** (DDP): every rank holds the same tensor; it is written once in total. The replicated tensors
-  are assigned to ranks so each writes about 1/N of the bytes (:func:`assign_replicated`).
+  are assigned to ranks so each writes about 1/N of the bytes (:func:`assign_replicated`), except the state
+  a rank changes locally (module buffers), which the first rank of the copy scope writes for all.
 * **sharded** (FSDP2 ``DTensor``): each rank saves its local shard with the shard's global offset and the
   global shape; loading reassembles whatever region the loading rank needs, on any world size
   (:func:`copy_overlap`).
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import AbstractSet as Set, Any, Sequence
 
 import torch
 
@@ -100,12 +101,15 @@ def copy_overlap(dst: torch.Tensor, dst_offset: Sequence[int], src: torch.Tensor
     return n
 
 
-def assign_replicated(sizes: Sequence[int], world: int) -> list[int]:
-    """Deterministic balanced assignment of replicated tensors to ranks: largest first, each to the rank
-    with the fewest bytes so far. Every rank computes the same answer from the same sizes."""
+def assign_replicated(sizes: Sequence[int], world: int, pinned: Set[int] = frozenset()) -> list[int]:
+    """Deterministic balanced assignment of replicated tensors to ranks: the ``pinned`` indices (state a rank
+    can change locally, such as module buffers) to rank 0; the others largest first, each to the rank with
+    the fewest bytes so far. Every rank computes the same answer from the same sizes."""
     owner = [0] * len(sizes)
     load = [0] * world
-    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+    for i in pinned:
+        load[0] += sizes[i]
+    for i in sorted((i for i in range(len(sizes)) if i not in pinned), key=lambda i: (-sizes[i], i)):
         r = min(range(world), key=lambda r: (load[r], r))
         owner[i] = r
         load[r] += sizes[i]
