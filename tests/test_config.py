@@ -33,13 +33,13 @@ def test_defaults_and_structure():
 def test_from_dict_round_trips_every_key():
     data = {"max_inflight": 3, "on_busy": "skip", "overwrite": True, "allow_pickle": True, "verify_on_load": False,
             "pin_memory": "never", "keep_last": 2, "save_rng_state": False, "commit_timeout_s": 12, "tag_validation": "warn",
-            "use_node_local_storage": True,
+            "use_node_local_storage": True, "save_deadline_s": 30,
             "codec": {"compression": False, "level": -3, "shuffle": False, "chunk_mib": 1, "min_saving": 0.5,
                       "fast_planes": False},
             "writer": {"threads_per_node": 4, "files_per_rank": 2, "inflight_chunks": 8, "fsync": False, "nice": 0,
                        "ionice_idle": True, "memory_budget_mib": 512}}
     c = Config.from_dict(data)
-    assert c.to_dict() == {**data, "commit_timeout_s": 12.0, "codec": {**data["codec"], "chunk_mib": 1.0},
+    assert c.to_dict() == {**data, "commit_timeout_s": 12.0, "save_deadline_s": 30.0, "codec": {**data["codec"], "chunk_mib": 1.0},
                            "writer": {**data["writer"], "memory_budget_mib": 512.0}}
     assert Config.from_dict(c.to_dict()) == c
     assert isinstance(c.commit_timeout_s, float) and c.codec.chunk_bytes == 1 << 20
@@ -279,7 +279,7 @@ def refused_everywhere(tmp_path, key: str, value, scalar: str | None, expected: 
 
 
 def test_the_key_lists_cover_every_field():
-    assert len(FLOAT_KEYS) == 4 and len(INT_KEYS) == 7 and len(BOOL_KEYS) == 10 and len(STR_KEYS) == 3
+    assert len(FLOAT_KEYS) == 5 and len(INT_KEYS) == 7 and len(BOOL_KEYS) == 10 and len(STR_KEYS) == 3
     everything = {f.name for f in dataclasses.fields(Config)} - {"codec", "writer"}
     everything |= {f"codec.{f.name}" for f in dataclasses.fields(CodecConfig)}
     everything |= {f"writer.{f.name}" for f in dataclasses.fields(WriterConfig)}
