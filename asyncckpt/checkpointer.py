@@ -369,7 +369,10 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, saved: Any, path: str) ->
         raise StateMismatchError(f"{path}: 'optimizer.state' has entries for parameter ids that no group lists: "
                                  f"{_listed(stray)}")
     known_layout = _is_torch_code(type(optimizer).step)
-    group_numel = {id(p): sum(q.numel() for q in g["params"]) for g in live for p in g["params"]}
+    group_numel = {}  # each parameter's group's total size (LBFGS keeps one flat vector per group)
+    for g in live:
+        total = sum(q.numel() for q in g["params"])
+        group_numel.update((id(p), total) for p in g["params"])
     wrong = []
     for pid, entry in entries.items():
         param = params[pid]
