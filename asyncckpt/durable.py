@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import uuid
+from typing import BinaryIO, Callable
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,9 @@ def write_durable(path: str, data: bytes, fsync: bool = True) -> None:
             os.fsync(f.fileno())
 
 
-def replace_atomic(path: str, data: bytes, fsync: bool = True) -> None:
+def replace_atomic(path: str, data: bytes | Callable[[BinaryIO], None], fsync: bool = True) -> None:
     """Replace ``path`` atomically: temp file in the same directory, fsync, rename, fsync the directory.
+    ``data`` is the new content, or a function that writes it to a binary file (e.g. ``torch.save``).
 
     The temp file is flock'ed while it exists, so that another saver's cleanup of leftovers (which removes only
     temp files it can lock) leaves it alone; should one still vanish before the rename (removed between its
@@ -87,9 +89,13 @@ def replace_atomic(path: str, data: bytes, fsync: bool = True) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             _lock_nowait(fd)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            if callable(data):
+                with os.fdopen(os.dup(fd), "wb") as f:
+                    data(f)
+            else:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
             if fsync:
                 os.fsync(fd)
             try:

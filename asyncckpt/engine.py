@@ -30,7 +30,7 @@ from .config import Config
 from .commit import BUSY
 from .errors import CheckpointError, ConfigError, TagExistsError, WriteError
 from .format import partial_dir_name, validate_tag
-from .future import SaveFuture
+from .future import SaveFuture, raise_first_unobserved
 from .io_types import FlatState, RankOutcome, SaveJob, SaveResult
 from .placement import assign_replicated, fingerprint
 from .staging import StagingPool, ready_now
@@ -200,11 +200,7 @@ class SaveEngine:
     def raise_unobserved(self) -> None:
         """Raise the oldest background failure nobody has looked at yet."""
         with self._lock:
-            for f in self._futures:
-                exc = f.unobserved_error()
-                if exc is not None:
-                    f.observed = True
-                    raise exc
+            raise_first_unobserved(self._futures)
 
     def wait(self, timeout: float | None = None) -> list[SaveResult]:
         """Block until every save submitted so far is finished; raise the first unobserved failure."""

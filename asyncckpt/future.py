@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from typing import Callable
+from typing import Callable, Iterable
 
 from .io_types import SaveResult
 
@@ -58,3 +58,13 @@ class SaveFuture:
     def __repr__(self) -> str:
         state = "pending" if not self.done() else ("failed" if self._inner.exception() else "done")
         return f"<SaveFuture tag={self.tag!r} {state}>"
+
+
+def raise_first_unobserved(futures: Iterable[SaveFuture]) -> None:
+    """Raise the failure of the first of ``futures`` that failed with nobody looking (marking it observed, so
+    it is raised once)."""
+    for f in futures:
+        exc = f.unobserved_error()
+        if exc is not None:
+            f.observed = True
+            raise exc

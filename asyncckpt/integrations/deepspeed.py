@@ -57,7 +57,7 @@ from ..durable import fsync_dir, replace_atomic, write_durable
 from ..engine import SaveEngine
 from ..errors import CheckpointNotFoundError, KeyCollisionError
 from ..format import LATEST, MANIFEST, is_checkpoint_file_name
-from ..future import SaveFuture
+from ..future import SaveFuture, raise_first_unobserved
 from ..io_types import SaveResult
 from ..loader import CheckpointReader
 from ..state import flatten, skeleton_tensor_refs, unflatten
@@ -137,7 +137,7 @@ class AsyncCheckpointEngine(CheckpointEngine):
 
     def save(self, state_dict: Any, path: str) -> None:
         if not self._is_tag_dir(os.path.dirname(path)):
-            _torch_save_durable(state_dict, path, self.config.writer.fsync)
+            replace_atomic(path, lambda f: torch.save(state_dict, f), self.config.writer.fsync)  # temp, fsync, rename
             return
         name = os.path.basename(path)
         if name in self._entries or is_checkpoint_file_name(name) or name.startswith("."):
@@ -213,11 +213,7 @@ class AsyncCheckpointEngine(CheckpointEngine):
 
     def _raise_failed(self) -> None:
         with self._lock:
-            for f in self._futures:
-                exc = f.unobserved_error()
-                if exc is not None:
-                    f.observed = True
-                    raise exc
+            raise_first_unobserved(self._futures)
 
     def _finish(self, fut: SaveFuture, save_dir: str, tag: str, write_latest: bool) -> SaveResult:
         """After publication: the publisher writes DeepSpeed's stub files, then (if asked) ``latest``."""
@@ -287,26 +283,6 @@ def _entry_names(reader: CheckpointReader) -> list[str]:
         skeleton = doc.get("skeleton")
         names += sorted(skeleton) if isinstance(skeleton, dict) else []
     return names
-
-
-def _torch_save_durable(state_dict: Any, path: str, fsync: bool) -> None:
-    """``torch.save`` to a temp file, fsync, rename over ``path``, fsync its directory."""
-    tmp = f"{path}.asyncckpt-tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state_dict, f)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    if fsync:
-        fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 @atexit.register
