@@ -12,9 +12,7 @@ saves and then simply ends must not lose its last checkpoint.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import concurrent.futures
-import concurrent.futures.thread  # noqa: F401  (registers its exit hook first, so ours runs before it)
 import logging
 import os
 import threading
@@ -35,7 +33,7 @@ from .io_types import FlatState, RankOutcome, SaveJob, SaveResult
 from .placement import assign_replicated, fingerprint
 from .staging import StagingPool, ready_now
 from .writer import WriterPool, lower_thread_priority
-from .threads import started_pool
+from .threads import at_shutdown, started_pool
 
 log = logging.getLogger(__name__)
 
@@ -360,10 +358,5 @@ def _drain_at_exit() -> None:
         log.error("stopped waiting for checkpoint saves at exit: %s", _exc_text(exc))
 
 
-# threading's exit hooks run when the main thread finishes, before concurrent.futures refuses new work (its own
-# hook, registered earlier, runs after ours); atexit hooks would run too late for the writer's thread pools.
-try:
-    threading._register_atexit(_drain_at_exit)
-except AttributeError:  # pragma: no cover - Python without threading._register_atexit
-    atexit.register(_drain_at_exit)
+at_shutdown(_drain_at_exit)
 

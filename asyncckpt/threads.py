@@ -6,7 +6,9 @@ none idle. The exit drain (saves accepted before the interpreter exits are finis
 shutdown, so every pool a save may use is started whole when its saver is built."""
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
+import concurrent.futures.thread  # noqa: F401  (registers its exit hook first, so those of at_shutdown run before it)
 import threading
 from typing import Callable
 
@@ -22,3 +24,13 @@ def started_pool(workers: int, name: str, initializer: Callable[[], None] | None
         pool.submit(barrier.wait, _START_TIMEOUT_S)
     barrier.wait(_START_TIMEOUT_S)
     return pool
+
+
+def at_shutdown(fn: Callable[[], None]) -> None:
+    """Run ``fn`` when the main thread finishes, while thread pools still take work: threading's exit hooks run
+    in reverse order of registration, before concurrent.futures' own (registered when it was imported, above)
+    refuses new work; ``atexit`` hooks would run too late for the pools a drain needs."""
+    try:
+        threading._register_atexit(fn)
+    except AttributeError:  # pragma: no cover - Python without threading._register_atexit
+        atexit.register(fn)

@@ -36,7 +36,6 @@ writer and NVMe offload copies are DeepSpeed's own mechanisms and are not routed
 """
 from __future__ import annotations
 
-import atexit
 import concurrent.futures
 import functools
 import logging
@@ -61,7 +60,7 @@ from ..future import SaveFuture, raise_first_unobserved
 from ..io_types import SaveResult
 from ..loader import CheckpointReader
 from ..state import flatten, skeleton_tensor_refs, unflatten
-from ..threads import started_pool
+from ..threads import at_shutdown, started_pool
 
 __all__ = ["AsyncCheckpointEngine", "enable", "load_file"]
 
@@ -285,10 +284,12 @@ def _entry_names(reader: CheckpointReader) -> list[str]:
     return names
 
 
-@atexit.register
 def _drain_at_exit() -> None:
     for ckpt in list(_engines):
         try:
             ckpt.close()
         except Exception as exc:  # noqa: BLE001 - at exit there is nobody left to raise to
             log.warning("asyncckpt: draining DeepSpeed checkpoints at exit failed: %s", exc)
+
+
+at_shutdown(_drain_at_exit)  # before the engines' own drain, while thread pools take work

@@ -10,7 +10,6 @@ the whole (replicated) state and the other ranks read it on resume.
 """
 from __future__ import annotations
 
-import atexit
 import concurrent.futures
 import dataclasses
 import logging
@@ -38,6 +37,7 @@ from ..format import MANIFEST
 from ..future import SaveFuture
 from ..loader import load, read_latest
 from ..state import flatten
+from ..threads import at_shutdown
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,6 @@ class AsyncCheckpointIO(CheckpointIO):
 _live: "weakref.WeakSet[AsyncCheckpointIO]" = weakref.WeakSet()
 
 
-@atexit.register
 def _drain_at_exit() -> None:
     """A save made after the last teardown (``trainer.save_checkpoint`` after ``fit``) is finished at exit."""
     for plugin in list(_live):
@@ -236,6 +235,9 @@ def _drain_at_exit() -> None:
             plugin.teardown()
         except Exception as exc:  # noqa: BLE001 - at exit there is nobody left to raise to
             log.error("asyncckpt: a Lightning checkpoint failed at exit: %s", exc)
+
+
+at_shutdown(_drain_at_exit)  # before the engines' own drain, while thread pools take work
 
 
 def _local_path(path: Any) -> str:
