@@ -37,7 +37,7 @@ from ..format import MANIFEST
 from ..future import SaveFuture
 from ..loader import load, read_latest
 from ..state import flatten
-from ..threads import at_shutdown
+from ..threads import at_shutdown, started_pool
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class AsyncCheckpointIO(CheckpointIO):
             fut = self._pending.get(key)
             generation = self._generation.get(key, 0)
         if self._remover is None:
-            self._remover = concurrent.futures.ThreadPoolExecutor(1, "asyncckpt-lightning-remove")
+            self._remover = started_pool(1, "asyncckpt-lightning-remove")
         if fut is not None and not fut.done():  # still being written: remove it once it is published
             done: concurrent.futures.Future = concurrent.futures.Future()
             fut.add_done_callback(lambda _: done.set_result(None))

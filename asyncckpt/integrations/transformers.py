@@ -37,6 +37,7 @@ from ..errors import ConfigError, UnsupportedStateError
 from ..format import MANIFEST
 from ..loader import load
 from ..state import flatten
+from ..threads import started_pool
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class AsyncCheckpointMixin:
     def _ack_get_engine(self) -> SaveEngine:
         if self._ack_engine is None:
             self._ack_engine = SaveEngine(self.asyncckpt_config)  # with DDP: every rank, collectively
-            self._ack_finalizer = concurrent.futures.ThreadPoolExecutor(1, "asyncckpt-hf-finalize")
+            self._ack_finalizer = started_pool(1, "asyncckpt-hf-finalize")
         return self._ack_engine
 
     def _ack_finalize(self, finished: threading.Event, staging: str, final: str, trainer_state: str | None,
