@@ -187,7 +187,12 @@ class AsyncCheckpointMixin:
 
     def wait_for_checkpoints(self, timeout: float | None = None, *, close: bool = False) -> None:
         """Block until every checkpoint saved so far is complete (``checkpoint-N`` visible); raise the first
-        background failure. ``close``: also stop the background threads (``train()`` does at its end)."""
+        background failure. ``close``: also stop the background threads (``train()`` does at its end). With
+        DDP, call it on every rank: rank 0 renames the directories, so every rank waits for rank 0 before it
+        returns (else another rank could look for ``checkpoint-N`` before it exists)."""
+        self._ack_drain(timeout, close=close, sync=True)
+
+    def _ack_drain(self, timeout: float | None, *, close: bool, sync: bool) -> None:
         if self._ack_engine is None:
             return
         try:
@@ -200,6 +205,8 @@ class AsyncCheckpointMixin:
             if close and self._ack_engine._closed:
                 self._ack_finalizer.shutdown(wait=True)
                 self._ack_engine = self._ack_finalizer = None
+        if sync and self.args.parallel_mode == ParallelMode.DISTRIBUTED:
+            self.accelerator.wait_for_everyone()  # rank 0's renames are done; its own failure is raised below
         self._ack_raise_finalize_error()
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
@@ -207,7 +214,7 @@ class AsyncCheckpointMixin:
             output = super().train(*args, **kwargs)
         except BaseException:
             try:  # finish what was staged; do not hide the training error behind a background one
-                self.wait_for_checkpoints(close=True)
+                self._ack_drain(None, close=True, sync=False)  # the other ranks may not be here: no barrier
             except Exception as bg:  # noqa: BLE001
                 log.error("while draining checkpoints after an error: %s", bg)
             raise
