@@ -7,6 +7,11 @@ path's directory, tag = its file name, so ``epoch=0-step=10.ckpt`` is a director
 rename) only once its data is durable, and ``last.ckpt`` is replaced in one atomic step. ``save_checkpoint``
 returns once the state is in host buffers. Lightning calls the plugin on global rank 0 only, so rank 0 writes
 the whole (replicated) state and the other ranks read it on resume.
+
+With several ranks, only rank 0 waits for its saves in ``teardown`` (the end of ``fit``): the other ranks may
+return from ``fit`` while the last checkpoint is still being written. Lightning's next stage (``fit``,
+``validate``, ``test``) starts with a barrier, so its ``ckpt_path`` is always complete; code of your own that
+reads checkpoints on other ranks right after ``fit`` calls ``trainer.strategy.barrier()`` first.
 """
 from __future__ import annotations
 
