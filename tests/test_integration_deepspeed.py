@@ -17,6 +17,8 @@ from dist_helpers import assert_all_ok, run_ranks  # noqa: E402
 import asyncckpt  # noqa: E402
 from asyncckpt.integrations.deepspeed import STUB_MARK, load_file  # noqa: E402
 
+pytestmark = pytest.mark.timeout(600)  # the module fixture's two 2-rank jobs take minutes on a loaded machine
+
 WORLD = 2
 
 

@@ -41,7 +41,6 @@ import functools
 import logging
 import os
 import threading
-import weakref
 from typing import Any, Mapping
 
 import torch
@@ -60,7 +59,8 @@ from ..future import SaveFuture, raise_first_unobserved
 from ..io_types import SaveResult
 from ..loader import CheckpointReader
 from ..state import flatten, skeleton_tensor_refs, unflatten
-from ..threads import at_shutdown, started_pool
+from ..threads import started_pool
+from ._common import drain_at_exit
 
 __all__ = ["AsyncCheckpointEngine", "enable", "load_file"]
 
@@ -68,7 +68,6 @@ log = logging.getLogger(__name__)
 
 ENGINE_NAME = "AsyncCheckpointEngine"
 STUB_MARK = b"asyncckpt-deepspeed-stub"
-_engines: "weakref.WeakSet[AsyncCheckpointEngine]" = weakref.WeakSet()
 
 
 def enable(engine: Any, config: Config | Mapping | str | os.PathLike | None = None) -> "AsyncCheckpointEngine":
@@ -122,7 +121,7 @@ class AsyncCheckpointEngine(CheckpointEngine):
         self._reader: tuple[tuple, CheckpointReader] | None = None
         self.last_future: SaveFuture | None = None
         self._closed = False
-        _engines.add(self)
+        drain_at_exit(self, "close")
 
     # ------------------------------------------------------------------------- DeepSpeed's interface
     def create(self, info: Any) -> None:
@@ -282,14 +281,3 @@ def _entry_names(reader: CheckpointReader) -> list[str]:
         skeleton = doc.get("skeleton")
         names += sorted(skeleton) if isinstance(skeleton, dict) else []
     return names
-
-
-def _drain_at_exit() -> None:
-    for ckpt in list(_engines):
-        try:
-            ckpt.close()
-        except Exception as exc:  # noqa: BLE001 - at exit there is nobody left to raise to
-            log.warning("asyncckpt: draining DeepSpeed checkpoints at exit failed: %s", exc)
-
-
-at_shutdown(_drain_at_exit)  # before the engines' own drain, while thread pools take work

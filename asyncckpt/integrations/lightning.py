@@ -21,7 +21,6 @@ import logging
 import os
 import threading
 import uuid
-import weakref
 from typing import Any, Mapping
 
 import torch
@@ -37,12 +36,13 @@ from ..commit import DistContext
 from ..config import Config
 from ..durable import fsync_dir, remove_tree
 from ..engine import SaveEngine
-from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from ..errors import CheckpointError, CheckpointNotFoundError
 from ..format import MANIFEST
 from ..future import SaveFuture
 from ..loader import load, read_latest
 from ..state import flatten
-from ..threads import at_shutdown, started_pool
+from ..threads import started_pool
+from ._common import drain_at_exit, framework_config
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,7 @@ class AsyncCheckpointIO(CheckpointIO):
 
     def __init__(self, config: Config | Mapping | str | os.PathLike | None = None):
         super().__init__()
-        cfg = Config.coerce(config)
-        if cfg.keep_last:
-            raise ConfigError("config key 'keep_last' must be 0 with AsyncCheckpointIO: Lightning's "
-                              "ModelCheckpoint(save_top_k=...) decides which checkpoints are kept")
+        cfg = framework_config(config, "AsyncCheckpointIO", "Lightning's ModelCheckpoint(save_top_k=...)")
         self.config = dataclasses.replace(cfg, overwrite=True)
         self._init_runtime()
 
@@ -115,7 +112,7 @@ class AsyncCheckpointIO(CheckpointIO):
         if self._engine is None:
             # Lightning calls CheckpointIO on global rank 0 only: a one-rank engine, no collectives.
             self._engine = SaveEngine(self.config, DistContext())
-            _live.add(self)
+            drain_at_exit(self, "teardown")  # a save after the last teardown (trainer.save_checkpoint after fit)
         with self._lock:
             self._generation[key] = self._generation.get(key, 0) + 1
             self._pending = {p: f for p, f in self._pending.items() if not f.done()}
@@ -228,21 +225,6 @@ class AsyncCheckpointIO(CheckpointIO):
                 remover.shutdown(wait=True)
             self._removals = []
             self._pending = {}
-
-
-_live: "weakref.WeakSet[AsyncCheckpointIO]" = weakref.WeakSet()
-
-
-def _drain_at_exit() -> None:
-    """A save made after the last teardown (``trainer.save_checkpoint`` after ``fit``) is finished at exit."""
-    for plugin in list(_live):
-        try:
-            plugin.teardown()
-        except Exception as exc:  # noqa: BLE001 - at exit there is nobody left to raise to
-            log.error("asyncckpt: a Lightning checkpoint failed at exit: %s", exc)
-
-
-at_shutdown(_drain_at_exit)  # before the engines' own drain, while thread pools take work
 
 
 def _local_path(path: Any) -> str:

@@ -33,11 +33,12 @@ from ..checkpointer import rng_state, set_rng_state
 from ..config import Config
 from ..durable import exchange, fsync_dir, remove_tree, write_durable
 from ..engine import SaveEngine
-from ..errors import ConfigError, UnsupportedStateError
+from ..errors import UnsupportedStateError
 from ..format import MANIFEST
 from ..loader import load
 from ..state import flatten
 from ..threads import started_pool
+from ._common import framework_config
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +58,13 @@ class AsyncCheckpointMixin:
     ``save_total_limit`` is honoured after each checkpoint is complete (``keep_last`` must stay 0). A save
     that failed in the background is raised by the next save or at the end of ``train()``, which drains every
     checkpoint in flight. Supported: one process or DDP (every rank writes its share of the replicated state
-    and its own RNG state); DeepSpeed and FSDP runs are refused (use their own checkpointing)."""
+    and its own RNG state; ``train()`` returns on every rank once rank 0 has renamed the last checkpoint);
+    DeepSpeed and FSDP runs are refused (use their own checkpointing)."""
 
     def __init__(self, *args: Any, asyncckpt_config: Config | Mapping | str | os.PathLike | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        cfg = Config.coerce(asyncckpt_config)
-        if cfg.keep_last:
-            raise ConfigError("config key 'keep_last' must be 0 with the Trainer integration: use "
-                              "TrainingArguments(save_total_limit=...)")
-        self.asyncckpt_config = cfg
+        self.asyncckpt_config = framework_config(asyncckpt_config, "the Trainer integration",
+                                                 "TrainingArguments(save_total_limit=...)")
         self._ack_engine: SaveEngine | None = None
         self._ack_finalizer: concurrent.futures.ThreadPoolExecutor | None = None
         self._ack_finals: list[concurrent.futures.Future] = []
@@ -229,10 +228,13 @@ class AsyncCheckpointMixin:
         if checkpoint is None or not os.path.isdir(os.path.join(checkpoint, ASYNCCKPT_TAG)):
             return None
         if self._ack_loaded is None or self._ack_loaded[0] != checkpoint:
-            state = load(checkpoint, ASYNCCKPT_TAG, map_location="cpu", verify=self.asyncckpt_config.verify_on_load,
-                         allow_pickle=self.asyncckpt_config.allow_pickle)
-            self._ack_loaded = (checkpoint, state)
+            self._ack_loaded = (checkpoint, self._ack_read(checkpoint))
         return self._ack_loaded[1]
+
+    def _ack_read(self, checkpoint: str) -> Any:
+        """This rank's state of the asyncckpt checkpoint inside ``checkpoint`` (a ``checkpoint-N`` directory)."""
+        return load(checkpoint, ASYNCCKPT_TAG, map_location="cpu", verify=self.asyncckpt_config.verify_on_load,
+                    allow_pickle=self.asyncckpt_config.allow_pickle)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         state = self._ack_state(resume_from_checkpoint)
@@ -268,9 +270,7 @@ class AsyncCheckpointMixin:
         best = self.state.best_model_checkpoint
         if best is None or not os.path.isdir(os.path.join(best, ASYNCCKPT_TAG)):
             return super()._load_best_model()
-        state = load(best, ASYNCCKPT_TAG, map_location="cpu", verify=self.asyncckpt_config.verify_on_load,
-                     allow_pickle=self.asyncckpt_config.allow_pickle)
-        self.model.load_state_dict(state["model"])
+        self.model.load_state_dict(self._ack_read(best)["model"])
 
 
 class AsyncTrainer(AsyncCheckpointMixin, Trainer):
