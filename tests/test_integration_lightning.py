@@ -275,3 +275,20 @@ def test_ddp_two_ranks(tmp_path, fast_config):
     assert visible(ref_dir) == names + ["last.ckpt"] and hidden(ref_dir) == []
     assert asyncckpt.CheckpointReader(ref_dir, "last.ckpt").manifest["world_size"] == 1
     assert_same(run(str(tmp_path / "resumed"), ckpt_path=os.path.join(ref_dir, names[1])), ref)
+
+
+def test_config_reaches_the_engine_unchanged(tmp_path, fast_config):
+    """Every configuration key but `overwrite` (always on) reaches the plugin's engine as given, also through
+    the pickling of ddp_spawn: a key added to Config later (e.g. a snapshot mode) needs no plugin change to
+    travel."""
+    import dataclasses
+    import pickle
+
+    cfg = fast_config(max_inflight=3, on_busy="skip", commit_timeout_s=77, verify_on_load=False,
+                      allow_pickle=True, pin_memory="never", codec={"level": 5})
+    io = AsyncCheckpointIO(cfg)
+    want = dataclasses.replace(cfg, overwrite=True)
+    assert io.config == want and pickle.loads(pickle.dumps(io)).config == want
+    io.save_checkpoint({"w": torch.ones(2)}, str(tmp_path / "a.ckpt"))
+    assert io._engine.config is io.config
+    io.teardown()
