@@ -32,6 +32,7 @@ from .placement import DTensorInfo, copy_overlap, local_region, to_dtensor
 from .state import TAG, skeleton_tensor_refs, unflatten
 from .storage import Storage, is_url, marker, open_storage
 
+_FETCH_BATCH_BYTES = 256 << 20  # object stores: stored bytes fetched (and held) at once while loading
 MapLocation = Any  # None | str | torch.device | dict[str, str] | Callable[[str], str | torch.device]
 
 
@@ -483,12 +484,26 @@ class CheckpointReader:
                 os.close(fd)
 
     def _fetch_chunks(self, tasks: list, verify: bool) -> None:
-        """Object stores: every file's chunks in concurrent ranged reads (the storage batches them), then
-        checked and decoded as a local read would."""
+        """Object stores: the chunks in batches of at most _FETCH_BATCH_BYTES, each batch fetched with concurrent
+        ranged reads (one request per chunk, the storage runs them together), then checked and decoded in the
+        reader's threads as a local read would be. Memory beyond the tensors: one batch of stored bytes."""
+        self.bytes_read += sum(t[2].length for t in tasks)
+        batch: list = []
+        size = 0
+        for t in tasks:
+            if batch and size + t[2].length > _FETCH_BATCH_BYTES:
+                self._fetch_batch(batch, verify)
+                batch, size = [], 0
+            batch.append(t)
+            size += t[2].length
+        if batch:
+            self._fetch_batch(batch, verify)
+
+    def _fetch_batch(self, tasks: list, verify: bool) -> None:
         by_file: dict[str, list] = {}
         for t in tasks:
             by_file.setdefault(t[0].file, []).append(t)
-        self.bytes_read += sum(t[2].length for t in tasks)
+        fetched = []
         for name, part in by_file.items():
             path = self._file(name)
             try:
@@ -497,16 +512,28 @@ class CheckpointReader:
                 raise CorruptCheckpointError(f"{path}: data file is missing") from None
             except OSError as exc:
                 raise CorruptCheckpointError(f"{path}: cannot read ({exc})") from exc
-            for (rec, i, c, out), stored in zip(part, got):
-                where = f"{path} chunk {i} (bytes {c.offset}..{c.offset + c.length}) of tensor {rec.key!r}"
-                if len(stored) != c.length:
-                    raise CorruptCheckpointError(f"{where}: short read ({len(stored)} of {c.length} bytes)")
-                if c.codec == "raw":
-                    out[:] = np.frombuffer(stored, dtype=np.uint8)
-                    if verify and checksum(out) != c.xxh3:
-                        raise CorruptCheckpointError(f"{where}: checksum mismatch")
-                    continue
-                _decode_stored(c, stored, out, verify, where)
+            fetched += zip(part, got)
+
+        def one(item) -> None:
+            (rec, i, c, out), stored = item
+            where = f"{self._file(rec.file)} chunk {i} (bytes {c.offset}..{c.offset + c.length}) of tensor {rec.key!r}"
+            if len(stored) != c.length:
+                raise CorruptCheckpointError(f"{where}: short read ({len(stored)} of {c.length} bytes)")
+            if c.codec == "raw":
+                out[:] = np.frombuffer(stored, dtype=np.uint8)
+                if verify and checksum(out) != c.xxh3:
+                    raise CorruptCheckpointError(f"{where}: checksum mismatch")
+                return
+            _decode_stored(c, stored, out, verify, where)
+
+        workers = min(self.threads, len(fetched))
+        if workers <= 1:
+            for item in fetched:
+                one(item)
+            return
+        with concurrent.futures.ThreadPoolExecutor(workers, "asyncckpt-load") as pool:
+            for fut in [pool.submit(one, item) for item in fetched]:
+                fut.result()
 
     def _run_chunks(self, tasks: list, fds: dict[str, int], verify: bool) -> None:
         def one(task) -> None:

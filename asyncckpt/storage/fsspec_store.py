@@ -18,7 +18,6 @@ from .base import MARKER, as_os_error
 
 DEFAULT_BLOCK_BYTES = 64 << 20  # multipart part size (S3 allows 5 MiB .. 5 GiB per part, 10,000 parts)
 _S3_RETRIES = {"mode": "standard", "max_attempts": 10}
-_READ_BATCH_BYTES = 256 << 20  # ranged reads in flight at once, at most this many bytes
 
 
 def _missing(exc: BaseException) -> bool:
@@ -178,20 +177,10 @@ class FsspecStorage:
         return stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp or 0.0)
 
     def read_ranges(self, path: str, ranges: list[tuple[int, int]]) -> list[bytes]:
-        """The byte ranges (offset, length) of one object, fetched concurrently in batches of bounded size."""
-        out: list[bytes] = []
-        i = 0
-        while i < len(ranges):
-            j, batch = i, 0
-            while j < len(ranges) and (j == i or batch + ranges[j][1] <= _READ_BATCH_BYTES):
-                batch += ranges[j][1]
-                j += 1
-            part = ranges[i:j]
-            got = self._call("ranged read", path, self.fs.cat_ranges, [path] * len(part),
-                             [o for o, _ in part], [o + n for o, n in part], on_error="raise")
-            out.extend(got)
-            i = j
-        return out
+        """The byte ranges (offset, length) of one object, fetched concurrently (fsspec's ``cat_ranges``); the
+        caller bounds how many bytes one call asks for."""
+        return self._call("ranged read", path, self.fs.cat_ranges, [path] * len(ranges), [o for o, _ in ranges],
+                          [o + n for o, n in ranges], on_error="raise")
 
     def _call(self, op: str, path: str, fn, *args, **kwargs):
         try:
