@@ -153,3 +153,46 @@ def test_every_file_operation_of_a_save_goes_through_storage(tmp_path):
     assert any(p.endswith(".t1.deleting.partial") for p in removed)
     assert any(op == "exchange" or (op == "rename" and p.endswith(".t2.replaced.partial")) for op, p in faults.log
                if "t2" in p)
+
+
+# --------------------------------------------------------------------- the marker strategy, in memory
+def test_ranged_reads_return_each_range_whatever_their_order():
+    store = open_storage("memory://ranges")
+    data = bytes(range(256)) * 64
+    store.write_durable("memory://ranges/f", data)
+    ranges = [(4000, 96), (0, 10), (10, 20), (30, 0), (5000, 3000), (100, 1), (8000, 8384), (30, 70)]
+    assert [bytes(b) for b in store.read_ranges("memory://ranges/f", ranges)] == [data[o:o + n] for o, n in ranges]
+
+
+def test_marker_strategy_save_load_overwrite_keep_last_in_memory():
+    """The object-store protocol on fsspec's in-memory file system (no server): files are written in place,
+    the manifest (commit marker) last, then ``latest``; a tag without its marker is invisible and removed by
+    the next saver's first save; overwrite unpublishes first; keep_last removes whole tags."""
+    import fsspec
+
+    url = f"memory://run-{os.getpid()}-{id(object())}"
+    fs = fsspec.filesystem("memory")
+    cfg = {"keep_last": 2, "overwrite": True, "codec": {"chunk_mib": 1 / 16}}
+    with injected() as faults, asyncckpt.AsyncCheckpointer(torch.nn.Linear(100, 100), config=cfg) as saver:
+        for tag in ("a", "b", "b", "c"):
+            saver.save_checkpoint(url, tag=tag, client_state={"tag": tag}).result(WAIT_S)
+    assert asyncckpt.list_tags(url) == ["b", "c"]
+    assert asyncckpt.load(url)["client_state"] == {"tag": "c"}
+    ops = [(op, p[len(url) + 1:]) for op, p in faults.log if op != "read_bytes"]
+    c = ops.index(("write_durable", "c/manifest.json"))
+    assert ("write_durable", "c/rank00000.json") in ops[:c] and ops[c + 1] == ("replace_atomic", "latest")
+    assert not [op for op, _ in ops if op in ("rename", "exchange")]  # no rename anywhere
+    b_again = [i for i, o in enumerate(ops) if o == ("remove_file", "b/manifest.json")]
+    assert b_again and b_again[0] < ops.index(("write_durable", "b/manifest.json"), b_again[0])  # unpublished first
+    # an aborted save: files, no marker
+    fs.pipe(f"{url}/d/rank00000.json", b"{}")
+    fs.pipe(f"{url}/d/rank00000-0.bin", b"x")
+    fs.pipe(f"{url}/notes/readme.txt", b"not a checkpoint file: left alone")
+    assert asyncckpt.list_tags(url) == ["b", "c"]
+    with pytest.raises(asyncckpt.CheckpointNotFoundError, match="never completed"):
+        asyncckpt.load(url, "d")
+    with asyncckpt.AsyncCheckpointer(torch.nn.Linear(100, 100), config=cfg) as saver:
+        saver.save_checkpoint(url, tag="e").result(WAIT_S)
+    assert not fs.exists(f"{url}/d/rank00000.json") and fs.exists(f"{url}/notes/readme.txt")
+    assert asyncckpt.list_tags(url) == ["c", "e"]
+    assert asyncckpt.CheckpointReader(url).verify()["chunks"] > 0

@@ -18,6 +18,7 @@ from .base import MARKER, as_os_error
 
 DEFAULT_BLOCK_BYTES = 64 << 20  # multipart part size (S3 allows 5 MiB .. 5 GiB per part, 10,000 parts)
 _S3_RETRIES = {"mode": "standard", "max_attempts": 10}
+_MERGED_READ_BYTES = 16 << 20  # ranges that touch are fetched together, up to this many bytes per request
 
 
 def _missing(exc: BaseException) -> bool:
@@ -176,11 +177,27 @@ class FsspecStorage:
         stamp = info.get("LastModified") or info.get("mtime") or info.get("last_modified")
         return stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp or 0.0)
 
-    def read_ranges(self, path: str, ranges: list[tuple[int, int]]) -> list[bytes]:
-        """The byte ranges (offset, length) of one object, fetched concurrently (fsspec's ``cat_ranges``); the
-        caller bounds how many bytes one call asks for."""
-        return self._call("ranged read", path, self.fs.cat_ranges, [path] * len(ranges), [o for o, _ in ranges],
-                          [o + n for o, n in ranges], on_error="raise")
+    def read_ranges(self, path: str, ranges: list[tuple[int, int]]) -> list[bytes | memoryview]:
+        """The byte ranges (offset, length) of one object. Ranges that touch are merged into requests of up to
+        ``_MERGED_READ_BYTES`` (chunks of one file lie end to end: fewer, larger GETs), and the requests run
+        concurrently (fsspec's ``cat_ranges``); the caller bounds how many bytes one call asks for."""
+        order = sorted(range(len(ranges)), key=lambda i: ranges[i][0])
+        spans: list[list[int]] = []  # [start, end, first index in order, last index + 1]
+        for k, i in enumerate(order):
+            off, n = ranges[i]
+            if spans and off == spans[-1][1] and off + n - spans[-1][0] <= _MERGED_READ_BYTES:
+                spans[-1][1], spans[-1][3] = off + n, k + 1
+            else:
+                spans.append([off, off + n, k, k + 1])
+        got = self._call("ranged read", path, self.fs.cat_ranges, [path] * len(spans), [sp[0] for sp in spans],
+                         [sp[1] for sp in spans], on_error="raise")
+        out: list[bytes] = [b""] * len(ranges)
+        for (start, _, first, last), data in zip(spans, got):
+            view = memoryview(data)
+            for i in order[first:last]:
+                off, n = ranges[i]
+                out[i] = view[off - start: off - start + n]
+        return out
 
     def _call(self, op: str, path: str, fn, *args, **kwargs):
         try:
