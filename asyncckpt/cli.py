@@ -15,6 +15,10 @@ fault; ``inspect DIR`` and ``verify --all`` report every tag, then exit 1 if any
 
 Only the public reader API of :mod:`asyncckpt.loader` is used: what this prints is what a load would see.
 
+DIR may be an object-store URL (``s3://bucket/run``, docs/STORAGE.md): its options come from the environment
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...) and from ``--storage-option KEY=VALUE`` before the command
+(``asyncckpt --storage-option endpoint_url=http://127.0.0.1:9000 inspect s3://bucket/run``).
+
 ``inspect --json`` prints one JSON object; its fields are stable (new fields may be added, none removed or
 retyped). ``inspect DIR --json``::
 
@@ -56,7 +60,8 @@ from .errors import (CheckpointError, CheckpointNotFoundError, ConfigError, Corr
                      StateMismatchError, TagExistsError)
 from .export import DEFAULT_MAX_SHARD_SIZE, export, import_checkpoint
 from .format import LATEST, PARTIAL_SUFFIX, TensorRecord, dtype_name
-from .loader import CheckpointReader, list_tags, read_latest, refused_tags, split_path
+from .loader import CheckpointReader, list_tags, object_store, read_latest, refused_tags, split_path
+from .storage import is_url
 
 EXIT_OK, EXIT_CORRUPT, EXIT_USAGE = 0, 1, 2
 
@@ -70,8 +75,17 @@ class _Failure(Exception):
 
 
 # ------------------------------------------------------------------------------------------ locating
+def _storage() -> dict | None:
+    """The fsspec options given with ``--storage-option`` (None: the environment's configuration only)."""
+    ctx = click.get_current_context(silent=True)
+    return ctx.find_root().obj if ctx is not None else None
+
+
 def _is_save_dir(path: str) -> bool:
     """A directory asyncckpt saved into: it has ``latest``, a published tag or a partial directory."""
+    store = object_store(path, _storage())
+    if store is not None:
+        return store.exists(store.join(path, LATEST)) or bool(list_tags(path, storage=store))
     if not os.path.isdir(path):
         return False
     return (os.path.lexists(os.path.join(path, LATEST)) or bool(list_tags(path)) or bool(refused_tags(path))
@@ -79,7 +93,10 @@ def _is_save_dir(path: str) -> bool:
 
 
 def _partials(save_dir: str) -> list[str]:
-    """Partial directories left in ``save_dir`` (saves in progress or cut short; never read)."""
+    """Partial directories left in ``save_dir`` (saves in progress or cut short; never read). An object store
+    has none: an incomplete tag there is one without its commit marker, which no reader lists."""
+    if is_url(save_dir):
+        return []
     try:
         names = os.listdir(save_dir)
     except OSError:
@@ -91,13 +108,13 @@ def _partials(save_dir: str) -> list[str]:
 def _locate(path: str) -> tuple[str, str | None]:
     """``DIR`` or ``DIR/TAG`` → (save_dir, tag or None). ``DIR/TAG`` of a tag that does not exist (or is
     incomplete) still resolves to (DIR, TAG), so that the reader's error lists the tags that do exist."""
-    save_dir, tag = split_path(path)
+    save_dir, tag = split_path(path, storage=_storage())
     if tag is None and not _is_save_dir(save_dir):
         parent, name = os.path.split(save_dir)
         parent = parent or "."
         if name and _is_save_dir(parent):
             return parent, name
-        if not os.path.exists(save_dir):
+        if is_url(save_dir) or not os.path.exists(save_dir):
             raise _Failure(EXIT_USAGE, f"{path}: no such file or directory")
         raise _Failure(EXIT_USAGE, f"{path}: not an asyncckpt checkpoint directory (no '{LATEST}' file, no published tags)")
     return save_dir, tag
@@ -106,7 +123,7 @@ def _locate(path: str) -> tuple[str, str | None]:
 def _open(save_dir: str, tag: str | None) -> CheckpointReader:
     """A reader, or a failure with the right exit status: 2 when the tag does not exist, 1 when it is corrupt."""
     try:
-        return CheckpointReader(save_dir, tag)
+        return CheckpointReader(save_dir, tag, storage=_storage())
     except CheckpointNotFoundError as exc:
         raise _Failure(EXIT_USAGE, str(exc)) from None
     except CorruptCheckpointError as exc:
@@ -120,7 +137,7 @@ def _open(save_dir: str, tag: str | None) -> CheckpointReader:
 def _latest_or_none(save_dir: str) -> tuple[str | None, str]:
     """(tag named by ``latest``, problem with ``latest`` or "")."""
     try:
-        return read_latest(save_dir), ""
+        return read_latest(save_dir, storage=_storage()), ""
     except CheckpointError as exc:
         return None, str(exc)
 
@@ -218,10 +235,10 @@ def describe_dir(save_dir: str) -> dict[str, Any]:
     entries refused as tags (symlinked tag directories, ...) are listed with ``refused`` and the reason."""
     latest, latest_error = _latest_or_none(save_dir)
     tags = []
-    for tag in list_tags(save_dir):
+    for tag in list_tags(save_dir, storage=_storage()):
         entry: dict[str, Any] = {"tag": tag, "latest": tag == latest}
         try:
-            reader = CheckpointReader(save_dir, tag)
+            reader = CheckpointReader(save_dir, tag, storage=_storage())
         except Exception as exc:  # noqa: BLE001 - one unreadable tag must not hide the others
             entry["error"] = _error_text(exc)
         else:
@@ -230,7 +247,7 @@ def describe_dir(save_dir: str) -> dict[str, Any]:
                          created_unix=m.get("created_unix"), raw_bytes=reader.raw_bytes,
                          stored_bytes=reader.stored_bytes, ratio=_ratio(reader.raw_bytes, reader.stored_bytes))
         tags.append(entry)
-    for name, why in refused_tags(save_dir).items():
+    for name, why in refused_tags(save_dir, storage=_storage()).items():
         tags.append({"tag": name, "latest": name == latest, "refused": True, "error": why})
     out: dict[str, Any] = {"save_dir": save_dir, "latest": latest, "tags": tags, "partial": _partials(save_dir)}
     if latest_error:
@@ -376,10 +393,28 @@ def _watch_reads(reader: CheckpointReader, enabled: bool):
 # ------------------------------------------------------------------------------------------ commands
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="asyncckpt")
-def main() -> None:
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+              help="An option of the object store's fsspec file system (s3fs: endpoint_url, key, secret, ...), "
+                   "for DIR given as a URL; repeatable. VALUE is read as YAML (true, 5, text).")
+@click.pass_context
+def main(ctx: click.Context, storage_options: tuple[str, ...]) -> None:
     """Inspect, verify, export and import asyncckpt checkpoints.
 
     Exit status: 0 good, 1 corrupt checkpoint, 2 usage error or checkpoint not found."""
+    ctx.obj = _parse_storage_options(storage_options) or None
+
+
+def _parse_storage_options(items: tuple[str, ...]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE with KEY an option name",
+                                     param_hint="--storage-option")
+        out[key] = yaml.safe_load(value) if value else ""
+    return out
 
 
 def _run(fn) -> None:
@@ -456,7 +491,7 @@ def verify_cmd(path: str, all_tags: bool, progress: bool | None) -> None:
             return
         if tag is not None:
             raise _Failure(EXIT_USAGE, f"--all verifies every tag of a directory; pass DIR, not {path}")
-        tags, refused = list_tags(save_dir), refused_tags(save_dir)
+        tags, refused = list_tags(save_dir, storage=_storage()), refused_tags(save_dir, storage=_storage())
         if not tags and not refused:
             raise _Failure(EXIT_USAGE, f"{save_dir}: no published checkpoints")
         failed = 0

@@ -39,12 +39,11 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch.distributed as dist
 
 from . import __version__
-from .durable import LockFile, exchange, fsync_dir, remove_tree, replace_atomic, write_durable
 from .errors import CheckpointError, CommitError, CommitTimeoutError
 from .format import FORMAT_NAME, FORMAT_VERSION, LATEST, MANIFEST, partial_dir_name, seal
 from .agreement import created, rank_ranges, read_manifest, spec_mismatches
@@ -52,6 +51,8 @@ from .io_types import RankOutcome
 from .nodes import check_nodes, other_nodes_here, remove_probe, this_node, write_probe
 from .loader import list_tags, read_latest
 from .ownership import DELETING_SUFFIX, REPLACED_SUFFIX, claim, clean
+from .durable import LockFile
+from .storage import MARKER, Storage, marker, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +133,9 @@ class PublishInfo:
 class CommitCoordinator:
     def __init__(self, ctx: DistContext, *, tag_validation: str = "fail", node_local: bool = False,
                  overwrite: bool = False, fsync: bool = True, keep_last: int = 0, timeout_s: float = 600.0,
-                 save_deadline_s: float = 0.0):
+                 save_deadline_s: float = 0.0, storage_for: Callable[[str], Storage] = open_storage):
         self.ctx = ctx
+        self.storage_for = storage_for  # the storage of a save directory (storage/__init__.py)
         self.tag_validation = tag_validation
         self.node_local = node_local
         self.overwrite = overwrite
@@ -143,7 +145,7 @@ class CommitCoordinator:
         self.save_deadline_s = save_deadline_s  # 0: none
         self._cleaned: set[str] = set()
         self._probed: set[str] = set()  # save directories checked for being shared between nodes
-        self._claims: dict[str, LockFile] = {}  # partial directories this process is writing, and their locks
+        self._claims: dict[str, LockFile | None] = {}  # None: a marker-strategy tag (no lock)  # partial directories this process is writing, and their locks
         self._broken: str = ""  # set once a collective failed: the group can no longer be trusted
 
     @property
@@ -184,9 +186,10 @@ class CommitCoordinator:
         use and the save id (rank 0's nonce), or None when some rank could not stage this save (on_busy skip)
         so that every rank skips it. ``status`` is this rank's: "" (staged), BUSY, or the error that stopped it.
         ``spec`` is what every rank must agree on besides the tag (see :func:`agreement.spec_mismatches`)."""
+        st = self.storage_for(save_dir)
         probe = self._probe(save_dir)
         try:
-            infos = self.gather((tag, os.path.abspath(save_dir), status, uuid.uuid4().hex, spec), "tag validation")
+            infos = self.gather((tag, st.abspath(save_dir), status, uuid.uuid4().hex, spec), "tag validation")
         except BaseException:
             remove_probe(probe)
             raise
@@ -223,9 +226,9 @@ class CommitCoordinator:
                 try:
                     self._make_partial(save_dir, tag)
                 except OSError as exc:
-                    status = f"cannot create {os.path.join(save_dir, partial_dir_name(tag))}: {exc}"
+                    status = f"cannot create {st.staging_dir(save_dir, tag)}: {exc}"
                     local_error = exc
-        partial = os.path.join(save_dir, partial_dir_name(tag))
+        partial = st.staging_dir(save_dir, tag)
         try:
             statuses = self.gather((self.ctx.rank, status), "prepare")
         except BaseException:
@@ -252,21 +255,28 @@ class CommitCoordinator:
 
     def _make_partial(self, save_dir: str, tag: str) -> None:
         """Take the lock of ``.<tag>.partial``, clean up what earlier saves provably abandoned (once per
-        ``save_dir``), create the partial directory. The lock is held until :meth:`commit` is done."""
-        os.makedirs(save_dir, exist_ok=True)
+        ``save_dir``), create the partial directory. The lock is held until :meth:`commit` is done. With the
+        marker strategy: make ``<tag>/`` ready (:func:`storage.marker.begin`); there are no locks."""
+        st = self.storage_for(save_dir)
+        first = save_dir not in self._cleaned
+        self._cleaned.add(save_dir)
+        if st.strategy == MARKER:
+            marker.begin(st, save_dir, tag, self.overwrite, clean_first=first)
+            self._claims[st.staging_dir(save_dir, tag)] = None
+            return
+        st.makedirs(save_dir)
         name = partial_dir_name(tag)
         partial = os.path.join(save_dir, name)
-        lock = claim(save_dir, name, "save")
+        lock = claim(st, save_dir, name, "save")
         try:
-            if save_dir not in self._cleaned:
-                self._cleaned.add(save_dir)
-                clean(save_dir, own=name, remove_tree=remove_tree)  # commit's remover: one place to observe removals
-            if os.path.lexists(partial):  # its owner is gone: we could take its lock
+            if first:
+                clean(st, save_dir, own=name)
+            if st.exists(partial):  # its owner is gone: we could take its lock
                 log.warning("removing leftover partial checkpoint %s (an earlier save did not finish)", partial)
-                remove_tree(partial)
-            os.makedirs(partial)
+                st.remove_tree(partial)
+            st.makedirs(partial)
         except BaseException:
-            lock.release(unlink=not os.path.lexists(partial))
+            lock.release(unlink=not st.exists(partial))
             raise
         self._claims[partial] = lock
 
@@ -275,12 +285,12 @@ class CommitCoordinator:
         directory; a directory still there stays behind with a free lock, for the next cleanup to remove."""
         lock = self._claims.pop(partial, None)
         if lock is not None:
-            lock.release(unlink=not os.path.lexists(partial))
+            lock.release(unlink=not os.path.lexists(partial))  # a lock exists on POSIX storage only
 
     def _abandon(self, partial: str) -> None:
         """A save this process started is given up before any rank wrote into it: remove it, release it."""
         if partial in self._claims:
-            _remove_quietly(partial)
+            _remove_quietly(self.storage_for(partial), partial)
             self._release(partial)
 
     # ----------------------------------------------------------------------------------------- commit
@@ -293,7 +303,7 @@ class CommitCoordinator:
             return self._commit(save_dir, tag, outcome, save_latest, {**manifest_extra, "save_id": save_id},
                                 started)
         finally:
-            self._release(os.path.join(save_dir, partial_dir_name(tag)))
+            self._release(self.storage_for(save_dir).staging_dir(save_dir, tag))
 
     def _commit(self, save_dir: str, tag: str, outcome: RankOutcome, save_latest: bool,
                 manifest_extra: dict, started: float | None) -> PublishInfo:
@@ -310,11 +320,12 @@ class CommitCoordinator:
                 if o.replicated_fp != outcomes[0].replicated_fp:
                     failures.setdefault(o.rank, "its replicated state (keys and sizes) differs from rank 0's; "
                                                 "every rank must hold the same replicated tensors")
-        partial = os.path.join(save_dir, partial_dir_name(tag))
+        st = self.storage_for(save_dir)
+        partial = st.staging_dir(save_dir, tag)
         t1 = time.perf_counter()
         if failures:
             if self.is_publisher:
-                _remove_quietly(partial)
+                _remove_quietly(st, partial)
             raise CommitError(_describe(f"checkpoint {tag!r} was not published (the previous checkpoint is intact)",
                                         failures), failures)
         two_phase = self.node_local and save_latest  # every node's tag directory first, then every latest
@@ -337,7 +348,7 @@ class CommitCoordinator:
         if failures:
             raise CommitError(_describe(_publication_text(tag, states, save_latest), failures),
                               failures) from mine.exc
-        return PublishInfo(os.path.join(save_dir, tag), tag, sum(o.bytes_written for o in outcomes), phases)
+        return PublishInfo(st.join(save_dir, tag), tag, sum(o.bytes_written for o in outcomes), phases)
 
     def _check_deadline(self, save_dir: str, tag: str, elapsed: list[float]) -> None:
         """``save_deadline_s``: every rank sees every rank's elapsed time, so every rank takes the same verdict
@@ -346,7 +357,8 @@ class CommitCoordinator:
         if not self.save_deadline_s or elapsed[slowest] <= self.save_deadline_s:
             return
         if self.is_publisher:
-            _remove_quietly(os.path.join(save_dir, partial_dir_name(tag)))
+            st = self.storage_for(save_dir)
+            _remove_quietly(st, st.staging_dir(save_dir, tag))
         why = f"{elapsed[slowest]:.3g}s since its save call, more than save_deadline_s={self.save_deadline_s:g}s"
         raise CommitTimeoutError(f"checkpoint {tag!r} was not published (the previous checkpoint is intact): rank "
                                  f"{slowest} (the slowest) took {why}; every rank gives this save up, and later "
@@ -373,14 +385,14 @@ class CommitCoordinator:
         return min(r for r in range(self.ctx.world_size) if self.ctx.nodes[r] == self.ctx.nodes[rank])
 
     def _locked(self, save_dir: str, step, *args) -> None:
-        with save_dir_lock(save_dir, self.timeout_s):
+        with self._dir_lock(save_dir):
             step(*args)
 
     def _publish(self, save_dir: str, tag: str, outcomes: list[RankOutcome], save_latest: bool, with_latest: bool,
                  extra: dict, state: "_Publication") -> None:
         """Put the tag directory in place and, ``with_latest``, point ``latest`` at it: one step under the
         directory's lock, so that keep_last never removes a tag in between."""
-        with save_dir_lock(save_dir, self.timeout_s):
+        with self._dir_lock(save_dir):
             self._publish_dir(save_dir, tag, outcomes, save_latest, extra, state)
             if state.published and with_latest:
                 self._publish_latest(save_dir, tag, state)
@@ -388,9 +400,10 @@ class CommitCoordinator:
     def _publish_dir(self, save_dir: str, tag: str, outcomes: list[RankOutcome], save_latest: bool, extra: dict,
                      state: "_Publication") -> None:
         """Write the manifest and put the tag directory in place (replacing an older one of that name when
-        allowed); ``latest`` is not touched."""
-        partial = os.path.join(save_dir, partial_dir_name(tag))
-        final = os.path.join(save_dir, tag)
+        allowed); ``latest`` is not touched. With the marker strategy the manifest is the commit marker."""
+        st = self.storage_for(save_dir)
+        partial = st.staging_dir(save_dir, tag)
+        final = st.join(save_dir, tag)
         mine = set(self.publisher_ranks(outcomes))
         manifest = {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "library_version": __version__,
@@ -402,44 +415,53 @@ class CommitCoordinator:
         }
         if self.node_local:
             manifest["ranks_present"] = sorted(mine)
+        if st.strategy == MARKER:
+            try:
+                marker.publish(st, save_dir, tag, seal(manifest))
+                state.published = True
+            finally:
+                if not state.published:
+                    _remove_quietly(st, partial)
+            return
         try:
-            write_durable(os.path.join(partial, MANIFEST), seal(manifest), self.fsync)
+            st.write_durable(os.path.join(partial, MANIFEST), seal(manifest), self.fsync)
             if self.fsync:
-                fsync_dir(partial)
+                st.fsync_dir(partial)
             old = old_lock = None
-            if os.path.lexists(final):
+            if st.exists(final):
                 if not self.overwrite and not orphan_reason(save_dir, tag):
                     raise FileExistsError(f"tag {tag!r} already exists in {save_dir} (set overwrite: true to replace it)")
-                if exchange(partial, final):  # one atomic step: `final` is never missing, even in a crash
+                if st.exchange(partial, final):  # one atomic step: `final` is never missing, even in a crash
                     old = partial
                 else:  # two renames; a crash between them is repaired by the next save (see ownership.clean)
                     old = os.path.join(save_dir, f".{tag}{REPLACED_SUFFIX}")
-                    old_lock = claim(save_dir, os.path.basename(old), "replaced")
+                    old_lock = claim(st, save_dir, os.path.basename(old), "replaced")
                     try:
-                        os.rename(final, old)
+                        st.rename(final, old)
                     except BaseException:
                         old_lock.release(unlink=True)
                         raise
             try:
                 if old != partial:
-                    os.rename(partial, final)
+                    st.rename(partial, final)
                 state.published, state.replaced = True, old is not None
                 if self.fsync:
-                    fsync_dir(save_dir)
+                    st.fsync_dir(save_dir)
                 if old is not None:
-                    remove_tree(old)
+                    st.remove_tree(old)
             finally:
                 if old_lock is not None:
-                    old_lock.release(unlink=not os.path.lexists(old))
+                    old_lock.release(unlink=not st.exists(old))
         finally:
             if not state.published:
-                _remove_quietly(partial)
+                _remove_quietly(st, partial)
 
     def _publish_latest(self, save_dir: str, tag: str, state: "_Publication") -> None:
         """Point ``latest`` at the published tag; when that fails, withdraw the tag (unless it replaced an older
         one of that name, which is gone)."""
         try:
-            replace_atomic(os.path.join(save_dir, LATEST), (tag + "\n").encode(), self.fsync)
+            st = self.storage_for(save_dir)
+            st.replace_atomic(st.join(save_dir, LATEST), (tag + "\n").encode(), self.fsync)
         except OSError:
             if not state.replaced:
                 self._withdraw(save_dir, tag, state)
@@ -449,14 +471,18 @@ class CommitCoordinator:
     def _withdraw(self, save_dir: str, tag: str, state: "_Publication") -> None:
         """Take a tag this save published back out (another node, or ``latest``, failed), so that no tag is
         left that ``latest`` never named."""
-        partial = os.path.join(save_dir, partial_dir_name(tag))
+        st = self.storage_for(save_dir)
+        partial = st.staging_dir(save_dir, tag)
         try:
-            os.rename(os.path.join(save_dir, tag), partial)
+            if st.strategy == MARKER:
+                st.remove_file(marker.marker_path(st, save_dir, tag))
+            else:
+                st.rename(os.path.join(save_dir, tag), partial)
         except OSError as exc:
-            log.warning("could not withdraw %s: %s", os.path.join(save_dir, tag), exc)
+            log.warning("could not withdraw %s: %s", st.join(save_dir, tag), exc)
             return
         state.published = False
-        _remove_quietly(partial)
+        _remove_quietly(st, partial)
 
     def retain(self, save_dir: str, tag: str) -> None:
         """``keep_last``: after ``tag`` was published, remove every published tag of ``save_dir`` but the newest
@@ -464,29 +490,34 @@ class CommitCoordinator:
         one ``latest`` names and never one whose manifest cannot be read. Each removal holds the directory's
         lock (:func:`save_dir_lock`), so that it never interleaves with a publish. Runs after the save's future
         resolved: deleting gigabytes is not part of making the new checkpoint durable. Failures are logged,
-        never raised."""
+        never raised. With the marker strategy (no locks: retention runs only in the one publisher) a tag is
+        removed by deleting its marker first (:func:`storage.marker.retire`)."""
         if not self.is_publisher or not self.keep_last:
             return
+        st = self.storage_for(save_dir)
         try:
-            ages = self._ages(save_dir)
+            ages = self._ages(st, save_dir)
         except CheckpointError as exc:
             log.warning("keep_last: not removing anything this time: %s", exc)
             return
         newest = sorted(ages, key=lambda t: (ages[t], t), reverse=True)
         for old in newest[self.keep_last:]:
+            if st.strategy == MARKER:
+                self._retire_marked(st, save_dir, old, ages[old])
+                continue
             doomed = os.path.join(save_dir, f".{old}{DELETING_SUFFIX}")
             lock = None
             try:
-                lock = claim(save_dir, os.path.basename(doomed), "deleting")
-                with save_dir_lock(save_dir, self.timeout_s):
+                lock = claim(st, save_dir, os.path.basename(doomed), "deleting")
+                with self._dir_lock(save_dir):
                     # under the lock, through the reader's checks: a FIFO, symlink or damaged `latest` must not
                     # steer deletion, and a tag published again since the listing is not the old one any more
                     if read_latest(save_dir) == old or created(read_manifest(save_dir, old)[0]) != ages[old]:
                         continue
-                    os.rename(os.path.join(save_dir, old), doomed)  # the tag disappears atomically...
+                    st.rename(os.path.join(save_dir, old), doomed)  # the tag disappears atomically...
                     if self.fsync:
-                        fsync_dir(save_dir)
-                remove_tree(doomed)  # ...and its bytes afterwards, without holding up a publish
+                        st.fsync_dir(save_dir)
+                st.remove_tree(doomed)  # ...and its bytes afterwards, without holding up a publish
                 log.info("keep_last=%d: removed checkpoint %s", self.keep_last, os.path.join(save_dir, old))
             except CheckpointError as exc:
                 log.warning("keep_last: not removing anything more this time: %s", exc)
@@ -495,19 +526,36 @@ class CommitCoordinator:
                 log.warning("keep_last: could not remove %s: %s", os.path.join(save_dir, old), exc)
             finally:
                 if lock is not None:
-                    lock.release(unlink=not os.path.lexists(doomed))
+                    lock.release(unlink=not st.exists(doomed))
 
-    def _ages(self, save_dir: str) -> dict[str, float]:
+    def _retire_marked(self, st: Storage, save_dir: str, old: str, age: float) -> None:
+        """keep_last on the marker strategy: remove ``old`` unless ``latest`` names it or it was published again."""
+        try:
+            if read_latest(save_dir, storage=st) == old or marker.created(st, save_dir, old) != age:
+                return
+            marker.retire(st, save_dir, old)
+            log.info("keep_last=%d: removed checkpoint %s", self.keep_last, st.join(save_dir, old))
+        except (CheckpointError, OSError) as exc:
+            log.warning("keep_last: could not remove %s: %s", st.join(save_dir, old), exc)
+
+    def _ages(self, st: Storage, save_dir: str) -> dict[str, float]:
         """The creation time of every published tag of ``save_dir`` whose manifest is readable (the others are
         logged and never removed). CheckpointError when ``latest`` cannot be trusted."""
-        read_latest(save_dir)
+        read_latest(save_dir, storage=st)
         ages: dict[str, float] = {}
-        for name in list_tags(save_dir):
+        for name in list_tags(save_dir, storage=st):
             try:
-                ages[name] = created(read_manifest(save_dir, name)[0])
+                ages[name] = (marker.created(st, save_dir, name) if st.strategy == MARKER else
+                              created(read_manifest(save_dir, name)[0]))
             except CheckpointError as exc:
-                log.warning("keep_last: keeping %s, its manifest cannot be read: %s", os.path.join(save_dir, name), exc)
+                log.warning("keep_last: keeping %s, its manifest cannot be read: %s", st.join(save_dir, name), exc)
         return ages
+
+    def _dir_lock(self, save_dir: str):
+        """:func:`save_dir_lock` on POSIX storage; nothing on an object store (one publisher, no locks)."""
+        if not self.storage_for(save_dir).local:
+            return contextlib.nullcontext()
+        return save_dir_lock(save_dir, self.timeout_s)
 
     def close(self) -> None:
         for partial in list(self._claims):
@@ -609,8 +657,8 @@ def _describe(head: str, failures: dict[int, str]) -> str:
     return "\n".join(lines)
 
 
-def _remove_quietly(path: str) -> None:
+def _remove_quietly(st: Storage, path: str) -> None:
     try:
-        remove_tree(path)
+        st.remove_tree(path)
     except OSError as exc:
         log.warning("could not remove partial checkpoint %s: %s", path, exc)

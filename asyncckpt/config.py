@@ -92,6 +92,29 @@ class WriterConfig(_Section):
 
 
 @dataclass(frozen=True)
+class StorageConfig(_Section):
+    """Where a save directory given as a URL (``s3://bucket/run``) is stored (docs/STORAGE.md). A local path
+    ignores this group."""
+
+    _key: ClassVar[str] = "storage"
+    options: dict = field(default_factory=dict, hash=False)  # fsspec options (s3fs: endpoint_url, key,
+    #                                              secret, client_kwargs, config_kwargs, ...), passed as given
+    block_mib: float = 64.0  # multipart upload part size (S3 allows 5..5120 MiB)
+
+    def validate(self) -> None:
+        for key in self.options:
+            _check(isinstance(key, str) and key.isidentifier(), "storage.options", key,
+                   "option names that are identifiers (keyword arguments of the fsspec file system)")
+        _check("block_size" not in self.options, "storage.options.block_size", self.options.get("block_size"),
+               "no block_size here: set storage.block_mib")
+        _check(5 <= self.block_mib <= 5120, "storage.block_mib", self.block_mib, "a number in 5..5120")
+
+    def fsspec_options(self) -> dict[str, Any]:
+        """What :func:`asyncckpt.storage.open_storage` takes: the options and the part size."""
+        return {**self.options, "block_size": int(self.block_mib * (1 << 20))}
+
+
+@dataclass(frozen=True)
 class Config(_Section):
     """The whole configuration. Every field is a YAML key of the same name."""
 
@@ -109,6 +132,7 @@ class Config(_Section):
     use_node_local_storage: bool = False  # each node's local rank 0 publishes that node's copy
     codec: CodecConfig = field(default_factory=CodecConfig)
     writer: WriterConfig = field(default_factory=WriterConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def validate(self) -> None:
         """Range checks of the top-level keys (the sections checked their own when they were built)."""
@@ -241,6 +265,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if isinstance(value, str):
             return value
         raise bad("a string")
+    if hint is dict:
+        if isinstance(value, Mapping):
+            return dict(value)
+        raise bad("a mapping")
     raise bad(str(hint))  # pragma: no cover - every field has one of the types above
 
 

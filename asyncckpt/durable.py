@@ -3,6 +3,9 @@
 A file's data is durable after ``fsync(file)``; its *name* is durable only after ``fsync`` of the directory
 that holds it. ``rename`` within one file system is atomic: a reader sees the old name or the new one,
 never a half-written file.
+
+These are the primitives of :class:`asyncckpt.storage.PosixStorage`; the save pipeline reaches them only
+through its storage object (docs/STORAGE.md), so that a wrapper sees every step.
 """
 from __future__ import annotations
 

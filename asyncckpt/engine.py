@@ -27,11 +27,12 @@ from .commit import CommitCoordinator, DistContext, orphan_reason
 from .config import Config
 from .commit import BUSY
 from .errors import CheckpointError, ConfigError, TagExistsError, WriteError
-from .format import partial_dir_name, validate_tag
+from .format import MANIFEST, validate_tag
 from .future import SaveFuture, raise_first_unobserved
 from .io_types import FlatState, RankOutcome, SaveJob, SaveResult
 from .placement import assign_replicated, fingerprint
 from .staging import StagingPool, ready_now
+from .storage import MARKER, Storage, is_url, open_storage
 from .writer import WriterPool, lower_thread_priority
 from .threads import at_shutdown, started_pool
 
@@ -64,7 +65,7 @@ class SaveEngine:
         self.coordinator = CommitCoordinator(
             self.ctx, tag_validation=config.tag_validation, node_local=config.use_node_local_storage,
             overwrite=config.overwrite, fsync=w.fsync, keep_last=config.keep_last, timeout_s=config.commit_timeout_s,
-            save_deadline_s=config.save_deadline_s)
+            save_deadline_s=config.save_deadline_s, storage_for=self.storage_for)
         lower = (lambda: lower_thread_priority(w.nice, w.ionice_idle))
         self._commit_thread = started_pool(1, "asyncckpt-commit", initializer=lower)
         self._retain_thread = started_pool(1, "asyncckpt-retain", initializer=lower)
@@ -93,11 +94,12 @@ class SaveEngine:
         t0 = time.perf_counter() if t0 is None else t0
         if self._closed:
             raise CheckpointError("this saver is closed")
-        save_dir = os.path.abspath(os.fspath(save_dir))
+        save_dir = os.fspath(save_dir)
+        save_dir = self.storage_for(save_dir).abspath(save_dir)
         try:
             self.raise_unobserved()
             tag = validate_tag(tag)
-            if not self.config.overwrite and os.path.lexists(os.path.join(save_dir, tag)) and not self._orphan(save_dir, tag):
+            if not self.config.overwrite and self._exists(save_dir, tag):
                 raise TagExistsError(f"checkpoint tag {tag!r} already exists in {save_dir}; choose another tag or "
                                      "set overwrite: true")
             flat = flat() if callable(flat) else flat
@@ -151,9 +153,25 @@ class SaveEngine:
         none (its status already skips or fails the save)."""
         if job.slot is None:
             return None
-        return {"sequence": job.seq, "save_dir": os.path.realpath(job.save_dir), "save_latest": job.save_latest,
+        save_dir = job.save_dir if is_url(job.save_dir) else os.path.realpath(job.save_dir)
+        return {"sequence": job.seq, "save_dir": save_dir, "save_latest": job.save_latest,
                 "overwrite": self.config.overwrite, "keep_last": self.config.keep_last,
                 "codec": repr(self.config.codec), **{f"manifest {k}": v for k, v in job.meta.items()}}
+
+    def storage_for(self, save_dir: str) -> Storage:
+        """The storage of ``save_dir`` (by its URL scheme; the config's ``storage`` group for object stores)."""
+        st = open_storage(save_dir, self.config.storage.fsspec_options())
+        if not st.local and self.config.use_node_local_storage:
+            raise ConfigError(f"config key 'use_node_local_storage': true needs a local save_dir, not {save_dir!r} "
+                              "(an object store is one shared place)")
+        return st
+
+    def _exists(self, save_dir: str, tag: str) -> bool:
+        """``tag`` is published in ``save_dir`` (POSIX: unless it is an orphan a replayed run replaces)."""
+        st = self.storage_for(save_dir)
+        if st.strategy == MARKER:
+            return st.exists(st.join(save_dir, tag, MANIFEST))
+        return os.path.lexists(os.path.join(save_dir, tag)) and not self._orphan(save_dir, tag)
 
     def _orphan(self, save_dir: str, tag: str) -> bool:
         reason = orphan_reason(save_dir, tag)
@@ -285,11 +303,11 @@ class SaveEngine:
         if prepared is None:  # some rank had no free slot (on_busy=skip): every rank skips this save
             return self._skipped(job.tag)
         tag = prepared.tag
-        partial = os.path.join(job.save_dir, partial_dir_name(tag))
+        st = self.storage_for(job.save_dir)
         t = time.perf_counter()
         try:
-            files = await self.writer.write_rank(directory=partial, rank=ctx.rank, flat=job.flat, slot=job.slot,
-                                                 skeleton=job.flat.skeleton)
+            files = await self.writer.write_rank(directory=st.staging_dir(job.save_dir, tag), rank=ctx.rank,
+                                                 flat=job.flat, slot=job.slot, skeleton=job.flat.skeleton, storage=st)
             outcome = RankOutcome(ctx.rank, True, index_name=files.index_name, index_xxh3=files.index_xxh3,
                                   bytes_written=files.bytes_written, node=ctx.node, replicated_fp=job.replicated_fp)
             write_error = None

@@ -3,6 +3,11 @@ decode only the tensors that are needed, verify checksums, rebuild the nested st
 
 Raw chunks are read straight into the destination tensor (``preadv``), compressed chunks are decoded in a
 thread pool; both release the GIL, so loading uses every core.
+
+A save directory given as a URL (``s3://bucket/run``) is read through its storage object
+(:mod:`asyncckpt.storage`): only tags with a commit marker (their manifest) exist there, and chunks are
+fetched with concurrent ranged reads. The functions here take ``storage``: a Storage, the fsspec options of
+one (a mapping), or None (local paths; URLs then use the environment's configuration, e.g. AWS_* variables).
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import math
 import os
 import stat
 import threading
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -25,25 +30,43 @@ from .format import (DTYPE_NAMES, LATEST, MANIFEST, MAX_JSON_BYTES, MAX_LATEST_B
                      partial_dir_name, validate_tag)
 from .placement import DTensorInfo, copy_overlap, local_region, to_dtensor
 from .state import TAG, skeleton_tensor_refs, unflatten
+from .storage import Storage, is_url, marker, open_storage
 
+_FETCH_BATCH_BYTES = 256 << 20  # object stores: stored bytes fetched (and held) at once while loading
 MapLocation = Any  # None | str | torch.device | dict[str, str] | Callable[[str], str | torch.device]
 
 
-def list_tags(save_dir: str) -> list[str]:
+def object_store(path: str, storage: Storage | Mapping | None = None) -> Storage | None:
+    """The object store ``path`` lives in (None for a local path): ``storage`` when it is one, else the one
+    its URL names (``storage`` a mapping: its fsspec options)."""
+    if storage is not None and not isinstance(storage, Mapping):
+        return None if storage.local else storage
+    if not is_url(os.fspath(path)):
+        return None
+    return open_storage(os.fspath(path), dict(storage) if storage is not None else None)
+
+
+def list_tags(save_dir: str, *, storage: Storage | Mapping | None = None) -> list[str]:
     """Published tags in ``save_dir``, oldest first: real directories (not symlinks) with a valid tag name that
-    hold a regular ``manifest.json``. Entries that would pass for a tag but are refused are in
-    :func:`refused_tags`."""
-    return _scan_save_dir(save_dir)[0]
+    hold a regular ``manifest.json`` (in an object store: prefixes holding their commit marker). Entries that
+    would pass for a tag but are refused are in :func:`refused_tags`."""
+    return _scan_save_dir(save_dir, storage)[0]
 
 
-def refused_tags(save_dir: str) -> dict[str, str]:
+def refused_tags(save_dir: str, *, storage: Storage | Mapping | None = None) -> dict[str, str]:
     """Entries of ``save_dir`` that look like published tags but that no reader will load, with the reason: a
     symlink to a directory holding a manifest, a directory whose manifest is not a regular file, a directory
     with a manifest but a name that is not a valid tag."""
-    return _scan_save_dir(save_dir)[1]
+    return _scan_save_dir(save_dir, storage)[1]
 
 
-def _scan_save_dir(save_dir: str) -> tuple[list[str], dict[str, str]]:
+def _scan_save_dir(save_dir: str, storage: Storage | Mapping | None = None) -> tuple[list[str], dict[str, str]]:
+    store = object_store(save_dir, storage)
+    if store is not None:
+        try:
+            return marker.list_tags(store, os.fspath(save_dir))
+        except OSError as exc:
+            raise CheckpointError(f"{save_dir}: cannot list the save directory ({exc})") from exc
     try:
         entries = list(os.scandir(save_dir))
     except (FileNotFoundError, NotADirectoryError):
@@ -109,11 +132,18 @@ def _kind(mode: int) -> str:
     return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
-def read_control_file(path: str, limit: int) -> bytes | None:
+def read_control_file(path: str, limit: int, storage: Storage | Mapping | None = None) -> bytes | None:
     """The bytes of a file asyncckpt writes and reads back (``latest``, a manifest, a rank index), read as
     untrusted input: opened with O_NOFOLLOW (a symlink is refused, never followed), O_NONBLOCK (a FIFO cannot
     hang the reader) and O_CLOEXEC; it must be a regular file of at most ``limit`` bytes. None when it does
-    not exist. Errors name the file, never quote its contents."""
+    not exist. Errors name the file, never quote its contents. An object (a URL) is read whole, size checked
+    first."""
+    store = object_store(path, storage)
+    if store is not None:
+        try:
+            return store.read_bytes(path, limit)
+        except OSError as exc:
+            raise CorruptCheckpointError(f"{path}: cannot read ({exc})") from exc
     fd = _open_regular(path)
     if fd is None:
         return None
@@ -160,12 +190,12 @@ def _open_regular(path: str) -> int | None:
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
-def read_latest(save_dir: str) -> str | None:
+def read_latest(save_dir: str, *, storage: Storage | Mapping | None = None) -> str | None:
     """The tag ``save_dir/latest`` names, or None when there is no ``latest``. The file must hold exactly what
     the publisher writes, ``<tag>\n``: anything else is a damaged ``latest`` (CorruptCheckpointError naming
     it), never a missing tag."""
     path = os.path.join(save_dir, LATEST)
-    data = read_control_file(path, MAX_LATEST_BYTES)
+    data = read_control_file(path, MAX_LATEST_BYTES, storage)
     if data is None:
         return None
     try:  # None (no final newline) and undecodable bytes (U+FFFD) are invalid tags too
@@ -176,18 +206,21 @@ def read_latest(save_dir: str) -> str | None:
             "pass the tag to load explicitly, or write the tag of a published checkpoint into it") from None
 
 
-def resolve_tag(save_dir: str, tag: str | int | None) -> str:
+def resolve_tag(save_dir: str, tag: str | int | None, *, storage: Storage | Mapping | None = None) -> str:
     """The tag to load: ``tag``, or the one ``latest`` names. Errors list the tags that exist."""
     save_dir = os.fspath(save_dir)
     named_by = ""
     if tag is None:
-        tag = read_latest(save_dir)
+        tag = read_latest(save_dir, storage=storage)
         if tag is None:
             raise CheckpointNotFoundError(
-                f"no '{LATEST}' file in {save_dir}; published tags: {_tags_text(save_dir)}")
+                f"no '{LATEST}' file in {save_dir}; published tags: {_tags_text(save_dir, storage)}")
         named_by = f" (named by {os.path.join(save_dir, LATEST)})"
     else:
         tag = validate_tag(tag)
+    store = object_store(save_dir, storage)
+    if store is not None:
+        return _resolve_marked(store, save_dir, tag, named_by)
     path = tag_dir(save_dir, tag)
     st = _lstat(path)
     if st is not None and stat.S_ISLNK(st.st_mode):
@@ -203,6 +236,19 @@ def resolve_tag(save_dir: str, tag: str | int | None) -> str:
     return tag
 
 
+def _resolve_marked(store: Storage, save_dir: str, tag: str, named_by: str) -> str:
+    """``resolve_tag`` in an object store: the tag must have its commit marker."""
+    try:
+        if store.exists(marker.marker_path(store, save_dir, tag)):
+            return tag
+        why = ("it was never completed (no commit marker)" if store.listdir(store.join(save_dir, tag)) else
+               "it does not exist")
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint tag {tag!r} in {save_dir}: cannot look it up ({exc})") from exc
+    raise CheckpointNotFoundError(f"checkpoint tag {tag!r} in {save_dir}{named_by}: {why}; published tags: "
+                                  f"{_tags_text(save_dir, store)}")
+
+
 def tag_dir(save_dir: str, tag: str) -> str:
     """The directory holding ``tag``: ``save_dir/tag``, or, while an overwrite of it was cut short between
     its two renames (file systems without RENAME_EXCHANGE), the complete old copy that the next save puts back."""
@@ -213,14 +259,19 @@ def tag_dir(save_dir: str, tag: str) -> str:
     return path
 
 
-def _tags_text(save_dir: str) -> str:
-    tags = list_tags(save_dir)
+def _tags_text(save_dir: str, storage: Storage | Mapping | None = None) -> str:
+    tags = list_tags(save_dir, storage=storage)
     return ", ".join(tags) if tags else "none"
 
 
-def split_path(path: str) -> tuple[str, str | None]:
+def split_path(path: str, *, storage: Storage | Mapping | None = None) -> tuple[str, str | None]:
     """``DIR`` or ``DIR/TAG`` → (save_dir, tag or None)."""
     path = os.fspath(path).rstrip("/") or "/"
+    store = object_store(path, storage)
+    if store is not None:
+        if store.exists(store.join(path, MANIFEST)):
+            return path.rsplit("/", 1)[0], path.rsplit("/", 1)[1]
+        return path, None
     if os.path.lexists(os.path.join(path, MANIFEST)):
         return os.path.dirname(path) or ".", os.path.basename(path)
     return path, None
@@ -250,10 +301,13 @@ def target_device(saved: str, map_location: MapLocation) -> torch.device:
 class CheckpointReader:
     """A validated view of one published tag. Nothing large is allocated until tensors are read."""
 
-    def __init__(self, save_dir: str, tag: str | int | None = None, *, threads: int = 0):
+    def __init__(self, save_dir: str, tag: str | int | None = None, *, threads: int = 0,
+                 storage: Storage | Mapping | None = None):
         self.save_dir = os.fspath(save_dir)
-        self.tag = resolve_tag(self.save_dir, tag)
-        self.path = tag_dir(self.save_dir, self.tag)
+        self._store = object_store(self.save_dir, storage)
+        self.tag = resolve_tag(self.save_dir, tag, storage=self._store)
+        self.path = (self._store.join(self.save_dir, self.tag) if self._store is not None else
+                     tag_dir(self.save_dir, self.tag))
         self.threads = threads or max(1, min(8, os.cpu_count() or 1))
         self.bytes_read = 0  # stored bytes read from data files so far (what loading this rank cost)
         self._sizes = self._regular_file_sizes()
@@ -279,6 +333,11 @@ class CheckpointReader:
         """Every regular file of the tag directory and its size. An entry with the name of a checkpoint file
         (manifest, rank index, data file) that is anything else (a symlink, even to a file inside, a
         directory, a FIFO, a socket) makes the whole checkpoint refused."""
+        if self._store is not None:
+            try:
+                return self._store.file_sizes(self.path)
+            except OSError as exc:
+                raise CorruptCheckpointError(f"{self.path}: cannot list the tag ({exc})") from exc
         sizes = {}
         try:
             entries = list(os.scandir(self.path))
@@ -297,7 +356,7 @@ class CheckpointReader:
 
     def _read_metadata(self, name: str) -> bytes:
         """A manifest or rank index: a regular file of the tag directory, at most MAX_JSON_BYTES."""
-        data = read_control_file(self._file(name), MAX_JSON_BYTES)
+        data = read_control_file(self._file(name), MAX_JSON_BYTES, self._store)
         if data is None:
             what = "the manifest" if name == MANIFEST else "rank index listed in the manifest"
             raise CorruptCheckpointError(f"{self._file(name)}: {what} is missing")
@@ -401,6 +460,16 @@ class CheckpointReader:
             for i, c in enumerate(rec.chunks):
                 tasks.append((rec, i, c, flat[pos: pos + c.raw]))
                 pos += c.raw
+        if self._store is not None:
+            self._fetch_chunks(tasks, verify)
+        else:
+            self._read_local(stored, tasks, verify)
+        for key, rec in packed.items():  # contiguous (parse_rank_index checks): a byte range of the pack
+            start = rec.byte_offset
+            tensors[key] = tensors[rec.base][start: start + rec.nbytes].clone().view(rec.dtype).view(rec.shape)
+        return {k: tensors[k] for k in records}
+
+    def _read_local(self, stored: dict[str, TensorRecord], tasks: list, verify: bool) -> None:
         fds: dict[str, int] = {}
         try:
             for rec in stored.values():
@@ -413,10 +482,58 @@ class CheckpointReader:
         finally:
             for fd in fds.values():
                 os.close(fd)
-        for key, rec in packed.items():  # contiguous (parse_rank_index checks): a byte range of the pack
-            start = rec.byte_offset
-            tensors[key] = tensors[rec.base][start: start + rec.nbytes].clone().view(rec.dtype).view(rec.shape)
-        return {k: tensors[k] for k in records}
+
+    def _fetch_chunks(self, tasks: list, verify: bool) -> None:
+        """Object stores: the chunks in batches of at most _FETCH_BATCH_BYTES, each batch fetched with concurrent
+        ranged reads (one request per chunk, the storage runs them together), then checked and decoded in the
+        reader's threads as a local read would be. Memory beyond the tensors: one batch of stored bytes."""
+        self.bytes_read += sum(t[2].length for t in tasks)
+        batch: list = []
+        size = 0
+        for t in tasks:
+            if batch and size + t[2].length > _FETCH_BATCH_BYTES:
+                self._fetch_batch(batch, verify)
+                batch, size = [], 0
+            batch.append(t)
+            size += t[2].length
+        if batch:
+            self._fetch_batch(batch, verify)
+
+    def _fetch_batch(self, tasks: list, verify: bool) -> None:
+        by_file: dict[str, list] = {}
+        for t in tasks:
+            by_file.setdefault(t[0].file, []).append(t)
+        fetched = []
+        for name, part in by_file.items():
+            path = self._file(name)
+            try:
+                got = self._store.read_ranges(path, [(t[2].offset, t[2].length) for t in part])
+            except FileNotFoundError:
+                raise CorruptCheckpointError(f"{path}: data file is missing") from None
+            except OSError as exc:
+                raise CorruptCheckpointError(f"{path}: cannot read ({exc})") from exc
+            fetched += zip(part, got)
+
+        def one(item) -> None:
+            (rec, i, c, out), stored = item
+            where = f"{self._file(rec.file)} chunk {i} (bytes {c.offset}..{c.offset + c.length}) of tensor {rec.key!r}"
+            if len(stored) != c.length:
+                raise CorruptCheckpointError(f"{where}: short read ({len(stored)} of {c.length} bytes)")
+            if c.codec == "raw":
+                out[:] = np.frombuffer(stored, dtype=np.uint8)
+                if verify and checksum(out) != c.xxh3:
+                    raise CorruptCheckpointError(f"{where}: checksum mismatch")
+                return
+            _decode_stored(c, stored, out, verify, where)
+
+        workers = min(self.threads, len(fetched))
+        if workers <= 1:
+            for item in fetched:
+                one(item)
+            return
+        with concurrent.futures.ThreadPoolExecutor(workers, "asyncckpt-load") as pool:
+            for fut in [pool.submit(one, item) for item in fetched]:
+                fut.result()
 
     def _run_chunks(self, tasks: list, fds: dict[str, int], verify: bool) -> None:
         def one(task) -> None:
@@ -436,9 +553,7 @@ class CheckpointReader:
                 raise CorruptCheckpointError(f"{where}: cannot read ({exc.strerror})") from exc
             if len(stored) != c.length:
                 raise CorruptCheckpointError(f"{where}: short read ({len(stored)} of {c.length} bytes)")
-            ChunkCodec.decode(c, memoryview(stored), out, verify, where)
-            if verify and c.sxxh3 and checksum(stored) != c.sxxh3:  # flips that decode to the same bytes
-                raise CorruptCheckpointError(f"{where}: checksum mismatch in the stored (compressed) bytes")
+            _decode_stored(c, stored, out, verify, where)
 
         self.bytes_read += sum(t[2].length for t in tasks)
         workers = min(self.threads, len(tasks))
@@ -568,6 +683,13 @@ class CheckpointReader:
                 "raw_bytes": self.raw_bytes, "stored_bytes": self.stored_bytes}
 
 
+def _decode_stored(c, stored: bytes, out: np.ndarray, verify: bool, where: str) -> None:
+    """Decode one compressed chunk into ``out``, checking its checksums."""
+    ChunkCodec.decode(c, memoryview(stored), out, verify, where)
+    if verify and c.sxxh3 and checksum(stored) != c.sxxh3:  # flips that decode to the same bytes
+        raise CorruptCheckpointError(f"{where}: checksum mismatch in the stored (compressed) bytes")
+
+
 # the dtypes numpy has: an ndarray node's record holds one of them
 _NUMPY_DTYPES = frozenset({"bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64", "float16",
                            "float32", "float64", "complex64", "complex128"})
@@ -629,12 +751,14 @@ def _bytes_view(t: torch.Tensor) -> np.ndarray:
 
 
 def load(save_dir: str, tag: str | None = None, map_location: MapLocation = None, *, verify: bool = True,
-         allow_pickle: bool = False, rank: int | None = None, mesh: Any = None) -> Any:
+         allow_pickle: bool = False, rank: int | None = None, mesh: Any = None,
+         storage: Storage | Mapping | None = None) -> Any:
     """Load the nested state saved by :func:`asyncckpt.save` (``tag`` None → the tag ``latest`` names).
-    ``rank`` defaults to this process's rank; DTensors are resharded onto ``mesh`` when one is given."""
+    ``rank`` defaults to this process's rank; DTensors are resharded onto ``mesh`` when one is given.
+    ``storage``: for a URL, the fsspec options (the config's ``storage.options``) or a Storage."""
     if rank is None:
         rank = _current_rank()
-    return CheckpointReader(save_dir, tag).load_state(rank=rank, map_location=map_location, verify=verify,
+    return CheckpointReader(save_dir, tag, storage=storage).load_state(rank=rank, map_location=map_location, verify=verify,
                                                       allow_pickle=allow_pickle, mesh=mesh)
 
 

@@ -7,6 +7,10 @@ extra) and keeps it until done; the file holds an owner record: pid, host, boot 
 A partial directory is removed only when its owner is provably gone: its lock can be taken (the kernel drops
 an flock when its process dies), or the record names a process of this host and boot that no longer exists
 (a child it forked may have inherited the lock). Anything else is left alone and logged.
+
+This is the ``rename`` strategy's bookkeeping (POSIX storage: flock exists there); every change it makes to
+``save_dir`` (listing, renaming, removing a tree) goes through the save's storage object. Object stores have
+no locks: see :mod:`asyncckpt.storage.marker`.
 """
 from __future__ import annotations
 
@@ -17,10 +21,11 @@ import os
 import socket
 import time
 import uuid
-from typing import Any, Callable
+from typing import Any
 
 from .durable import LockFile
 from .format import LATEST, PARTIAL_SUFFIX
+from .storage import Storage
 
 log = logging.getLogger("asyncckpt.commit")  # one logger for everything a save does to save_dir
 
@@ -102,22 +107,22 @@ def _take_abandoned(path: str, create: bool) -> tuple[LockFile | None, dict]:
     return LockFile.take(path, create=True), rec
 
 
-def claim(save_dir: str, name: str, kind: str) -> LockFile:
+def claim(st: Storage, save_dir: str, name: str, kind: str) -> LockFile:
     """Become the owner of ``save_dir/name`` (a partial directory); OSError(EBUSY) when a live saver is."""
     path = os.path.join(save_dir, name + LOCK_SUFFIX)
     lock, rec = _take_abandoned(path, create=True)
     if lock is None:
-        raise OSError(errno.EBUSY, f"{os.path.join(save_dir, name)} is being written by another saver "
+        raise OSError(errno.EBUSY, f"{st.join(save_dir, name)} is being written by another saver "
                                    f"({_owner_text(rec)}); use another tag")
     lock.write(_owner_record(kind))
     return lock
 
 
-def clean(save_dir: str, own: str, remove_tree: Callable[[str], None]) -> None:
+def clean(st: Storage, save_dir: str, own: str) -> None:
     """Remove what earlier saves provably abandoned in ``save_dir``: partial directories and their locks, and
     temporary files of a ``latest`` replace; put back a tag whose overwrite was cut short. ``own`` is the
     partial directory this saver is about to create."""
-    names = set(os.listdir(save_dir))
+    names = set(st.listdir(save_dir))
     for name in sorted(names):
         path = os.path.join(save_dir, name)
         if name.startswith(f".{LATEST}.") and name.endswith(".tmp"):  # a replace of latest cut short
@@ -130,21 +135,21 @@ def clean(save_dir: str, own: str, remove_tree: Callable[[str], None]) -> None:
             log.warning("removing leftover temporary file %s (an earlier save did not finish)", path)
             lock.release(unlink=True)
         elif name.startswith(".") and name.endswith(PARTIAL_SUFFIX) and name != own:
-            _clean_partial(save_dir, name, remove_tree)
+            _clean_partial(st, save_dir, name)
         elif (name.startswith(".") and name.endswith(PARTIAL_SUFFIX + LOCK_SUFFIX) and name != own + LOCK_SUFFIX
               and name[:-len(LOCK_SUFFIX)] not in names):  # a lock whose directory was never made or is gone
             lock = LockFile.take(path, create=False)
             if lock is not None:
-                lock.release(unlink=lock.locked and not os.path.lexists(path[:-len(LOCK_SUFFIX)]))
+                lock.release(unlink=lock.locked and not st.exists(path[:-len(LOCK_SUFFIX)]))
 
 
-def _clean_partial(save_dir: str, name: str, remove_tree: Callable[[str], None]) -> None:
+def _clean_partial(st: Storage, save_dir: str, name: str) -> None:
     path = os.path.join(save_dir, name)
     lock, rec = _take_abandoned(path + LOCK_SUFFIX, create=False)
     if lock is None:
-        if not os.path.lexists(path):
+        if not st.exists(path):
             return  # published or removed by its owner meanwhile
-        if os.path.lexists(path + LOCK_SUFFIX):
+        if st.exists(path + LOCK_SUFFIX):
             log.info("leaving partial checkpoint %s alone: %s is still writing it", path, _owner_text(rec))
         else:
             log.warning("leaving partial checkpoint %s alone: it has no owner record %s (written by an older "
@@ -153,15 +158,15 @@ def _clean_partial(save_dir: str, name: str, remove_tree: Callable[[str], None])
         return
     try:
         replaced = name[1:-len(REPLACED_SUFFIX)] if name.endswith(REPLACED_SUFFIX) else ""
-        if replaced and rec.get("kind") != "save" and not os.path.lexists(os.path.join(save_dir, replaced)):
+        if replaced and rec.get("kind") != "save" and not st.exists(os.path.join(save_dir, replaced)):
             log.warning("restoring checkpoint %s from %s (an overwrite did not finish)",
                         os.path.join(save_dir, replaced), path)  # the old copy, complete: the new one never was
-            os.rename(path, os.path.join(save_dir, replaced))
-        elif os.path.lexists(path):
+            st.rename(path, os.path.join(save_dir, replaced))
+        elif st.exists(path):
             log.warning("removing leftover partial checkpoint %s (an earlier save did not finish)", path)
-            remove_tree(path)
+            st.remove_tree(path)
     finally:
-        lock.release(unlink=not os.path.lexists(path))
+        lock.release(unlink=not st.exists(path))
 
 
 _TMP_GRACE_S = 600.0  # without flock, a temporary file of a latest replace this old is certainly abandoned

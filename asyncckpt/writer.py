@@ -1,5 +1,6 @@
 """The writer pool: one asyncio event loop in an I/O thread, chunk encoding in a thread pool, file writes
-with aiofiles, and fsync before anything is reported durable.
+through the save's storage object (:mod:`asyncckpt.storage`) in file threads, and fsync (an object store:
+the completed upload) before anything is reported durable.
 
 For each rank file the writer keeps a bounded window of chunks being encoded ahead of the disk, and writes
 encoded chunks in order, so the disk and the encoders work at the same time and memory stays bounded.
@@ -19,18 +20,16 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Coroutine
 
-import aiofiles
-
 import torch
 
 from .codec import ChunkCodec
-from .durable import fsync_dir, start_writeback, write_durable
 from .errors import CheckpointError
 from .format import (FORMAT_VERSION, TensorRecord, checksum, contiguous_stride, data_file_name, parse_rank_index,
                      rank_index_name, seal)
 from .io_types import FlatState
 from .packing import Pack, Packer, pack_key
 from .state import skeleton_tensor_refs
+from .storage import POSIX, Storage
 from .threads import started_pool
 
 log = logging.getLogger(__name__)
@@ -80,7 +79,7 @@ class WriterPool:
         self._encoders = started_pool(self.threads, f"{name}-encode", initializer=init)
         self._files = started_pool(max(2, files_per_rank), f"{name}-file", initializer=init)
         self._loop = asyncio.new_event_loop()
-        self._loop.set_default_executor(self._files)  # aiofiles runs its blocking calls here
+        self._loop.set_default_executor(self._files)
         self._thread = threading.Thread(target=self._run_loop, name=f"{name}-io", daemon=True)
         self._thread.start()
 
@@ -108,7 +107,7 @@ class WriterPool:
 
     # ----------------------------------------------------------------------------------------- writing
     async def write_rank(self, *, directory: str, rank: int, flat: FlatState, slot: Any, skeleton: Any,
-                         extra: dict | None = None) -> RankFiles:
+                         extra: dict | None = None, storage: Storage = POSIX) -> RankFiles:
         """Encode and write this rank's staged tensors into ``directory``, then its index; fsync all.
         Small tensors are written in packs (:mod:`asyncckpt.packing`). The index is validated as a reader
         would see it before it is written: a save that load would refuse fails here, before publishing."""
@@ -121,7 +120,8 @@ class WriterPool:
         assignment = _split_by_bytes([e.nbytes if isinstance(e, Pack) else items[e].nbytes for e in entries], n_files)
         names = [data_file_name(rank, f) for f in range(n_files)]
         results = await asyncio.gather(*[
-            self._write_file(os.path.join(directory, names[f]), slot, [entries[i] for i in idxs], items, layout)
+            self._write_file(storage, storage.join(directory, names[f]), slot, [entries[i] for i in idxs], items,
+                             layout)
             for f, idxs in enumerate(assignment)
         ])
         records: dict[str, dict] = {}
@@ -143,20 +143,23 @@ class WriterPool:
                "skeleton": skeleton, **(extra or {})}
         data = seal(doc)
         index_name = rank_index_name(rank)
-        path = os.path.join(directory, index_name)
+        path = storage.join(directory, index_name)
         # the check and the write run at once: nothing is published before both succeeded
         outcomes = await asyncio.gather(
             self._loop.run_in_executor(self._encoders, check_index, data, path, skeleton, flat.elsewhere),
-            self._loop.run_in_executor(self._files, write_durable, path, data, self.fsync), return_exceptions=True)
+            self._loop.run_in_executor(self._files, storage.write_durable, path, data, self.fsync),
+            return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
         if self.fsync:
-            await self._loop.run_in_executor(self._files, fsync_dir, directory)
+            await self._loop.run_in_executor(self._files, storage.fsync_dir, directory)
         return RankFiles(index_name, checksum(data), sum(files.values()) + len(data), sum(i.nbytes for i in items))
 
-    async def _write_file(self, path: str, slot: Any, entries: list, items: list, layout: Any) -> tuple[int, list]:
+    async def _write_file(self, storage: Storage, path: str, slot: Any, entries: list, items: list,
+                          layout: Any) -> tuple[int, list]:
         loop = self._loop
+        files = self._files
         chunk = self.chunk_bytes
         window: collections.deque = collections.deque()
         out: list[tuple[Any, list]] = []
@@ -180,28 +183,32 @@ class WriterPool:
 
         async def drain() -> None:
             nonlocal pos, flushed
-            pos = await _drain_one(f, window, pos)
+            chunks, fut = window.popleft()
+            enc = await fut
+            await loop.run_in_executor(files, _write_pieces, f, enc.pieces)
+            chunks.append(enc.record(pos))
+            pos += enc.length
             if self.fsync and pos - flushed >= _WRITEBACK_BYTES:
-                await f.flush()
-                await loop.run_in_executor(self._files, start_writeback, f.fileno(), flushed, pos - flushed)
+                await loop.run_in_executor(files, f.writeback, flushed, pos - flushed)
                 flushed = pos
 
-        async with aiofiles.open(path, "wb") as f:
-            try:
-                for chunks, fn, args in jobs():
-                    window.append((chunks, loop.run_in_executor(self._encoders, fn, *args)))
-                    if len(window) >= self.window:
-                        await drain()
-                while window:
+        f = await loop.run_in_executor(files, storage.open_write, path)
+        try:
+            for chunks, fn, args in jobs():
+                window.append((chunks, loop.run_in_executor(self._encoders, fn, *args)))
+                if len(window) >= self.window:
                     await drain()
-                await f.flush()
-                if self.fsync:
-                    await loop.run_in_executor(self._files, os.fsync, f.fileno())
-            except BaseException:
-                for _, fut in window:
-                    fut.cancel()
-                await asyncio.gather(*(fut for _, fut in window), return_exceptions=True)
-                raise
+            while window:
+                await drain()
+            if self.fsync:
+                await loop.run_in_executor(files, f.sync)
+        except BaseException:
+            for _, fut in window:
+                fut.cancel()
+            await asyncio.gather(*(fut for _, fut in window), return_exceptions=True)
+            await loop.run_in_executor(files, f.abort)
+            raise
+        await loop.run_in_executor(files, f.close)
         return pos, out
 
 
@@ -235,13 +242,10 @@ def check_index(data: bytes, where: str, skeleton: Any, elsewhere: frozenset[str
                                   "nothing is published")
 
 
-async def _drain_one(f, window: collections.deque, pos: int) -> int:
-    chunks, fut = window.popleft()
-    enc = await fut
-    for piece in enc.pieces:
-        await f.write(memoryview(piece).cast("B"))
-    chunks.append(enc.record(pos))
-    return pos + enc.length
+def _write_pieces(f, pieces) -> None:
+    """Write one encoded chunk (in a file thread)."""
+    for piece in pieces:
+        f.write(memoryview(piece).cast("B"))
 
 
 def _split_by_bytes(sizes: list[int], n: int) -> list[list[int]]:

@@ -15,8 +15,9 @@ Side files in the save directory's parent, for the parent's checks:
   durable, which therefore must never be lost.
 
 The same module holds the bodies of the multi-rank and disk-full children. The model, its training step and
-the digest come from tests/trainer.py; every hook is installed with tests/patching.patch_existing, so a hook
-point asyncckpt no longer has fails the child loudly instead of testing nothing.
+the digest come from tests/trainer.py; storage steps are hooked through the storage seam
+(asyncckpt.storage.faults), the rest with tests/patching.patch_existing, so a hook point asyncckpt no longer has
+fails the child loudly instead of testing nothing.
 """
 from __future__ import annotations
 
@@ -32,9 +33,9 @@ import torch
 
 import asyncckpt
 import asyncckpt.codec
-import asyncckpt.commit
 import asyncckpt.staging
-import asyncckpt.writer
+from asyncckpt.storage import add_wrapper
+from asyncckpt.storage.faults import Faults
 from patching import patch_existing
 from trainer import digest, mlp, train_step
 
@@ -95,16 +96,11 @@ class Announcer:
             os._exit(3)
 
 
-def install_hooks(announce: Announcer) -> None:
-    """Wrap the file-system steps of the save pipeline so each announces itself before it runs."""
-    real = {
-        "stage": asyncckpt.staging.Slot.stage, "encode": asyncckpt.codec.ChunkCodec.encode,
-        "drain": asyncckpt.writer._drain_one, "fsync": os.fsync, "rename": os.rename, "replace": os.replace,
-        "makedirs": os.makedirs, "w_write": asyncckpt.writer.write_durable, "w_fsync_dir": asyncckpt.writer.fsync_dir,
-        "c_write": asyncckpt.commit.write_durable, "c_fsync_dir": asyncckpt.commit.fsync_dir,
-        "c_replace_atomic": asyncckpt.commit.replace_atomic, "c_remove_tree": asyncckpt.commit.remove_tree,
-        "c_exchange": asyncckpt.commit.exchange,
-    }
+def install_hooks(announce: Announcer, faults: Faults) -> None:
+    """Make each step of the save pipeline announce itself before it runs: the storage operations through the
+    storage seam (``faults``), staging, encoding and the ``os`` calls underneath through patch_existing."""
+    real = {"stage": asyncckpt.staging.Slot.stage, "encode": asyncckpt.codec.ChunkCodec.encode, "fsync": os.fsync,
+            "rename": os.rename, "replace": os.replace, "makedirs": os.makedirs}
 
     def stage(self, items):
         announce("stage")
@@ -113,10 +109,6 @@ def install_hooks(announce: Announcer) -> None:
     def encode(self, raw, itemsize):
         announce("encode")
         return real["encode"](self, raw, itemsize)
-
-    async def drain(f, window, pos):
-        announce("write")
-        return await real["drain"](f, window, pos)
 
     def fsync(fd):
         announce("fsync")
@@ -136,41 +128,22 @@ def install_hooks(announce: Announcer) -> None:
             announce("prepare", os.path.basename(os.fspath(path)))
         return real["makedirs"](path, *a, **kw)
 
-    def w_write(path, data, fsync=True):
-        announce("index", os.path.basename(path))
-        return real["w_write"](path, data, fsync)
+    def durable_write(op, path):
+        name = os.path.basename(path)
+        announce("manifest" if name == "manifest.json" else "index", name)
 
-    def fsync_dir_w(path):
-        announce("fsync_dir", os.path.basename(path))
-        return real["w_fsync_dir"](path)
-
-    def fsync_dir_c(path):
-        announce("fsync_dir", os.path.basename(path))
-        return real["c_fsync_dir"](path)
-
-    def c_write(path, data, fsync=True):
-        announce("manifest", os.path.basename(path))
-        return real["c_write"](path, data, fsync)
-
-    def c_replace_atomic(path, data, fsync=True):
-        announce("latest")
-        return real["c_replace_atomic"](path, data, fsync)
-
-    def c_remove_tree(path):
+    def remove_tree(op, path):
         name = os.path.basename(path)
         announce("retention_remove" if ".deleting" in name else "cleanup", name)
-        return real["c_remove_tree"](path)
 
-    def c_exchange(a, b):
-        announce("exchange", os.path.basename(b))
-        return real["c_exchange"](a, b)
-
+    faults.on("write", lambda op, path: announce("write"), ".bin")
+    faults.on("write_durable", durable_write)
+    faults.on("fsync_dir", lambda op, path: announce("fsync_dir", os.path.basename(path)))
+    faults.on("replace_atomic", lambda op, path: announce("latest"))
+    faults.on("remove_tree", remove_tree)
+    faults.on("exchange", lambda op, path: announce("exchange", os.path.basename(path)))
     for target, name, new in [
-        (asyncckpt.commit, "exchange", c_exchange), (asyncckpt.staging.Slot, "stage", stage),
-        (asyncckpt.codec.ChunkCodec, "encode", encode), (asyncckpt.writer, "_drain_one", drain),
-        (asyncckpt.writer, "write_durable", w_write), (asyncckpt.writer, "fsync_dir", fsync_dir_w),
-        (asyncckpt.commit, "write_durable", c_write), (asyncckpt.commit, "fsync_dir", fsync_dir_c),
-        (asyncckpt.commit, "replace_atomic", c_replace_atomic), (asyncckpt.commit, "remove_tree", c_remove_tree),
+        (asyncckpt.staging.Slot, "stage", stage), (asyncckpt.codec.ChunkCodec, "encode", encode),
         (os, "fsync", fsync), (os, "rename", rename), (os, "replace", replace), (os, "makedirs", makedirs),
     ]:
         patch_existing(None, target, name, new)
@@ -191,9 +164,11 @@ def child_main(conn, cfg: dict) -> None:
         logging.basicConfig(filename=cfg["log"], level=logging.INFO, force=True,
                             format="%(levelname)s %(name)s: %(message)s")
         announce = Announcer(conn, cfg.get("target"))
+        faults = Faults()
+        add_wrapper(faults.wrap)  # for the rest of this process's life: it exits, never returns
         if cfg.get("no_exchange"):  # a file system without RENAME_EXCHANGE: overwrite falls back to two renames
-            patch_existing(None, asyncckpt.commit, "exchange", lambda a, b: False)
-        install_hooks(announce)
+            faults.answer("exchange", False)
+        install_hooks(announce, faults)
         announce("startup")
         save_dir, side = cfg["save_dir"], cfg["side_dir"]
         model = mlp(cfg["cycle"])
@@ -252,22 +227,17 @@ def two_rank_kill(rank: int, world: int, save_dir: str, victim: int, where: str,
             def die(*a, **kw):
                 os.kill(os.getpid(), signal.SIGKILL)
 
+            faults = Faults()
+            add_wrapper(faults.wrap)  # for the rest of this process's life
             if where in ("write", "hang"):
-                real = asyncckpt.writer._drain_one
-                count = [0]
-
-                async def drain(f, window, pos):
-                    count[0] += 1
-                    if count[0] == 1:  # its data file is open; no chunk of it will ever be written (small tensors
-                        #                  are packed, so this rank's share of the model may be a single chunk)
-                        if where == "hang":
-                            threading.Event().wait()  # alive but silent: the parent kills it later
-                        die()
-                    return await real(f, window, pos)
-
-                patch_existing(None, asyncckpt.writer, "_drain_one", drain)
+                # its data file is open; no chunk of it will ever be written (small tensors are packed, so this
+                # rank's share of the model may be a single chunk)
+                if where == "hang":
+                    faults.on("write", lambda op, path: threading.Event().wait(), ".bin")  # alive but silent
+                else:
+                    faults.on("write", die, ".bin")
             else:
-                patch_existing(None, asyncckpt.commit, "write_durable", die)
+                faults.on("write_durable", die, "manifest.json")
         train_step(model, opt, gen)
         t0 = time.monotonic()
         fut = saver.save_checkpoint(save_dir, tag="after")

@@ -9,7 +9,6 @@ Every fault is injected with tests/patching.patch_existing, which fails the test
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import os
@@ -21,7 +20,6 @@ import threading
 import time
 import types
 
-import aiofiles
 import pytest
 import torch
 
@@ -30,10 +28,12 @@ import asyncckpt.commit
 import asyncckpt.writer
 import crash_child as cc
 from asyncckpt import CheckpointError, WriteError
+from asyncckpt.format import MANIFEST
 from asyncckpt.loader import read_latest
 from dist_helpers import forkserver_context
 from patching import patch_existing
 from reliability import record
+from storage_faults import faults_fixture, injected  # noqa: F401 - the `faults` fixture
 from trainer import digest, mlp, train_step
 
 WAIT_S = 30.0  # every wait in this file has this deadline
@@ -136,7 +136,7 @@ def test_patch_existing_fails_loudly_for_a_missing_hook(monkeypatch):
         with pytest.raises(AttributeError, match="'_no_such_step'"):
             patch_existing(patch, asyncckpt.writer, "_no_such_step", lambda: None)
     assert not hasattr(asyncckpt.writer, "_no_such_step")
-    assert patch_existing(monkeypatch, asyncckpt.writer, "_drain_one", None) is not None
+    assert patch_existing(monkeypatch, asyncckpt.writer, "check_index", None) is not None
 
 
 # ------------------------------------------------------------------------------------------------ disk full
@@ -261,74 +261,38 @@ def test_disk_full_in_the_writer(fsync, save_dir, trained, make_saver, failing_c
     saver.close()  # the failure was observed: nothing left to raise
 
 
-class _FullDiskFile:
-    """An aiofiles file whose writes fail with ENOSPC after ``ok_writes`` successful writes."""
-
-    def __init__(self, f, budget: dict):
-        self._f = f
-        self._budget = budget
-
-    async def write(self, data):
-        if self._budget["ok_writes"] <= 0:
-            raise OSError(errno.ENOSPC, "No space left on device (injected write)")
-        self._budget["ok_writes"] -= 1
-        return await self._f.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-
-
 @QUICK
-def test_disk_full_in_the_file_write(save_dir, trained, make_saver, monkeypatch, leftovers, latest, same):
+def test_disk_full_in_the_file_write(save_dir, trained, make_saver, leftovers, latest, same):
     saver = make_saver(trained)
     expected = good_then(save_dir, trained, saver)
-    real_open = aiofiles.open
-    budget = {"ok_writes": 2}
-
-    class _Ctx:
-        def __init__(self, *a, **k):
-            self._cm = real_open(*a, **k)
-
-        async def __aenter__(self):
-            return _FullDiskFile(await self._cm.__aenter__(), budget)
-
-        async def __aexit__(self, *exc):
-            return await self._cm.__aexit__(*exc)
-
-    patch_existing(monkeypatch, asyncckpt.writer.aiofiles, "open", _Ctx)
-    fut = saver.save_checkpoint(save_dir, tag="bad")
-    exc = fut.exception(timeout=30)
+    with injected() as faults:  # the third chunk write of a data file finds the disk full
+        faults.fail("write", ".bin", OSError(errno.ENOSPC, "No space left on device (injected write)"), after=2)
+        exc = saver.save_checkpoint(save_dir, tag="bad").exception(timeout=30)
     assert isinstance(exc, WriteError) and exc.__cause__.errno == errno.ENOSPC
-    assert budget["ok_writes"] == 0  # two writes went through: the file was cut mid-way
+    writes = [p for op, p in faults.log if op == "write" and p.endswith(".bin")]
+    assert len(writes) >= 3  # two writes went through: the file was cut mid-way
+    assert ("abort", writes[0]) in faults.log  # the cut file was given up, not closed as complete
     assert_previous_intact(save_dir, expected, leftovers, latest, same)
-    monkeypatch.undo()
     assert_next_save_works(save_dir, saver, latest)
 
 
 @QUICK
-@pytest.mark.parametrize("step", ["write_durable", "replace_atomic"])  # the manifest, then `latest`
-def test_publish_failure(step, save_dir, trained, make_saver, monkeypatch, leftovers, latest, same):
+@pytest.mark.parametrize("step,name", [("write_durable", "manifest.json"), ("replace_atomic", "latest")])
+def test_publish_failure(step, name, save_dir, trained, make_saver, leftovers, latest, same):
     saver = make_saver(trained)
     expected = good_then(save_dir, trained, saver)
-
-    def full(*a, **k):
-        raise OSError(errno.ENOSPC, f"No space left on device (injected in {step})")
-
-    patch_existing(monkeypatch, asyncckpt.commit, step, full)
-    exc = saver.save_checkpoint(save_dir, tag="bad").exception(timeout=30)
+    with injected() as faults:
+        faults.fail(step, name, OSError(errno.ENOSPC, f"No space left on device (injected in {step})"))
+        exc = saver.save_checkpoint(save_dir, tag="bad").exception(timeout=30)
     assert isinstance(exc, WriteError) and exc.__cause__.errno == errno.ENOSPC and step in str(exc)
-    monkeypatch.undo()
     assert not os.path.exists(os.path.join(save_dir, "bad"))
     assert_previous_intact(save_dir, expected, leftovers, latest, same)
     assert_next_save_works(save_dir, saver, latest)
 
 
 # ------------------------------------------------------------------------------------------ permission denied
-def _deny(path_part: str):
-    def raiser(*args, **kwargs):
-        raise PermissionError(errno.EACCES, "Permission denied (injected)", path_part)
-
-    return raiser
+def _denied(path_part: str) -> PermissionError:
+    return PermissionError(errno.EACCES, "Permission denied (injected)", path_part)
 
 
 PERMISSION_CASES = ["data file open", "rank index write", "partial directory (read-only save_dir)", "publish rename",
@@ -336,7 +300,7 @@ PERMISSION_CASES = ["data file open", "rank index write", "partial directory (re
 
 
 @pytest.mark.parametrize("case", PERMISSION_CASES)
-def test_permission_denied(tmp_path, monkeypatch, case):
+def test_permission_denied(tmp_path, case):
     """Permission denied at each file-system step: a real read-only save_dir when not root; as root, chmod
     denies nothing, so the denial is injected at that step (or the save directory is a path under a regular
     file). The save fails with a WriteError naming the tag and chaining the OS error; the previous checkpoint
@@ -350,34 +314,20 @@ def test_permission_denied(tmp_path, monkeypatch, case):
         t.save("good").result(WAIT_S)
         t.step()
         expect, cause = "Permission denied", errno.EACCES
-        with monkeypatch.context() as m:
+        with injected() as faults:
             if case == "data file open":
-                real_open = asyncckpt.writer.aiofiles.open
-
-                def deny_open(path, *a, **kw):
-                    if str(path).endswith(".bin"):
-                        raise PermissionError(errno.EACCES, "Permission denied (injected)", str(path))
-                    return real_open(path, *a, **kw)
-
-                patch_existing(m, asyncckpt.writer.aiofiles, "open", deny_open)
+                faults.fail("open_write", ".bin", _denied(".bin"))
             elif case == "rank index write":
-                patch_existing(m, asyncckpt.writer, "write_durable", _deny("rank00000.json"))
+                faults.fail("write_durable", "rank00000.json", _denied("rank00000.json"))
             elif case == "partial directory (read-only save_dir)" and os.geteuid() != 0:
                 restore_mode = os.stat(save_dir).st_mode
                 os.chmod(save_dir, stat.S_IRUSR | stat.S_IXUSR)
             elif case == "partial directory (read-only save_dir)":
-                real_makedirs = os.makedirs
-
-                def deny_partial(path, *a, **kw):
-                    if str(path).endswith(".partial"):
-                        raise PermissionError(errno.EACCES, "Permission denied (injected)", str(path))
-                    return real_makedirs(path, *a, **kw)
-
-                patch_existing(m, asyncckpt.commit.os, "makedirs", deny_partial)
+                faults.fail("makedirs", ".partial", _denied(".partial"))
             elif case == "publish rename":
-                patch_existing(m, asyncckpt.commit.os, "rename", _deny("rename"))
+                faults.fail("rename", ".denied.partial", _denied("rename"))
             elif case == "latest replace":
-                patch_existing(m, asyncckpt.commit, "replace_atomic", _deny("latest"))
+                faults.fail("replace_atomic", "latest", _denied("latest"))
             elif case == "save_dir under a file":
                 (tmp_path / "a_file").write_text("x")
                 t.save_dir = str(tmp_path / "a_file" / "ckpt")
@@ -409,55 +359,27 @@ def test_permission_denied(tmp_path, monkeypatch, case):
 
 
 # ---------------------------------------------------------------------------------- directory removed underneath
-class Gate:
-    """Holds a patched step until the test opens it; ``entered`` tells the test the save got there."""
-
-    def __init__(self):
-        self.entered = threading.Event()
-        self.opened = threading.Event()
-
-    def hold(self) -> None:
-        self.entered.set()
-        assert self.opened.wait(WAIT_S), "the gate was never opened"
-
-
 @pytest.mark.parametrize("what,where", [("save_dir", "writing data"), ("partial dir", "writing data"),
                                         ("save_dir", "before the manifest")])
-def test_directory_removed_underneath(tmp_path, monkeypatch, what, where):
+def test_directory_removed_underneath(tmp_path, what, where):
     save_dir = str(tmp_path / "ckpt")
     t = Rig(save_dir)
     ok = 0
     try:
         t.save("good").result(WAIT_S)
         t.step()
-        gate = Gate()
-        if where == "writing data":
-            real_drain = asyncckpt.writer._drain_one
-
-            async def drain(f, window, pos):
-                gate.hold()
-                return await real_drain(f, window, pos)
-
-            patch_existing(monkeypatch, asyncckpt.writer, "_drain_one", drain)
-        else:
-            real_write = asyncckpt.commit.write_durable
-
-            def write(path, data, fsync=True):
-                gate.hold()
-                return real_write(path, data, fsync)
-
-            patch_existing(monkeypatch, asyncckpt.commit, "write_durable", write)
-        fut = t.save("gone")
-        assert gate.entered.wait(WAIT_S)
-        shutil.rmtree(save_dir if what == "save_dir" else os.path.join(save_dir, ".gone.partial"))
-        gate.opened.set()
-        err = fut.exception(WAIT_S)  # never a hang...
+        with injected() as faults:
+            gate = faults.gate("write", ".bin") if where == "writing data" else faults.gate("write_durable", MANIFEST)
+            fut = t.save("gone")
+            assert gate.entered.wait(WAIT_S)
+            shutil.rmtree(save_dir if what == "save_dir" else os.path.join(save_dir, ".gone.partial"))
+            gate.open()
+            err = fut.exception(WAIT_S)  # never a hang...
         assert isinstance(err, asyncckpt.CheckpointError), f"the save reported success: {fut.result()}"  # ...nor success
         assert "No such file or directory" in str(err) and "'gone'" in str(err), str(err)
         assert "gone" not in asyncckpt.list_tags(save_dir)
         if what == "partial dir":
             t.assert_intact("good", failed="gone")
-        monkeypatch.undo()
         t.step()
         t.save("again").result(WAIT_S)  # the directory is recreated
         t.assert_loads("again")
@@ -471,23 +393,17 @@ def test_directory_removed_underneath(tmp_path, monkeypatch, what, where):
 # ------------------------------------------------------------------------------------------- slow disk
 @pytest.mark.parametrize("max_inflight", [1, 2])
 @pytest.mark.parametrize("on_busy", ["wait", "skip", "error"])
-def test_slow_disk_backpressure(fast_dir, monkeypatch, max_inflight, on_busy):
+def test_slow_disk_backpressure(fast_dir, faults, max_inflight, on_busy):
     """The disk stalls (a gate in front of every chunk write) with max_inflight saves in flight: the next save
     waits (and finishes once the disk moves), is skipped with a skipped future, or raises SaverBusyError,
     per on_busy; a save that waits longer than commit_timeout_s gives up with SaverBusyError rather than
     hanging. Once the disk moves, every future resolves and every save not skipped or refused is published
     and loads exactly."""
     opened = threading.Event()
-    real_drain = asyncckpt.writer._drain_one
-
-    async def slow_drain(f, window, pos):
-        assert opened.wait(WAIT_S)
-        return await real_drain(f, window, pos)
-
-    patch_existing(monkeypatch, asyncckpt.writer, "_drain_one", slow_drain)
     timeout = 1.0 if on_busy == "wait" else WAIT_S
     t = Rig(os.path.join(fast_dir, "ckpt"), max_inflight=max_inflight, on_busy=on_busy, commit_timeout_s=timeout)
     ok = 0
+    faults.on("write", lambda op, path: opened.wait(WAIT_S), ".bin")  # a stalled disk: every chunk write waits
     try:
         futs = {}
         for i in range(max_inflight):  # these take every staging slot and stall in the writer
@@ -538,17 +454,11 @@ def _rss_bytes() -> int:
 
 @pytest.mark.parametrize("max_inflight", [1, 2])
 @pytest.mark.parametrize("on_busy", ["wait", "skip", "error"])
-def test_back_to_back_saves_on_a_slow_disk(fast_dir, monkeypatch, max_inflight, on_busy):
+def test_back_to_back_saves_on_a_slow_disk(fast_dir, faults, max_inflight, on_busy):
     """100 back-to-back saves on a disk slowed by injected delays: every call either returns a future that
     resolves (published or skipped) or raises SaverBusyError (on_busy=error); every published tag loads
     exactly; staging allocations stay at one buffer per slot; RSS stays flat."""
-    real_drain = asyncckpt.writer._drain_one
-
-    async def slow_drain(f, window, pos):
-        await asyncio.sleep(0.0005)  # a slow disk
-        return await real_drain(f, window, pos)
-
-    patch_existing(monkeypatch, asyncckpt.writer, "_drain_one", slow_drain)
+    faults.on("write", lambda op, path: time.sleep(0.0005), ".bin")  # a slow disk
     t = Rig(os.path.join(fast_dir, "ckpt"), width=1024, max_inflight=max_inflight, on_busy=on_busy, keep_last=3,
                 codec={"chunk_mib": 1.0})  # about 0.4 MiB of state per save
     n, warm = 100, 5
