@@ -13,6 +13,16 @@ Saves: the first one into an empty directory, the second next to a previous chec
 ``latest`` names (``overwrite: true``: RENAME_EXCHANGE), and one with ``keep_last: 1`` removing the older tag.
 Then the checker is shown to fail: with a storage that skips the directory fsyncs, or the file fsyncs, it
 finds states in which ``latest`` does not load.
+
+Known issue (the leftovers, an expected failure until fixed; ``latest``, the tags and the next save hold in
+every state): a lock file ``.<name>.partial.lock`` is created without a directory fsync before the directory
+it guards appears (``.<tag>.partial`` by the exchange of an overwrite, ``.<old>.deleting.partial`` by
+keep_last's rename), and it is unlinked after ``remove_tree`` of that directory without a directory fsync in
+between. Under this model a crash can then keep the directory without its lock file, and
+``ownership.clean`` leaves a partial directory that has no owner record alone for ever (a whole old
+checkpoint's bytes, in the overwrite case). ext4's ordered journal cannot leave those states. The fix:
+``ownership.claim`` fsyncs ``save_dir`` after writing the lock file, and the publisher and keep_last fsync
+``save_dir`` after ``remove_tree`` of the replaced or removed tag.
 """
 from __future__ import annotations
 
@@ -77,10 +87,19 @@ def _recorded(cfg: asyncckpt.Config, save_dir: str, tag: str, state: dict, *wrap
     return before, recorder.finish(), snapshot(save_dir)
 
 
-def _promises(cfg: asyncckpt.Config, saved: dict[str, list[dict]], latest: dict, new: dict, replay_tag: str):
+def _verified(path: str, tag: str | None) -> str:
+    """The digest of the checkpoint ``tag`` (None: the one ``latest`` names) after every chunk verified (one
+    reader thread: the states are tiny, and there are hundreds)."""
+    reader = CheckpointReader(path, tag, threads=1)
+    reader.verify()  # every chunk's checksums
+    return digest(reader.load_state(verify=False))
+
+
+def _promises(cfg: asyncckpt.Config, saved: dict[str, list[dict]], latest: dict, new: dict, replay_tag: str,
+              next_save: bool = True):
     """The checks run in each crash state. ``saved``: every tag saved so far and the states saved under it;
     ``latest``: what ``latest`` may name after the crash (tag or None) and the states each may hold; ``new``:
-    the state of the recorded save."""
+    the state of the recorded save; ``next_save`` False: the checks stop before the next save."""
     digests = {t: {digest(s) for s in states} for t, states in saved.items()}
     allowed = {t: {digest(s) for s in states} for t, states in latest.items()}
     new_digest = digest(new)
@@ -97,23 +116,23 @@ def _promises(cfg: asyncckpt.Config, saved: dict[str, list[dict]], latest: dict,
         got = None
         if named is not None:
             try:
-                CheckpointReader(path).verify()
-                got = digest(asyncckpt.load(path))
+                got = _verified(path, None)
             except Exception as exc:  # noqa: BLE001 - any failure is the finding
                 return [f"latest: {named!r} does not load: {type(exc).__name__}: {exc}"]
             if got not in allowed[named]:
                 return [f"latest: {named!r} loads a state that was never saved under that tag"]
         for tag in list_tags(path):
             try:
-                CheckpointReader(path, tag).verify()
-                if tag not in digests or digest(asyncckpt.load(path, tag)) not in digests[tag]:
+                if tag not in digests or (got if tag == named else _verified(path, tag)) not in digests[tag]:
                     problems.append(f"tags: {tag!r} holds a state never saved under it")
             except Exception as exc:  # noqa: BLE001
                 problems.append(f"tags: {tag!r} does not load: {type(exc).__name__}: {exc}")
+        if not next_save:
+            return problems
         tag = "after" if got == new_digest else replay_tag
         try:
             _save(cfg, path, tag, follow)
-            if read_latest(path) != tag or digest(asyncckpt.load(path)) != digest(follow):
+            if read_latest(path) != tag or _verified(path, None) != digest(follow):
                 problems.append(f"next save: {tag!r} did not become latest")
         except Exception as exc:  # noqa: BLE001
             problems.append(f"next save: {tag!r} failed: {type(exc).__name__}: {exc}")
@@ -125,12 +144,12 @@ def _promises(cfg: asyncckpt.Config, saved: dict[str, list[dict]], latest: dict,
     return run
 
 
-def _run(name: str, work: str, cfg, save_dir, tag, new, saved, latest, *wrappers, stop_at=()):
+def _run(name: str, work: str, cfg, save_dir, tag, new, saved, latest, *wrappers, stop_at=(), next_save=True):
     before, log, after = _recorded(cfg, save_dir, tag, new, *wrappers)
     assert any(op.kind == FSYNC for op in log) and any(op.kind == RENAME for op in log)
     states = os.path.join(work, name)
     os.mkdir(states)
-    return check(save_dir, before, log, after, states, _promises(cfg, saved, latest, new, tag),
+    return check(save_dir, before, log, after, states, _promises(cfg, saved, latest, new, tag, next_save),
                  stop_at=stop_at), log
 
 
@@ -241,7 +260,7 @@ def test_the_checker_finds_a_missing_fsync(work, save_dir, broken):
     _save(cfg, save_dir, "t1", a)
     wrap = (lambda st: _SkipDirFsync(st, save_dir)) if broken == "dir_fsync" else _SkipFileSync
     report, log = _run(broken, work, cfg, save_dir, "t2", b, {"t1": [a], "t2": [b]},
-                       {"t1": [a], "t2": [b]}, wrap, stop_at=("latest",))
+                       {"t1": [a], "t2": [b]}, wrap, stop_at=("latest",), next_save=False)
     if broken == "dir_fsync":
         assert FSYNC_DIR in {op.kind for op in log}  # the partial directory's fsyncs still happen
     failures = report.select(("latest",))
