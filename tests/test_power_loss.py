@@ -38,8 +38,8 @@ from asyncckpt import CheckpointError, CheckpointReader, list_tags, storage
 from asyncckpt.engine import SaveEngine
 from asyncckpt.loader import read_latest
 from asyncckpt.state import flatten
-from asyncckpt.storage.recording import FSYNC, FSYNC_DIR, RENAME, Recorder
-from powerloss import check, coalesce, log_text, snapshot, summary
+from asyncckpt.storage.recording import FSYNC, FSYNC_DIR, RENAME, Recorder, RecordingStorage
+from powerloss import check, coalesce, crash_states, log_text, snapshot, summary
 from reliability import record
 from trainer import digest
 
@@ -218,6 +218,56 @@ def test_keep_last_removes_the_older_tag(work, save_dir):
                        {"t1": [a], "t2": [b]})
     assert list_tags(save_dir) == ["t2"]
     _assert_held("save with keep_last=1 removing the older tag", report, log, save_dir)
+
+
+# ------------------------------------------------------------------------------ the recorder
+MUTATING = ("makedirs", "open_write", "write_durable", "replace_atomic", "fsync_dir", "rename", "exchange",
+            "remove_file", "remove_tree")
+
+
+def test_the_recorder_logs_every_mutating_operation(save_dir):
+    """Every mutating method of the Storage protocol is logged as its primitives, a change made beside the
+    storage (a lock file) is noticed, and the log replayed on the model ends in the directory left behind."""
+    assert all(name in RecordingStorage.__dict__ for name in MUTATING)
+    before = snapshot(save_dir)
+    recorder = Recorder(save_dir)
+    st = recorder.wrap(storage.PosixStorage())
+    j = os.path.join
+    st.makedirs(j(save_dir, "a", "b"))
+    f = st.open_write(j(save_dir, "a", "b", "data"))
+    f.write(memoryview(b"abc"))
+    f.write(memoryview(b"def"))
+    f.sync()
+    f.close()
+    st.write_durable(j(save_dir, "a", "index"), b"idx")
+    st.write_durable(j(save_dir, "a", "nosync"), b"x", fsync=False)
+    st.fsync_dir(j(save_dir, "a"))
+    st.replace_atomic(j(save_dir, "latest"), b"one\n")
+    st.replace_atomic(j(save_dir, "latest"), lambda out: out.write(b"two\n"))
+    with open(j(save_dir, ".x.lock"), "wb") as lock:  # beside the storage, as ownership's lock files are
+        lock.write(b"owner")
+    st.rename(j(save_dir, "a"), j(save_dir, "c"))
+    st.makedirs(j(save_dir, "d"))
+    exchanged = st.exchange(j(save_dir, "c"), j(save_dir, "d"))
+    full = j(save_dir, "d" if exchanged else "c")
+    st.remove_file(j(full, "nosync"))
+    st.remove_file(j(save_dir, "missing"))
+    st.remove_tree(full)
+    os.unlink(j(save_dir, ".x.lock"))
+    log = recorder.finish()
+    kinds = [op.kind for op in log]
+    assert kinds[:6] == ["mkdir", "mkdir", "create", "write", "write", "fsync"]
+    assert [op.data for op in log if op.kind == "write"][:2] == [b"abc", b"def"]
+    assert [op.offset for op in log if op.kind == "write"][:2] == [0, 3]
+    latest = [op for op in log if op.method == "replace_atomic"]
+    assert [op.kind for op in latest] == ["create", "write", "fsync", "rename", "fsync_dir"] * 2
+    assert latest[3].dst == j(save_dir, "latest") and latest[3].path.endswith(".tmp")
+    assert [(op.kind, os.path.basename(op.path)) for op in log if op.external] == [
+        ("create", ".x.lock"), ("write", ".x.lock"), ("unlink", ".x.lock")]
+    assert ("exchange" in kinds) == exchanged and kinds.count("unlink") == 1 + 2 + 1  # nosync; tree; lock
+    assert [(op.kind, os.path.relpath(op.path, full)) for op in log[-5:]] == [  # children first, then the lock
+        ("unlink", "b/data"), ("rmdir", "b"), ("unlink", "index"), ("rmdir", "."), ("unlink", "../.x.lock")]
+    assert sum(1 for _ in crash_states(save_dir, before, log, snapshot(save_dir))) > len(log)
 
 
 # ------------------------------------------------------------------------------ the checker can fail
