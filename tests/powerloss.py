@@ -10,7 +10,9 @@ Persistence model (weaker than ext4's, so every state ext4 can leave is among th
   part or whole; the checker tries, for each file with unsynced data: all of it present, none of it (the
   file at its synced content: empty for a new file), a torn prefix (the synced content plus the first half
   of the unsynced bytes) and the full length with the unsynced bytes read back as zeros (the size persisted,
-  the data blocks not: ext4 ``data=writeback``, delayed allocation).
+  the data blocks not: ext4 ``data=writeback``, delayed allocation). Files written beside the storage seam
+  (ownership's lock files) get the first two only: their one reader (``ownership._read_record``) takes a
+  torn or zeroed owner record exactly as an empty one (no record), so those would add no other state.
 * **Names.** Every change of a directory entry — ``create``, ``mkdir``, ``rename``, ``exchange``,
   ``unlink``, ``rmdir`` — is durable once every directory it changed was ``fsync``'ed after it; until then
   it may or may not have persisted, **independently of every other pending change** (no ordering is
@@ -105,6 +107,7 @@ class _Inode:
     data: bytearray = field(default_factory=bytearray)  # a file's content now
     synced: bytes = b""  # a file's content as of its last fsync
     entries: dict = field(default_factory=dict)  # a directory's entries now: name -> inode number
+    beside: bool = False  # a file created beside the storage seam (a lock file)
 
 
 @dataclass
@@ -181,7 +184,9 @@ class Model:
                     raise ModelError(f"{op}: exists in the model")
                 self.inodes[ino].data = bytearray()  # O_TRUNC
                 return
-            self._change(index, op, (d, name, self._new("f" if op.kind == CREATE else "d")))
+            new = self._new("f" if op.kind == CREATE else "d")
+            self.inodes[new].beside = op.external
+            self._change(index, op, (d, name, new))
         elif op.kind == WRITE:
             node = self.inodes[self._existing(op.path)]
             end = op.offset + len(op.data)
@@ -276,7 +281,8 @@ class Model:
         torn = data[:len(base) + (len(data) - len(base)) // 2]
         zeros = base + bytes(len(data) - len(base))
         out: dict[bytes, str] = {}
-        for name, v in (("all written", data), ("as synced", synced), ("torn", torn), ("zero tail", zeros)):
+        cuts = (("torn", torn), ("zero tail", zeros)) if not node.beside else ()
+        for name, v in (("all written", data), ("as synced", synced), *cuts):
             out.setdefault(v, name)
         return [(name, v) for v, name in out.items()]
 
@@ -321,8 +327,8 @@ def _combos(sizes: list[int], rng: random.Random) -> list[tuple[int, ...]]:
 
 def coalesce(log: list[Op]) -> list[Op]:
     """``log`` with every run of consecutive writes that extend one file merged into one write: a crash inside
-    the run leaves the file with unsynced data, which the data variants (as synced, torn, zero tail, all)
-    already cover, so the prefixes inside the run add no other state."""
+    the run leaves the file with a prefix of the run's bytes unsynced, the kind of state the data variants
+    (as synced, torn, zero tail, all written) already check at the end of the run."""
     out: list[Op] = []
     for op in log:
         last = out[-1] if out else None

@@ -38,6 +38,7 @@ from asyncckpt import CheckpointError, CheckpointReader, list_tags, storage
 from asyncckpt.engine import SaveEngine
 from asyncckpt.loader import read_latest
 from asyncckpt.state import flatten
+from asyncckpt.storage.faults import Faults
 from asyncckpt.storage.recording import FSYNC, FSYNC_DIR, RENAME, Recorder, RecordingStorage
 from powerloss import check, coalesce, crash_states, log_text, snapshot, summary
 from reliability import record
@@ -201,13 +202,18 @@ def test_save_next_to_a_previous_checkpoint(work, save_dir):
     _assert_held("save next to a previous checkpoint", report, log, save_dir)
 
 
-def test_overwrite_of_the_latest_tag(work, save_dir):
+@pytest.mark.parametrize("exchange", [True, False], ids=["rename-exchange", "two-renames"])
+def test_overwrite_of_the_latest_tag(work, save_dir, exchange):
+    """With RENAME_EXCHANGE the tag is swapped in one step; without it (a storage answering that it cannot) the
+    old tag is renamed aside first: between the two renames the loader reads it from there."""
     cfg = _config(overwrite=True)
     a, b = _state(1), _state(2)
     _save(cfg, save_dir, "t1", a)
-    report, log = _run("overwrite", work, cfg, save_dir, "t1", b, {"t1": [a, b]}, {"t1": [a, b]})
-    assert any(op.kind == "exchange" for op in log), "RENAME_EXCHANGE is not available here"
-    _assert_held("overwrite of the tag latest names (RENAME_EXCHANGE)", report, log, save_dir)
+    wrappers = [] if exchange else [Faults().answer("exchange", False).wrap]
+    report, log = _run("overwrite", work, cfg, save_dir, "t1", b, {"t1": [a, b]}, {"t1": [a, b]}, *wrappers)
+    assert any(op.kind == "exchange" for op in log) == exchange, "RENAME_EXCHANGE is not available here"
+    how = "RENAME_EXCHANGE" if exchange else "two renames"
+    _assert_held(f"overwrite of the tag latest names ({how})", report, log, save_dir)
 
 
 def test_keep_last_removes_the_older_tag(work, save_dir):
