@@ -68,7 +68,8 @@ class Op:
 
 
 class Recorder:
-    """Records the operations of every storage it wraps that touch ``root`` (the save directory)."""
+    """Records the operations of every storage it wraps (meant for the saves into ``root``, a save directory
+    that exists before the first one: the log starts from it)."""
 
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
@@ -217,8 +218,8 @@ class RecordingStorage:
     def write_durable(self, path: str, data: bytes, fsync: bool = True) -> None:
         path = self._abs(path)
         data = bytes(data)
-        self.recorder._run("write_durable", lambda: self.inner.write_durable(path, data, fsync),
-                           lambda _: [Op(CREATE, path), Op(WRITE, path, data=data)] + ([Op(FSYNC, path)] if fsync else []))
+        ops = [Op(CREATE, path), Op(WRITE, path, data=data)] + ([Op(FSYNC, path)] if fsync else [])
+        self.recorder._run("write_durable", lambda: self.inner.write_durable(path, data, fsync), lambda _: ops)
 
     def replace_atomic(self, path: str, data: bytes | Callable[[BinaryIO], None], fsync: bool = True) -> None:
         path = self._abs(path)
