@@ -162,7 +162,10 @@ def _assert_held(case: str, report, log, save_dir: str) -> None:
     state whose leftovers the next save did not remove is a known issue (an expected failure, below)."""
     note = f"{report.prefixes} prefixes, {report.distinct} distinct states"
     record(CATEGORY, f"{case}: latest, listed tags, next save", report.states, report.held(HARD), note)
-    record(CATEGORY, f"{case}: leftovers removed by the next save", report.states, report.held(("leftover",)), note)
+    known = "; known issue: a directory left without its lock file stays (tests/test_power_loss.py)"
+    kept = report.held(("leftover",))
+    record(CATEGORY, f"{case}: leftovers removed by the next save", report.states, kept,
+           note + (known if kept < report.states else ""))
     text = "\n\nlog (writes coalesced):\n" + log_text(coalesce(log), save_dir)
     assert not report.select(HARD), summary(report, report.select(HARD)) + text
     leftovers = report.select(("leftover",))
