@@ -9,15 +9,16 @@ model and its bounds) is built in a directory and checked:
   the new state (replay), a later tag when it does — ``latest`` names it afterwards, it loads, and no
   leftover (partial directory, temporary file, lock file) remains.
 
-Saves: the first one into an empty directory, the second next to a previous checkpoint, an overwrite of the tag
-``latest`` names (``overwrite: true``: RENAME_EXCHANGE), and one with ``keep_last: 1`` removing the older tag.
+Saves (one rank): the first one into an empty directory, the second next to a previous checkpoint, an overwrite
+of the tag ``latest`` names (``overwrite: true``) with RENAME_EXCHANGE and with two renames (a storage that
+answers it cannot exchange), and one with ``keep_last: 1`` removing the older tag.
 Then the checker is shown to fail: with a storage that skips the directory fsyncs, or the file fsyncs, it
 finds states in which ``latest`` does not load.
 
 Known issue (the leftovers, an expected failure until fixed; ``latest``, the tags and the next save hold in
 every state): a lock file ``.<name>.partial.lock`` is created without a directory fsync before the directory
-it guards appears (``.<tag>.partial`` by the exchange of an overwrite, ``.<old>.deleting.partial`` by
-keep_last's rename), and it is unlinked after ``remove_tree`` of that directory without a directory fsync in
+it guards appears (``.<tag>.partial`` by the exchange of an overwrite, ``.<tag>.replaced.partial`` by its
+first rename without RENAME_EXCHANGE, ``.<old>.deleting.partial`` by keep_last's rename), and it is unlinked after ``remove_tree`` of that directory without a directory fsync in
 between. Under this model a crash can then keep the directory without its lock file, and
 ``ownership.clean`` leaves a partial directory that has no owner record alone for ever (a whole old
 checkpoint's bytes, in the overwrite case). ext4's ordered journal cannot leave those states. The fix:
