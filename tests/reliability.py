@@ -11,9 +11,9 @@ import json
 import os
 
 ENV = "ASYNCCKPT_RELIABILITY_RECORDS"
-MODULES = ("tests/test_crash.py", "tests/test_faults.py", "tests/test_corruption.py", "tests/test_hostile.py",
-           "tests/test_pickle_policy.py")
-CATEGORIES = ("Crash (SIGKILL)", "Faults", "Corruption", "Forged input", "Fuzz")
+MODULES = ("tests/test_crash.py", "tests/test_power_loss.py", "tests/test_faults.py", "tests/test_corruption.py",
+           "tests/test_hostile.py", "tests/test_pickle_policy.py")
+CATEGORIES = ("Crash (SIGKILL)", "Power loss", "Faults", "Corruption", "Forged input", "Fuzz")
 
 
 def record(category: str, case: str, tried: int, held: int, note: str = "") -> None:
