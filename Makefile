@@ -11,9 +11,9 @@ STAMP      := $(VENV)/.installed
 SPEC       := $(VENV)/.spec
 PYTEST_ARGS ?=
 # Optional integrations installed for the tests (their tests skip without them): `make test EXTRAS=` for none.
-EXTRAS     ?= export,lightning,transformers,deepspeed
+EXTRAS     ?= export,lightning,transformers,deepspeed,s3,test-s3
 # The modules of tests/reliability.py's MODULES.
-RELIABILITY_TESTS := tests/test_crash.py tests/test_faults.py tests/test_corruption.py tests/test_hostile.py \
+RELIABILITY_TESTS := tests/test_crash.py tests/test_power_loss.py tests/test_faults.py tests/test_corruption.py tests/test_hostile.py \
                      tests/test_pickle_policy.py
 
 .PHONY: venv demo test reliability bench-deps bench bench-many-small bench-integrations clean FORCE

@@ -34,7 +34,7 @@ def save(state: Any, save_dir: str | os.PathLike, tag: str, *, save_latest: bool
     finished first (at most ``commit_timeout_s``)."""
     t0 = time.perf_counter()
     cfg = Config.coerce(config)
-    save_dir = os.path.abspath(os.fspath(save_dir))
+    save_dir = os.fspath(save_dir)  # the engine resolves it now: local paths against the current directory
     return _engine(cfg).save(lambda: flatten(state, allow_pickle=cfg.allow_pickle), save_dir, tag,
                              save_latest=save_latest, t0=t0)
 

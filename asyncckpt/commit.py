@@ -267,7 +267,7 @@ class CommitCoordinator:
         st.makedirs(save_dir)
         name = partial_dir_name(tag)
         partial = os.path.join(save_dir, name)
-        lock = claim(st, save_dir, name, "save")
+        lock = claim(st, save_dir, name, "save", self.fsync)
         try:
             if first:
                 clean(st, save_dir, own=name)
@@ -435,7 +435,7 @@ class CommitCoordinator:
                     old = partial
                 else:  # two renames; a crash between them is repaired by the next save (see ownership.clean)
                     old = os.path.join(save_dir, f".{tag}{REPLACED_SUFFIX}")
-                    old_lock = claim(st, save_dir, os.path.basename(old), "replaced")
+                    old_lock = claim(st, save_dir, os.path.basename(old), "replaced", self.fsync)
                     try:
                         st.rename(final, old)
                     except BaseException:
@@ -449,6 +449,8 @@ class CommitCoordinator:
                     st.fsync_dir(save_dir)
                 if old is not None:
                     st.remove_tree(old)
+                    if self.fsync:  # the removal is durable before the lock file of `old` goes
+                        st.fsync_dir(save_dir)
             finally:
                 if old_lock is not None:
                     old_lock.release(unlink=not st.exists(old))
@@ -508,7 +510,7 @@ class CommitCoordinator:
             doomed = os.path.join(save_dir, f".{old}{DELETING_SUFFIX}")
             lock = None
             try:
-                lock = claim(st, save_dir, os.path.basename(doomed), "deleting")
+                lock = claim(st, save_dir, os.path.basename(doomed), "deleting", self.fsync)
                 with self._dir_lock(save_dir):
                     # under the lock, through the reader's checks: a FIFO, symlink or damaged `latest` must not
                     # steer deletion, and a tag published again since the listing is not the old one any more
@@ -518,6 +520,8 @@ class CommitCoordinator:
                     if self.fsync:
                         st.fsync_dir(save_dir)
                 st.remove_tree(doomed)  # ...and its bytes afterwards, without holding up a publish
+                if self.fsync:  # the removal is durable before its lock file goes
+                    st.fsync_dir(save_dir)
                 log.info("keep_last=%d: removed checkpoint %s", self.keep_last, os.path.join(save_dir, old))
             except CheckpointError as exc:
                 log.warning("keep_last: not removing anything more this time: %s", exc)

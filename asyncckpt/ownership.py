@@ -107,14 +107,22 @@ def _take_abandoned(path: str, create: bool) -> tuple[LockFile | None, dict]:
     return LockFile.take(path, create=True), rec
 
 
-def claim(st: Storage, save_dir: str, name: str, kind: str) -> LockFile:
-    """Become the owner of ``save_dir/name`` (a partial directory); OSError(EBUSY) when a live saver is."""
+def claim(st: Storage, save_dir: str, name: str, kind: str, fsync: bool = True) -> LockFile:
+    """Become the owner of ``save_dir/name`` (a partial directory); OSError(EBUSY) when a live saver is. With
+    ``fsync``, the lock file's name is made durable before the caller creates ``name``: after a power loss, a
+    partial directory always has its lock file, so the next save's cleanup can remove it."""
     path = os.path.join(save_dir, name + LOCK_SUFFIX)
     lock, rec = _take_abandoned(path, create=True)
     if lock is None:
         raise OSError(errno.EBUSY, f"{st.join(save_dir, name)} is being written by another saver "
                                    f"({_owner_text(rec)}); use another tag")
-    lock.write(_owner_record(kind))
+    try:
+        lock.write(_owner_record(kind))
+        if fsync:
+            st.fsync_dir(save_dir)
+    except BaseException:
+        lock.release(unlink=True)
+        raise
     return lock
 
 

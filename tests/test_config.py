@@ -14,6 +14,7 @@ import yaml
 
 import asyncckpt
 from asyncckpt import CodecConfig, Config, ConfigError, WriterConfig
+from asyncckpt.config import StorageConfig
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -37,10 +38,13 @@ def test_from_dict_round_trips_every_key():
             "codec": {"compression": False, "level": -3, "shuffle": False, "chunk_mib": 1, "min_saving": 0.5,
                       "fast_planes": False},
             "writer": {"threads_per_node": 4, "files_per_rank": 2, "inflight_chunks": 8, "fsync": False, "nice": 0,
-                       "ionice_idle": True, "memory_budget_mib": 512}}
+                       "ionice_idle": True, "memory_budget_mib": 512},
+            "storage": {"options": {"endpoint_url": "http://127.0.0.1:9000", "client_kwargs": {"verify": False}},
+                        "block_mib": 8}}
     c = Config.from_dict(data)
     assert c.to_dict() == {**data, "commit_timeout_s": 12.0, "save_deadline_s": 30.0, "codec": {**data["codec"], "chunk_mib": 1.0},
-                           "writer": {**data["writer"], "memory_budget_mib": 512.0}}
+                           "writer": {**data["writer"], "memory_budget_mib": 512.0},
+                           "storage": {**data["storage"], "block_mib": 8.0}}
     assert Config.from_dict(c.to_dict()) == c
     assert isinstance(c.commit_timeout_s, float) and c.codec.chunk_bytes == 1 << 20
     assert c.writer.memory_budget_bytes == 512 << 20
@@ -189,7 +193,7 @@ def _fields(cls, prefix: str = "") -> set[str]:
 def _yaml_keys(d: dict, prefix: str = "") -> set[str]:
     out = set()
     for k, v in d.items():
-        out |= _yaml_keys(v, prefix + k + ".") if isinstance(v, dict) else {prefix + k}
+        out |= _yaml_keys(v, prefix + k + ".") if isinstance(v, dict) and v else {prefix + k}  # {}: a mapping key
     return out
 
 
@@ -234,13 +238,13 @@ def test_config_reaches_the_engine(save_dir):
 def _keys(kind: type) -> list[str]:
     """Every dotted config key whose field has the annotated type ``kind``."""
     out = []
-    for section, prefix in ((Config, ""), (CodecConfig, "codec."), (WriterConfig, "writer.")):
+    for section, prefix in ((Config, ""), (CodecConfig, "codec."), (WriterConfig, "writer."), (StorageConfig, "storage.")):
         hints = typing.get_type_hints(section)
         out += [prefix + f.name for f in dataclasses.fields(section) if hints[f.name] is kind]
     return out
 
 
-FLOAT_KEYS, INT_KEYS, BOOL_KEYS, STR_KEYS = _keys(float), _keys(int), _keys(bool), _keys(str)
+FLOAT_KEYS, INT_KEYS, BOOL_KEYS, STR_KEYS, DICT_KEYS = _keys(float), _keys(int), _keys(bool), _keys(str), _keys(dict)
 
 
 def nested(key: str, value) -> dict:
@@ -254,7 +258,7 @@ def construct(key: str, value):
     head, _, tail = key.partition(".")
     if not tail:
         return Config(**{head: value})
-    section = {"codec": CodecConfig, "writer": WriterConfig}[head]
+    section = {"codec": CodecConfig, "writer": WriterConfig, "storage": StorageConfig}[head]
     return section(**{tail: value})
 
 
@@ -279,11 +283,13 @@ def refused_everywhere(tmp_path, key: str, value, scalar: str | None, expected: 
 
 
 def test_the_key_lists_cover_every_field():
-    assert len(FLOAT_KEYS) == 5 and len(INT_KEYS) == 7 and len(BOOL_KEYS) == 10 and len(STR_KEYS) == 3
-    everything = {f.name for f in dataclasses.fields(Config)} - {"codec", "writer"}
+    assert len(FLOAT_KEYS) == 6 and len(INT_KEYS) == 7 and len(BOOL_KEYS) == 10 and len(STR_KEYS) == 3
+    assert DICT_KEYS == ["storage.options"]
+    everything = {f.name for f in dataclasses.fields(Config)} - {"codec", "writer", "storage"}
     everything |= {f"codec.{f.name}" for f in dataclasses.fields(CodecConfig)}
     everything |= {f"writer.{f.name}" for f in dataclasses.fields(WriterConfig)}
-    assert everything == set(FLOAT_KEYS + INT_KEYS + BOOL_KEYS + STR_KEYS)
+    everything |= {f"storage.{f.name}" for f in dataclasses.fields(StorageConfig)}
+    assert everything == set(FLOAT_KEYS + INT_KEYS + BOOL_KEYS + STR_KEYS + DICT_KEYS)
 
 
 @pytest.mark.parametrize("key", FLOAT_KEYS)
@@ -350,7 +356,7 @@ def test_string_keys_refuse_yaml_booleans_and_numbers(tmp_path, key):
 
 def test_ints_for_float_keys_become_floats_the_same_way_everywhere():
     for key in FLOAT_KEYS:
-        n = 0 if key == "codec.min_saving" else 1  # in range for every float key
+        n = {"codec.min_saving": 0, "storage.block_mib": 64}.get(key, 1)  # in range for every float key
         a, b = Config.from_dict(nested(key, n)), construct(key, n)
         head, _, tail = key.partition(".")
         value = getattr(b, tail) if tail else getattr(b, head)

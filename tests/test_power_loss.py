@@ -15,15 +15,9 @@ answers it cannot exchange), and one with ``keep_last: 1`` removing the older ta
 Then the checker is shown to fail: with a storage that skips the directory fsyncs, or the file fsyncs, it
 finds states in which ``latest`` does not load.
 
-Known issue (the leftovers, an expected failure until fixed; ``latest``, the tags and the next save hold in
-every state): a lock file ``.<name>.partial.lock`` is created without a directory fsync before the directory
-it guards appears (``.<tag>.partial`` by the exchange of an overwrite, ``.<tag>.replaced.partial`` by its
-first rename without RENAME_EXCHANGE, ``.<old>.deleting.partial`` by keep_last's rename), and it is unlinked after ``remove_tree`` of that directory without a directory fsync in
-between. Under this model a crash can then keep the directory without its lock file, and
-``ownership.clean`` leaves a partial directory that has no owner record alone for ever (a whole old
-checkpoint's bytes, in the overwrite case). ext4's ordered journal cannot leave those states. The fix:
-``ownership.claim`` fsyncs ``save_dir`` after writing the lock file, and the publisher and keep_last fsync
-``save_dir`` after ``remove_tree`` of the replaced or removed tag.
+A leftover directory always has its lock file: ``ownership.claim`` makes the lock file's name durable before
+the directory it guards can appear, and the publisher and keep_last make a removal durable before its lock
+file goes, so the next save's cleanup removes whatever a power loss left.
 """
 from __future__ import annotations
 
@@ -159,19 +153,15 @@ HARD = ("latest", "tags", "next save")
 
 
 def _assert_held(case: str, report, log, save_dir: str) -> None:
-    """No state broke a hard promise (``latest``, the listed tags, the next save); then the leftovers: a
-    state whose leftovers the next save did not remove is a known issue (an expected failure, below)."""
+    """No state broke a promise: ``latest``, the listed tags, the next save, and no leftover after it."""
     note = f"{report.prefixes} prefixes, {report.distinct} distinct states"
     record(CATEGORY, f"{case}: latest, listed tags, next save", report.states, report.held(HARD), note)
-    known = "; known issue: a directory left without its lock file stays (tests/test_power_loss.py)"
-    kept = report.held(("leftover",))
-    record(CATEGORY, f"{case}: leftovers removed by the next save", report.states, kept,
-           note + (known if kept < report.states else ""))
+    record(CATEGORY, f"{case}: leftovers removed by the next save", report.states, report.held(("leftover",)),
+           note)
     text = "\n\nlog (writes coalesced):\n" + log_text(coalesce(log), save_dir)
     assert not report.select(HARD), summary(report, report.select(HARD)) + text
     leftovers = report.select(("leftover",))
-    if leftovers:
-        pytest.xfail("known issue (see the module's docstring): " + summary(report, leftovers, 3))
+    assert not leftovers, summary(report, leftovers, 3) + text
 
 
 @pytest.fixture
