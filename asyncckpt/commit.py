@@ -51,6 +51,7 @@ from .agreement import created, rank_ranges, read_manifest, spec_mismatches
 from .io_types import RankOutcome
 from .nodes import check_nodes, other_nodes_here, remove_probe, this_node, write_probe
 from .loader import list_tags, read_latest
+from .owners import write_tables
 from .ownership import DELETING_SUFFIX, REPLACED_SUFFIX, claim, clean
 
 log = logging.getLogger(__name__)
@@ -396,13 +397,11 @@ class CommitCoordinator:
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "library_version": __version__,
             "tag": tag, "world_size": self.ctx.world_size, "created_unix": time.time(),
             "node_local": self.node_local, "save_latest": bool(save_latest),
-            "ranks": [{"rank": o.rank, "index": o.index_name, "xxh3": o.index_xxh3, "bytes": o.bytes_written}
-                      for o in outcomes if o.rank in mine],
             **extra,
         }
-        if self.node_local:
-            manifest["ranks_present"] = sorted(mine)
         try:
+            manifest.update(write_tables(partial, [(o.rank, o.index_name, o.index_xxh3, o.bytes_written)
+                                                   for o in outcomes if o.rank in mine], self.fsync))
             write_durable(os.path.join(partial, MANIFEST), seal(manifest), self.fsync)
             if self.fsync:
                 fsync_dir(partial)
