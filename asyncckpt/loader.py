@@ -883,7 +883,7 @@ class CheckpointReader:
             wanted = self._wanted(plain, rank)
             regions = {}
             for key, info in dtensors.items():
-                shape, offset = self._region(key, info, mesh)
+                shape, offset = self.region_of(key, info, mesh)
                 recs = self._sources(key, shape, offset, rank)
                 self._check_shards(key, info, recs)
                 regions[key] = (shape, offset, recs)
@@ -899,7 +899,9 @@ class CheckpointReader:
                 tensors[key] = local if mesh is None else to_dtensor(local, dtensors[key], mesh)
         return unflatten(skeleton, tensors, allow_pickle=allow_pickle, where=self.path)
 
-    def _region(self, key: str, info: DTensorInfo, mesh: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def region_of(self, key: str, info: DTensorInfo, mesh: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(shape, global offset) of the part of DTensor ``key`` a load reads: the whole tensor without a mesh,
+        else this rank's shard on ``mesh``. A subclass may choose other regions (a simulation of many ranks)."""
         if mesh is None:
             return info.global_shape, (0,) * len(info.global_shape)
         try:
