@@ -450,6 +450,7 @@ class CheckpointReader:
             self._docs: dict[int, dict] = {}  # rank -> its index, for the indices read so far
             self._records: dict[str, dict[int, TensorRecord]] = {}  # key -> rank -> record, of those indices
             self._owners: OwnerTable | None = None
+            self._checked: set[tuple[str, DTensorInfo]] = set()  # DTensor layouts whose saved shards were checked
             if self.version >= 3:
                 size = self._files.get(RANK_TABLE, keep=True)
                 if size is None:
@@ -850,7 +851,7 @@ class CheckpointReader:
             raise UnsafeCheckpointError(f"{where}: malformed DTensor node (global_shape {gshape!r:.100}, "
                                         f"placements {placements!r:.100})")
         info = DTensorInfo(tuple(gshape), tuple(tuple(p) for p in placements))
-        if complete:
+        if complete and (key, info) not in self._checked:  # every rank's skeleton names it: check its shards once
             recs = list(self._records.get(key, {}).values())
             if not recs:
                 raise UnsafeCheckpointError(f"{self.path}: the skeleton references tensor {key!r}, which no rank index holds")
@@ -858,6 +859,7 @@ class CheckpointReader:
             if not _tiles({_box(rec) for rec in recs}, info.global_shape):
                 raise UnsafeCheckpointError(f"{where}: its saved shards do not cover the global shape "
                                             f"{list(info.global_shape)} exactly once (holes or overlaps)")
+            self._checked.add((key, info))
         return info
 
     def _check_shards(self, key: str, info: DTensorInfo, recs: Iterable[TensorRecord]) -> None:

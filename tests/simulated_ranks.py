@@ -13,7 +13,7 @@ from asyncckpt.owners import write_tables
 
 TAG = "t"
 ROWS, COLS = 2, 4
-PARAMS = [f"model/layers.{i}.{p}" for i in range(3) for p in ("weight", "bias")]
+PARAMS = [f"model/layers.{i}.{p}" for i in range(2) for p in ("weight", "bias")]
 KEYS = PARAMS + [f"optim/{n}/{s}" for n in PARAMS for s in ("exp_avg", "exp_avg_sq")]
 
 
@@ -29,11 +29,16 @@ def rank_local(rank: int) -> torch.Tensor:
 TABLE = torch.linspace(0, 1, 32)
 
 
-def _record(key: str, t: torch.Tensor, file: str, data: bytearray, **shard) -> dict:
-    raw = t.contiguous().view(torch.uint8).numpy().tobytes()
-    chunk = fmt.ChunkRecord(len(data), len(raw), len(raw), "raw", fmt.checksum(raw))
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def _record(t: torch.Tensor, raw: bytes, file: str, data: bytearray, **shard) -> dict:
+    """A tensor record as the writer writes it (one raw chunk), its bytes appended to ``data``."""
+    chunk = {"off": len(data), "len": len(raw), "raw": len(raw), "codec": "raw", "xxh3": fmt.checksum(raw)}
     data += raw
-    return fmt.TensorRecord(key, t.dtype, tuple(t.shape), "cpu", file=file, chunks=(chunk,), **shard).to_json()
+    return {"dtype": fmt.dtype_name(t.dtype), "shape": list(t.shape), "device": "cpu", "file": file, "chunks": [chunk],
+            **shard}
 
 
 def write_checkpoint(save_dir: str, world: int) -> str:
@@ -47,16 +52,21 @@ def write_checkpoint(save_dir: str, world: int) -> str:
         part, name = key.split("/", 1)
         skeleton[part][name] = {"__t": "dtensor", "key": key, "global_shape": gshape, "placements": [["S", 0]]}
     entries = []
+    shard_bytes = ROWS * COLS * 4
+    fulls = {key: _bytes(full(key, world)) for key in KEYS}
+    local = full(KEYS[0], 1)  # the shape and dtype of every shard
     for rank in range(world):
         file = fmt.data_file_name(rank, 0)
         data = bytearray()
         tensors = {}
+        at = rank * shard_bytes
         for key in KEYS:
-            local = full(key, world)[rank * ROWS: (rank + 1) * ROWS]
-            tensors[key] = _record(key, local, file, data, global_shape=tuple(gshape), global_offset=(rank * ROWS, 0))
-        tensors["rng"] = _record("rng", rank_local(rank), file, data)
+            tensors[key] = _record(local, fulls[key][at: at + shard_bytes], file, data, global_shape=gshape,
+                                   global_offset=[rank * ROWS, 0])
+        own = rank_local(rank)
+        tensors["rng"] = _record(own, _bytes(own), file, data)
         if rank == 0:
-            tensors["table"] = _record("table", TABLE, file, data)
+            tensors["table"] = _record(TABLE, _bytes(TABLE), file, data)
         with open(os.path.join(tag_dir, file), "wb") as f:
             f.write(data)
         doc = {"format_version": fmt.FORMAT_VERSION, "rank": rank, "files": {file: len(data)}, "tensors": tensors,
