@@ -22,9 +22,10 @@ from .codec import ChunkCodec
 from .errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, InvalidTagError,
                      StateMismatchError, UnsafeCheckpointError)
 from .format import (DTYPE_NAMES, LATEST, MANIFEST, MAX_JSON_BYTES, MAX_LATEST_BYTES, MAX_NDIM, OWNER_KEYS,
-                     PARTIAL_SUFFIX, RANK_TABLE, TensorRecord, check_view, checksum, is_checkpoint_file_name,
-                     parse_manifest, parse_rank_index, partial_dir_name, rank_index_name, validate_tag)
-from .owners import OwnerTable, RankTable, check_tables
+                     OWNER_ROWS, PARTIAL_SUFFIX, RANK_TABLE, TensorRecord, check_view, checksum,
+                     is_checkpoint_file_name, parse_manifest, parse_rank_index, partial_dir_name, rank_index_name,
+                     validate_tag)
+from .owners import ROW, OwnerTable, RankTable, check_tables
 from .placement import DTensorInfo, copy_overlap, local_region, to_dtensor
 from .state import TAG, skeleton_tensor_refs, unflatten
 
@@ -506,7 +507,8 @@ class CheckpointReader:
         """A manifest, rank index or owner keys: a regular file of the tag directory, at most MAX_JSON_BYTES."""
         data = self._files.read_all(name, MAX_JSON_BYTES)
         if data is None:
-            what = {MANIFEST: "the manifest", OWNER_KEYS: "the owner table"}.get(name, "rank index listed in the manifest")
+            listed = "rank table" if getattr(self, "version", 0) >= 3 else "manifest"
+            what = {MANIFEST: "the manifest", OWNER_KEYS: "the owner table"}.get(name, f"rank index listed in the {listed}")
             raise CorruptCheckpointError(f"{self._file(name)}: {what} is missing")
         return data
 
@@ -812,6 +814,13 @@ class CheckpointReader:
                         packs.add(rec.base)
         if self.version >= 3:
             self._table.all()
+            for name, size, expected in ((RANK_TABLE, self._table.rows * ROW, self.manifest["rank_table"]["xxh3"]),
+                                         (OWNER_ROWS, self.manifest["owners"]["rows_bytes"],
+                                          self.manifest["owners"]["rows_xxh3"])):
+                got = self._files.get(name, keep=True)
+                if got is None or got[1] != size or checksum(self._files.read_range(name, 0, size)) != expected:
+                    raise CorruptCheckpointError(f"{self._file(name)}: missing, or its size or checksum does not "
+                                                 "match the manifest's")
             check_tables(self._owner_table(), records, packs, self._file(OWNER_KEYS))
 
     def _plan(self, rank: int, complete: bool) -> tuple[Any, list[str], dict[str, DTensorInfo]]:

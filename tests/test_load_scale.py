@@ -9,6 +9,8 @@ test would see).
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -91,3 +93,22 @@ def test_verify_still_checks_every_rank_and_the_tables(tmp_path):
         counts = reader.verify()
         assert len(reader.indices) == world
     assert counts["tensors"] == world * (len(sim.KEYS) + 1) + 1
+
+
+def test_a_forged_owner_row_makes_a_load_fail_never_read_other_bytes(tmp_path):
+    """The owner table is a hint: a row naming the wrong rank for a shard (sealed documents all intact) makes
+    a resharding load find shards that do not cover its region exactly once, and fail naming the tensor."""
+    import struct
+
+    from asyncckpt import UnsafeCheckpointError
+    from asyncckpt.format import OWNER_KEYS, OWNER_ROWS, unseal
+
+    tag_dir = sim.write_checkpoint(str(tmp_path), 8)
+    with open(os.path.join(tag_dir, OWNER_KEYS), "rb") as f:
+        entry = unseal(f.read(), OWNER_KEYS)["keys"][sim.KEYS[0]]
+    with open(os.path.join(tag_dir, OWNER_ROWS), "r+b") as f:  # the first shard's row names rank 5
+        f.seek(entry["at"])
+        f.write(struct.pack("<q", 5))
+    with pytest.raises(UnsafeCheckpointError, match="exactly once") as info:
+        load_as(str(tmp_path), 0, 4)
+    assert repr(sim.KEYS[0]) in str(info.value)
