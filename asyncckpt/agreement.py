@@ -17,21 +17,25 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from .errors import CheckpointError, CheckpointNotFoundError
 from .format import MANIFEST, MAX_JSON_BYTES, checksum, parse_manifest
-from .loader import read_control_file, read_latest, resolve_tag, tag_dir
+from .loader import object_store, read_control_file, read_latest, resolve_tag, tag_dir
+from .storage import Storage
 
 log = logging.getLogger(__name__)
 
 Gather = Callable[[Any, str], list]  # (this rank's object, what for) -> every rank's object, in rank order
+StorageArg = Storage | Mapping | None  # for a URL load_dir: its storage or fsspec options (loader.object_store)
 
 
-def read_manifest(load_dir: str, tag: str) -> tuple[dict, bytes]:
+def read_manifest(load_dir: str, tag: str, storage: StorageArg = None) -> tuple[dict, bytes]:
     """The parsed manifest of a published ``tag`` and its bytes; CheckpointError when it is not readable."""
-    path = os.path.join(tag_dir(load_dir, tag), MANIFEST)
-    data = read_control_file(path, MAX_JSON_BYTES)
+    store = object_store(load_dir, storage)
+    path = (store.join(load_dir, tag, MANIFEST) if store is not None else
+            os.path.join(tag_dir(load_dir, tag), MANIFEST))
+    data = read_control_file(path, MAX_JSON_BYTES, store)
     if data is None:
         raise CheckpointNotFoundError(f"{path}: missing")
     return parse_manifest(data, path), data
@@ -42,20 +46,20 @@ def created(doc: dict) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
-def identity(load_dir: str, tag: str) -> tuple[str, float]:
+def identity(load_dir: str, tag: str, storage: StorageArg = None) -> tuple[str, float]:
     """(save identity, creation time) of a published ``tag``; CheckpointError when it is not readable."""
-    doc, data = read_manifest(load_dir, tag)
+    doc, data = read_manifest(load_dir, tag, storage)
     save_id = doc.get("save_id")
     return save_id if isinstance(save_id, str) and save_id else "manifest " + checksum(data), created(doc)
 
 
-def _look(load_dir: str, tag: str | None) -> tuple[str | None, str, float, str]:
+def _look(load_dir: str, tag: str | None, storage: StorageArg) -> tuple[str | None, str, float, str]:
     """(tag, identity, created, error) as this rank sees it; tag None and no error: no ``latest`` here."""
     try:
-        if tag is None and read_latest(load_dir) is None:
+        if tag is None and read_latest(load_dir, storage=storage) is None:
             return None, "", 0.0, ""
-        resolved = resolve_tag(load_dir, tag)
-        ident, created = identity(load_dir, resolved)
+        resolved = resolve_tag(load_dir, tag, storage=storage)
+        ident, created = identity(load_dir, resolved, storage)
         return resolved, ident, created, ""
     except CheckpointError as exc:
         return tag, "", 0.0, f"{type(exc).__name__}: {exc}".splitlines()[0][:400]
@@ -89,9 +93,9 @@ def rank_ranges(ranks: list[int]) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ",".join(parts)
 
 
-def agree_on_tag(gather: Gather, load_dir: str, tag: str | None) -> str | None:
+def agree_on_tag(gather: Gather, load_dir: str, tag: str | None, storage: StorageArg = None) -> str | None:
     """The tag every rank loads (None: no rank has a ``latest`` and none was asked for). Called collectively."""
-    seen = gather(_look(load_dir, tag), "agreeing on the checkpoint to load")
+    seen = gather(_look(load_dir, tag, storage), "agreeing on the checkpoint to load")
     keys = {(s[0], s[1]) for s in seen}
     errors = [s for s in seen if s[3]]
     if not errors and len(keys) == 1:
@@ -102,7 +106,7 @@ def agree_on_tag(gather: Gather, load_dir: str, tag: str | None) -> str | None:
     if tag is not None or errors:  # a tag asked for, or a damaged latest
         raise CheckpointError(f"{head}: {views}{here}")
     candidates = sorted({s[0] for s in seen if s[0] is not None})
-    held = gather({c: _held(load_dir, c) for c in candidates}, "finding a checkpoint every rank holds")
+    held = gather({c: _held(load_dir, c, storage) for c in candidates}, "finding a checkpoint every rank holds")
     common = [c for c in candidates if len({h[c][0] for h in held}) == 1 and held[0][c][0]]
     if not common:
         raise CheckpointError(f"{head}, and no tag that any 'latest' names is held by every rank with the same "
@@ -113,9 +117,9 @@ def agree_on_tag(gather: Gather, load_dir: str, tag: str | None) -> str | None:
     return chosen
 
 
-def _held(load_dir: str, tag: str) -> tuple[str, float]:
+def _held(load_dir: str, tag: str, storage: StorageArg) -> tuple[str, float]:
     try:
-        return identity(load_dir, resolve_tag(load_dir, tag))
+        return identity(load_dir, resolve_tag(load_dir, tag, storage=storage), storage)
     except CheckpointError:
         return "", 0.0
 

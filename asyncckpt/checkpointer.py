@@ -211,15 +211,26 @@ class AsyncCheckpointer:
         load_dir = os.fspath(load_dir)
         tag = None if tag is None else _tag_text(tag)
         if self._engine.ctx.distributed:  # every rank loads the same checkpoint, or none does (agreement.py)
-            tag = self._engine.coordinated(agree_on_tag, self._engine.coordinator.gather, load_dir, tag)
+            tag = self._engine.coordinated(agree_on_tag, self._engine.coordinator.gather, load_dir, tag,
+                                              self._storage_options())
             if tag is None:
                 log.warning("no rank has a 'latest' file in %s: nothing to load (pass tag= to load a specific "
                             "checkpoint)", load_dir)
                 return None, None
-        elif tag is None and read_latest(load_dir) is None:
+        elif tag is None and read_latest(load_dir, storage=self._storage_options()) is None:
             log.warning("no 'latest' file in %s: nothing to load (pass tag= to load a specific checkpoint)", load_dir)
             return None, None
-        reader = CheckpointReader(load_dir, tag)
+        with CheckpointReader(load_dir, tag, storage=self._storage_options()) as reader:
+            return self._load_from(reader, map_location, load_module_strict, load_optimizer_states,
+                                   load_lr_scheduler_states, load_module_only, load_rng_states)
+
+    def _storage_options(self) -> dict | None:
+        """The fsspec options of a URL save directory (a local one ignores them)."""
+        return self.config.storage.fsspec_options()
+
+    def _load_from(self, reader: CheckpointReader, map_location, load_module_strict: bool,
+                   load_optimizer_states: bool, load_lr_scheduler_states: bool, load_module_only: bool,
+                   load_rng_states: bool) -> tuple[str, dict]:
         if map_location is None:
             map_location = self._module_device_map()
         source = self._source_rank(reader, load_rng_states and not load_module_only)
@@ -265,16 +276,15 @@ class AsyncCheckpointer:
         other mapping (another world size, a node-local copy of another node) loads the lowest saved rank's
         records, and only when no RNG state is to be restored: a rank never silently receives another rank's
         RNG streams (pass ``load_rng_states=False`` to keep this process's own)."""
-        present = sorted(entry["rank"] for entry in reader.manifest["ranks"])
-        if reader.world_size == self.world_size and self.rank in present:
+        if reader.world_size == self.world_size and reader.holds(self.rank):
             return self.rank
-        if want_rng and _saved_rng(reader, present[0]):
+        first = reader.first_rank
+        if want_rng and _saved_rng(reader, first):
             raise StateMismatchError(
-                f"{reader.path}: saved by {reader.world_size} rank(s) (this copy holds ranks "
-                f"{present[:8]}{'...' if len(present) > 8 else ''}); rank {self.rank} of {self.world_size} has no "
+                f"{reader.path}: saved by {reader.world_size} rank(s); rank {self.rank} of {self.world_size} has no "
                 "RNG state of its own there and will not be given another rank's: pass load_rng_states=False "
                 "(its client_state then comes from the lowest saved rank)")
-        return present[0]
+        return first
 
     def _device_mesh(self) -> Any:
         """The mesh of the model's DTensor parameters (FSDP2), onto which sharded state is resharded."""

@@ -237,15 +237,14 @@ def describe_dir(save_dir: str) -> dict[str, Any]:
     tags = []
     for tag in list_tags(save_dir, storage=_storage()):
         entry: dict[str, Any] = {"tag": tag, "latest": tag == latest}
-        try:
-            reader = CheckpointReader(save_dir, tag, storage=_storage())
+        try:  # a format v3 reader reads the indices (and lists the directory) for the sizes
+            with CheckpointReader(save_dir, tag, storage=_storage()) as reader:
+                m = reader.manifest
+                entry.update(world_size=reader.world_size, global_steps=m.get("global_steps"),
+                             created_unix=m.get("created_unix"), raw_bytes=reader.raw_bytes,
+                             stored_bytes=reader.stored_bytes, ratio=_ratio(reader.raw_bytes, reader.stored_bytes))
         except Exception as exc:  # noqa: BLE001 - one unreadable tag must not hide the others
             entry["error"] = _error_text(exc)
-        else:
-            m = reader.manifest
-            entry.update(world_size=reader.world_size, global_steps=m.get("global_steps"),
-                         created_unix=m.get("created_unix"), raw_bytes=reader.raw_bytes,
-                         stored_bytes=reader.stored_bytes, ratio=_ratio(reader.raw_bytes, reader.stored_bytes))
         tags.append(entry)
     for name, why in refused_tags(save_dir, storage=_storage()).items():
         tags.append({"tag": name, "latest": name == latest, "refused": True, "error": why})
@@ -259,7 +258,7 @@ def describe_tag(reader: CheckpointReader) -> dict[str, Any]:
     m = reader.manifest
     latest, _ = _latest_or_none(reader.save_dir)
     ranks = []
-    for entry in m["ranks"]:
+    for entry in reader.rank_entries():
         index = reader.indices.get(entry["rank"], {})
         ranks.append({"rank": entry["rank"], "index": entry["index"], "bytes": entry.get("bytes"),
                       "data_files": dict(index.get("files", {}))})

@@ -50,6 +50,7 @@ from .agreement import created, rank_ranges, read_manifest, spec_mismatches
 from .io_types import RankOutcome
 from .nodes import check_nodes, other_nodes_here, remove_probe, this_node, write_probe
 from .loader import list_tags, read_latest
+from .owners import write_tables
 from .ownership import DELETING_SUFFIX, REPLACED_SUFFIX, claim, clean
 from .durable import LockFile
 from .storage import MARKER, Storage, marker, open_storage
@@ -409,21 +410,15 @@ class CommitCoordinator:
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "library_version": __version__,
             "tag": tag, "world_size": self.ctx.world_size, "created_unix": time.time(),
             "node_local": self.node_local, "save_latest": bool(save_latest),
-            "ranks": [{"rank": o.rank, "index": o.index_name, "xxh3": o.index_xxh3, "bytes": o.bytes_written}
-                      for o in outcomes if o.rank in mine],
             **extra,
         }
-        if self.node_local:
-            manifest["ranks_present"] = sorted(mine)
-        if st.strategy == MARKER:
-            try:
+        try:
+            manifest.update(write_tables(partial, [(o.rank, o.index_name, o.index_xxh3, o.bytes_written)
+                                                   for o in outcomes if o.rank in mine], self.fsync, storage=st))
+            if st.strategy == MARKER:
                 marker.publish(st, save_dir, tag, seal(manifest))
                 state.published = True
-            finally:
-                if not state.published:
-                    _remove_quietly(st, partial)
-            return
-        try:
+                return
             st.write_durable(os.path.join(partial, MANIFEST), seal(manifest), self.fsync)
             if self.fsync:
                 st.fsync_dir(partial)

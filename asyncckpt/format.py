@@ -18,9 +18,12 @@ import xxhash
 from .errors import CorruptCheckpointError, InvalidTagError, UnsafeCheckpointError, UnsupportedStateError
 
 FORMAT_NAME = "asyncckpt"
-FORMAT_VERSION = 2  # what writers write
-READABLE_VERSIONS = (1, 2)  # what readers read: every version asyncckpt ever wrote
+FORMAT_VERSION = 3  # what writers write
+READABLE_VERSIONS = (1, 2, 3)  # what readers read: every version asyncckpt ever wrote
 MANIFEST = "manifest.json"
+RANK_TABLE = "ranks.tbl"  # format v3: one fixed-width row per rank (owners.py)
+OWNER_KEYS = "owners.json"  # format v3: which ranks hold each key
+OWNER_ROWS = "owners.tbl"  # format v3: the rows owners.json points into
 LATEST = "latest"
 PARTIAL_SUFFIX = ".partial"
 MAX_JSON_BYTES = 1 << 30  # a manifest or rank index larger than this is refused before it is read
@@ -81,7 +84,10 @@ def check_device(device: Any, where: str) -> str:
 
 def is_checkpoint_file_name(name: str) -> bool:
     """A name asyncckpt reads inside a tag directory: the manifest, a rank index or a data file."""
-    return name == MANIFEST or bool(_INDEX_RE.fullmatch(name)) or bool(_DATA_RE.fullmatch(name))
+    return name in _TABLES or name == MANIFEST or bool(_INDEX_RE.fullmatch(name)) or bool(_DATA_RE.fullmatch(name))
+
+
+_TABLES = (RANK_TABLE, OWNER_KEYS, OWNER_ROWS)
 
 
 def max_chunks(nbytes: int) -> int:
@@ -381,6 +387,20 @@ def parse_manifest(data: bytes, where: str) -> dict:
     _need(doc.get("format") == FORMAT_NAME, where, f"not an asyncckpt manifest (format={doc.get('format')!r:.40})")
     _version(doc, where)
     world = _int(doc.get("world_size"), where, "world_size", lo=1, hi=MAX_WORLD_SIZE)
+    if doc["format_version"] >= 3:
+        _check_tables(doc, world, where)
+    else:
+        _check_rank_entries(doc, world, where)
+    tag = doc.get("tag")
+    try:
+        _need(validate_tag(tag) == tag, where, "tag must be a valid tag")
+    except InvalidTagError:
+        _need(False, where, f"tag {tag!r:.80} is not a valid tag")
+    return doc
+
+
+def _check_rank_entries(doc: dict, world: int, where: str) -> None:
+    """Format v1/v2: the manifest lists every rank's entry inline."""
     ranks = doc.get("ranks")
     node_local = doc.get("node_local", False)
     _need(node_local is True or node_local is False, where, "node_local must be true or false")
@@ -404,12 +424,42 @@ def parse_manifest(data: bytes, where: str) -> dict:
         present = doc["ranks_present"]
         _need(isinstance(present, list) and all(type(r) is int for r in present) and present == sorted(seen), where,
               "ranks_present must list the ranks of `ranks`, sorted")
-    tag = doc.get("tag")
-    try:
-        _need(validate_tag(tag) == tag, where, "tag must be a valid tag")
-    except InvalidTagError:
-        _need(False, where, f"tag {tag!r:.80} is not a valid tag")
-    return doc
+
+
+def _check_tables(doc: dict, world: int, where: str) -> None:
+    """Format v3: the manifest describes the rank table and the owner table (docs/FORMAT.md section 15); the
+    rank entries are rows of the rank table, read by byte range."""
+    node_local = doc.get("node_local", False)
+    _need(node_local is True or node_local is False, where, "node_local must be true or false")
+    _need("ranks" not in doc and "ranks_present" not in doc, where,
+          "a format v3 manifest lists its ranks in the rank table, not inline")
+    table, owners = doc.get("rank_table"), doc.get("owners")
+    _need(isinstance(table, dict) and isinstance(owners, dict), where, "rank_table and owners must be objects")
+    rows = _int(table.get("rows"), where, "rank_table.rows", lo=1, hi=world)
+    _need(node_local or rows == world, where, "rank_table.rows must be world_size (one row per rank)")
+    _int(owners.get("rows_bytes"), where, "owners.rows_bytes")
+    for what, value in (("rank_table.xxh3", table.get("xxh3")), ("owners.xxh3", owners.get("xxh3")),
+                        ("owners.rows_xxh3", owners.get("rows_xxh3"))):
+        _need(isinstance(value, str) and bool(_HEX16_RE.fullmatch(value)), where, f"{what} must be 16 lower-case hex digits")
+
+
+def parse_owner_keys(data: bytes, where: str, rows_bytes: int) -> dict[str, dict]:
+    """``owners.json`` (format v3): key -> ``{"at", "rows"[, "ndim"]}``, each block of rows inside the
+    ``rows_bytes`` of ``owners.tbl`` and the blocks not overlapping."""
+    doc = unseal(data, where)
+    keys = doc.get("keys")
+    _need(isinstance(keys, dict), where, "keys must be an object")
+    spans = []
+    for key, e in keys.items():
+        _need(isinstance(e, dict) and set(e) <= {"at", "rows", "ndim"}, where, lambda: f"entry of {key!r:.80} is malformed")
+        ndim = _int(e.get("ndim", 0), where, f"ndim of {key!r:.80}", hi=MAX_NDIM)
+        width = 8 * (1 + 2 * ndim) if "ndim" in e else 8
+        at, rows = _int(e.get("at"), where, "at"), _int(e.get("rows"), where, "rows", lo=1, hi=MAX_WORLD_SIZE)
+        _need(at + rows * width <= rows_bytes, where, lambda: f"rows of {key!r:.80} lie outside the owner table")
+        spans.append((at, at + rows * width))
+    spans.sort()
+    _need(all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), where, "blocks of rows overlap")
+    return keys
 
 
 def parse_rank_index(data: bytes, where: str, file_sizes: dict[str, int] | None = None, *,

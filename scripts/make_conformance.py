@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import asyncckpt  # noqa: E402
 from asyncckpt import format as fmt  # noqa: E402
+from asyncckpt.owners import ROW, rank_row, restamp, write_tables  # noqa: E402
 from asyncckpt.state import MAX_DEPTH, METADATA_PART, join, key_part  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -230,18 +231,14 @@ def pin_manifest(tag_dir: str) -> None:
 
 
 def write_index(tag_dir: str, rank: int, doc: dict, data: bytes | None = None) -> None:
-    """Write rank ``rank``'s index (sealed from ``doc``, or the raw ``data``) and update its manifest entry."""
+    """Write rank ``rank``'s index (sealed from ``doc``, or the raw ``data``) and update the manifest (format v2)
+    or the rank and owner tables (format v3) to match."""
     name = fmt.rank_index_name(rank)
     if data is None:
         data = fmt.seal(doc)
     with open(os.path.join(tag_dir, name), "wb") as f:
         f.write(data)
-    mpath = os.path.join(tag_dir, fmt.MANIFEST)
-    manifest = read_doc(mpath)
-    for entry in manifest["ranks"]:
-        if entry["rank"] == rank:
-            entry.update(xxh3=fmt.checksum(data), bytes=sum(doc["files"].values()) + len(data))
-    write_doc(mpath, manifest)
+    restamp(tag_dir)
 
 
 def compose(save_dir: str, states: dict[int, object], world_size: int, config: dict | None = None,
@@ -273,13 +270,10 @@ def compose(save_dir: str, states: dict[int, object], world_size: int, config: d
             if edit is not None:
                 edit(rank, doc)
             data = write_doc(os.path.join(tag_dir, fmt.rank_index_name(rank)), doc)
-            entries.append({"rank": rank, "index": fmt.rank_index_name(rank), "xxh3": fmt.checksum(data),
-                            "bytes": sum(doc["files"].values()) + len(data)})
+            entries.append((rank, fmt.rank_index_name(rank), fmt.checksum(data), sum(doc["files"].values()) + len(data)))
     manifest = {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "library_version": LIBRARY_VERSION,
                 "tag": TAG, "world_size": world_size, "created_unix": CREATED_UNIX, "node_local": node_local,
-                "ranks": entries}
-    if node_local:
-        manifest["ranks_present"] = sorted(states)
+                **write_tables(tag_dir, entries, fsync=False)}
     write_doc(os.path.join(tag_dir, fmt.MANIFEST), manifest)
     with open(os.path.join(save_dir, fmt.LATEST), "w") as f:
         f.write(TAG + "\n")
@@ -331,14 +325,37 @@ def valid_cases(root: str) -> None:
          lambda d: compose(d, {0: {"w": torch.arange(1200.0).reshape(2, 600)},
                                1: {"w": torch.arange(1200.0, 2400.0).reshape(2, 600)}},
                            2, config={"codec": {"chunk_mib": 1 / 64}}, edit=_shard_rows))  # shards too big to pack
-    case("node_local", "a node-local copy of a two-rank job holding rank 1 only (node_local, ranks_present)",
+    case("node_local", "a node-local copy of a two-rank job holding rank 1 only (node_local: the rank table has "
+         "one row)",
          lambda d: compose(d, {1: {"x": torch.full((2,), 5.0)}}, 2, node_local=True))
     case("replaced_partial", "an overwrite cut short between its two renames: `t` is missing, and the complete "
          "old copy under `.t.replaced.partial` is what `t` loads",
          lambda d: (save(small_state(), d, SMALL_CONFIG),
                     os.rename(os.path.join(d, TAG), os.path.join(d, ".t.replaced.partial"))))
+    case("v2", "a format v2 checkpoint: the manifest lists every rank's entry inline, no rank or owner table",
+         lambda d: (save(small_state(), d, SMALL_CONFIG), as_v2(os.path.join(d, TAG))))
     case("v1", "a format v1 checkpoint written by asyncckpt 0.1.0 (tests/fixtures/v1/raw): the v1 seal",
          lambda d: shutil.copytree(V1_FIXTURE, os.path.join(d, TAG)))
+
+
+def as_v2(tag_dir: str) -> None:
+    """Rewrite a single-save checkpoint the way format v2 writers wrote it: the rank entries inline in the
+    manifest, every document of format_version 2, no tables."""
+    mpath = os.path.join(tag_dir, fmt.MANIFEST)
+    manifest = read_doc(mpath)
+    entries = []
+    with open(os.path.join(tag_dir, fmt.RANK_TABLE), "rb") as f:
+        rows = f.read()
+    for i in range(0, len(rows), ROW):
+        rank, nbytes = int(rows[i: i + 10]), int(rows[i + 28: i + 48])
+        path = os.path.join(tag_dir, fmt.rank_index_name(rank))
+        data = write_doc(path, dict(read_doc(path), format_version=2))
+        entries.append({"rank": rank, "index": fmt.rank_index_name(rank), "xxh3": fmt.checksum(data), "bytes": nbytes})
+    for name in (fmt.RANK_TABLE, fmt.OWNER_KEYS, fmt.OWNER_ROWS):
+        os.unlink(os.path.join(tag_dir, name))
+    for field in ("rank_table", "owners"):
+        del manifest[field]
+    write_doc(mpath, dict(manifest, format_version=2, ranks=entries))
 
 
 def _rep_on_rank0_only(rank: int, doc: dict) -> None:
@@ -365,8 +382,8 @@ def _foreign_json(tag_dir: str) -> None:
     assert b"1e-8" in data and b"\\u00E9" in data
     with open(os.path.join(tag_dir, fmt.rank_index_name(0)), "wb") as f:
         f.write(data)
+    restamp(tag_dir)
     manifest = read_doc(os.path.join(tag_dir, fmt.MANIFEST))
-    manifest["ranks"][0].update(xxh3=fmt.checksum(data), bytes=sum(index["files"].values()) + len(data))
     with open(os.path.join(tag_dir, fmt.MANIFEST), "wb") as f:
         f.write(foreign(manifest))
 
@@ -533,6 +550,26 @@ def _rename_index(ck: Forge) -> None:
     ck.write_manifest()
 
 
+def _rank_table(fn):
+    """The rank table rewritten as ``fn(ck, its bytes)``, the manifest's checksum of it kept right."""
+    def forge(ck: Forge) -> None:
+        with open(ck.path(fmt.RANK_TABLE), "rb") as f:
+            rows = fn(ck, f.read())
+        with open(ck.path(fmt.RANK_TABLE), "wb") as f:
+            f.write(rows)
+        ck.manifest["rank_table"]["xxh3"] = fmt.checksum(rows)
+        ck.write_manifest()
+    return forge
+
+
+def _owner_keys(ck: Forge, fn, restamp: bool) -> None:
+    """owners.json re-sealed with ``fn(its keys)``; with ``restamp``, the manifest's checksum of it updated."""
+    data = write_doc(ck.path(fmt.OWNER_KEYS), {"keys": fn(read_doc(ck.path(fmt.OWNER_KEYS))["keys"])})
+    if restamp:
+        ck.manifest["owners"]["xxh3"] = fmt.checksum(data)
+        ck.write_manifest()
+
+
 def _rename_data(ck: Forge) -> None:
     other = fmt.data_file_name(1, 0)
     os.rename(ck.path(DATA), ck.path(other))
@@ -602,21 +639,38 @@ INVALID = {  # name: (error class, description, forge)
     "manifest_future_version": (UNSAFE, "the manifest says format_version 99",
                                 _edit_manifest(lambda ck, m: m.update(format_version=99))),
     "manifest_world_size_zero": (UNSAFE, "world_size 0", _edit_manifest(lambda ck, m: m.update(world_size=0))),
-    "manifest_rank_out_of_range": (UNSAFE, "a rank entry for rank 1 of a world of 1",
+    "manifest_rank_out_of_range": (UNSAFE, "format v2: a rank entry for rank 1 of a world of 1",
                                    _edit_manifest(lambda ck, m: m["ranks"][0].update(rank=1, index="rank00001.json"))),
-    "manifest_index_of_another_rank": (UNSAFE, "rank 0's entry names rank00001.json (the file renamed so)",
+    "manifest_index_of_another_rank": (UNSAFE, "format v2: rank 0's entry names rank00001.json (the file renamed so)",
                                        _rename_index),
-    "manifest_index_name_not_canonical": (UNSAFE, "rank 0's index named rank000000.json",
+    "manifest_index_name_not_canonical": (UNSAFE, "format v2: rank 0's index named rank000000.json",
                                           _edit_manifest(lambda ck, m: m["ranks"][0].update(index="rank000000.json"))),
-    "manifest_ranks_present": (UNSAFE, "ranks_present lists a rank that `ranks` does not",
+    "manifest_ranks_present": (UNSAFE, "format v2: ranks_present lists a rank that `ranks` does not",
                                _edit_manifest(lambda ck, m: m.update(ranks_present=[0, 1]))),
     "manifest_bad_tag": (UNSAFE, "the manifest's tag is not a valid tag", _edit_manifest(lambda ck, m: m.update(tag="../t"))),
-    "manifest_index_checksum": (CORRUPT, "the manifest's checksum of the index differs from the index's bytes",
+    "manifest_index_checksum": (CORRUPT, "format v2: the manifest's checksum of the index differs from the index's bytes",
                                 _edit_manifest(lambda ck, m: m["ranks"][0].update(xxh3="0123456789abcdef"))),
-    "manifest_index_missing": (CORRUPT, "the rank index the manifest lists is missing", lambda ck: os.unlink(ck.path(INDEX))),
+    "manifest_index_missing": (CORRUPT, "the rank index the rank table lists is missing", lambda ck: os.unlink(ck.path(INDEX))),
+    "manifest_ranks_inline": (UNSAFE, "a format v3 manifest that also lists its ranks inline",
+                              _edit_manifest(lambda ck, m: m.update(ranks=[]))),
+    # rank table and owner table (section 15)
+    "rank_table_rank_out_of_range": (UNSAFE, "the rank table's row names rank 1 of a world of 1 (row re-checksummed)",
+                                     _rank_table(lambda ck, rows: rank_row(1, rows[11:27].decode(), int(rows[28:48])))),
+    "rank_table_row_flipped": (CORRUPT, "one bit of the rank table's row flipped (its own checksum not updated)",
+                               _rank_table(lambda ck, rows: rows[:5] + bytes([rows[5] ^ 1]) + rows[6:])),
+    "rank_table_index_checksum": (CORRUPT, "the rank table's checksum of the index differs from the index's bytes",
+                                  _rank_table(lambda ck, rows: rank_row(0, "0123456789abcdef", int(rows[28:48])))),
+    "rank_table_truncated": (CORRUPT, "the rank table is one byte shorter than its rows", _rank_table(lambda ck, rows: rows[:-1])),
+    "owners_checksum": (CORRUPT, "owners.json is not the one the manifest's checksum names (keys reordered, re-sealed)",
+                        lambda ck: _owner_keys(ck, lambda keys: dict(reversed(list(keys.items()))), restamp=False)),
+    "owners_key_missing": (UNSAFE, "the owner table leaves out a key rank 0's index holds (manifest updated)",
+                           lambda ck: _owner_keys(ck, lambda keys: dict(list(keys.items())[1:]), restamp=True)),
+    "owners_rows_flipped": (CORRUPT, "one bit of owners.tbl flipped (the manifest's checksum of it not updated)",
+                            _flip(fmt.OWNER_ROWS, 0.5)),
     # rank index (section 4)
     "index_rank_field": (UNSAFE, "rank 0's index says rank 1", _edit_index(lambda ck, d: d.update(rank=1))),
-    "index_version_differs": (UNSAFE, "a format_version 1 index (v1 seal) under a format_version 2 manifest",
+    "index_version_differs": (UNSAFE, f"a format_version 1 index (v1 seal) under a format_version "
+                              f"{fmt.FORMAT_VERSION} manifest",
                               lambda ck: ck.write_index(raw=_v1_seal(dict(ck.index, format_version=1)))),
     "index_data_file_of_another_rank": (UNSAFE, "rank 0's data file named rank00001-0.bin", _rename_data),
     "data_truncated": (CORRUPT, "the data file is one byte shorter than the index says",
@@ -687,10 +741,16 @@ def invalid_cases(root: str) -> None:
         ck = Forge(base)
         codecs = {c["codec"] for r in ck.index["tensors"].values() for c in r.get("chunks", [])}
         assert codecs == {"raw", "zstd", "shuffle"}, codecs
+        base_v2 = os.path.join(tmp, "base_v2")
+        shutil.copytree(base, base_v2)
+        as_v2(os.path.join(base_v2, TAG))
         for name, (error, description, forge) in INVALID.items():
             save_dir = os.path.join(root, "invalid", name)
             tag = TAG
-            if name == "seal_v2_on_v1":
+            if description.startswith("format v2: "):
+                shutil.copytree(base_v2, save_dir)
+                forge(Forge(save_dir))
+            elif name == "seal_v2_on_v1":
                 shutil.copytree(V1_FIXTURE, os.path.join(save_dir, TAG))
                 path = os.path.join(save_dir, TAG, fmt.MANIFEST)
                 write_doc(path, read_doc(path))

@@ -63,7 +63,7 @@ def test_step_counter_counts_optimizer_steps(save_dir, make_trainer, make_saver,
     assert asyncckpt.list_tags(save_dir) == ["global_step0", "global_step3"]
     reader = asyncckpt.CheckpointReader(save_dir)
     assert reader.tag == "global_step3" and reader.manifest["global_steps"] == 3
-    assert reader.manifest["format_version"] == 2 and reader.manifest["format"] == "asyncckpt"
+    assert reader.manifest["format_version"] == 3 and reader.manifest["format"] == "asyncckpt"
 
 
 def test_load_restores_exactly_what_was_saved(save_dir, make_trainer, make_saver, same):

@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 import asyncckpt
 import asyncckpt.format as fmt
 from asyncckpt.errors import CheckpointError
+from asyncckpt.owners import restamp
 from reliability import record
 
 BIG = 64 << 20  # no allocation of this size may happen while refusing a hostile checkpoint
@@ -82,9 +83,8 @@ class Checkpoint:
         data = raw if raw is not None else fmt.seal(doc if doc is not None else self.index)
         with open(self.path(INDEX), "wb") as f:
             f.write(data)
-        manifest = copy.deepcopy(self.manifest)
-        manifest["ranks"][0]["xxh3"] = fmt.checksum(data)
-        self.write_manifest(manifest)
+        self.write_manifest(self.manifest)
+        restamp(self.tag_dir)
 
     def write_manifest(self, doc: dict | None = None, raw: bytes | None = None) -> None:
         with open(self.path(fmt.MANIFEST), "wb") as f:
@@ -109,9 +109,11 @@ def watched(ck: Checkpoint, monkeypatch):
     opened: list[str] = []
     real_empty, real_os_open, real_open = torch.empty, os.open, builtins.open
 
-    def check_fd(fd: int, path) -> None:
+    def check_fd(fd: int, path, dir_fd: int | None = None) -> None:
         st_ = os.fstat(fd)
         assert (st_.st_dev, st_.st_ino) != (secret.st_dev, secret.st_ino), f"opened the file outside via {path}"
+        if dir_fd is not None:  # openat: relative to the directory the descriptor names
+            path = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
         resolved = os.path.realpath(os.fspath(path)) if not isinstance(path, int) else inside
         assert resolved.startswith(inside) or resolved.startswith("/proc/") or "site-packages" in resolved \
             or resolved.startswith(os.path.realpath(os.sys.prefix)), f"opened {path} outside the checkpoint"
@@ -128,7 +130,7 @@ def watched(ck: Checkpoint, monkeypatch):
 
     def os_open(path, flags, *a, **kw):
         fd = real_os_open(path, flags, *a, **kw)
-        check_fd(fd, path)
+        check_fd(fd, path, kw.get("dir_fd"))
         return fd
 
     def b_open(file, *a, **kw):
@@ -188,7 +190,12 @@ def _view(ck: Checkpoint) -> str:
 def _forge_manifest(field: str, value):
     def apply(ck: Checkpoint) -> None:
         doc = copy.deepcopy(ck.manifest)
-        if field.startswith("ranks."):
+        if field.startswith("ranks."):  # the inline rank entries of a format v2 manifest
+            for table in ("rank_table", "owners"):
+                del doc[table]
+            with open(ck.path(INDEX), "rb") as f:
+                xxh3 = fmt.checksum(f.read())
+            doc.update(format_version=2, ranks=[{"rank": 0, "index": INDEX, "xxh3": xxh3, "bytes": 1}])
             doc["ranks"][0][field.split(".", 1)[1]] = value
         else:
             doc[field] = value
@@ -392,7 +399,7 @@ CASES = {  # name: (kind, forge, expected text in the message)
     "index: data file a/b.bin": ("path traversal", _forge_index(_set_file("a/rank00000-0.bin")), "not a plain"),
     "index: rank index symlinked outside": ("symlink", _symlinked_index_elsewhere, ""),
     "index: data file symlinked outside": ("symlink", _symlink(DATA), ""),
-    "index: format_version from the future": ("future version", _forge_index(lambda ck, d: d.update(format_version=3)), "format_version"),
+    "index: format_version from the future": ("future version", _forge_index(lambda ck, d: d.update(format_version=fmt.FORMAT_VERSION + 1)), "format_version"),
     "index: duplicated key": ("duplicated key", _dup_index_key, "duplicated key"),
     "index: shape 2**31 from tiny zstd chunks": ("huge size", _forge_index(_huge_tensor_cheap_chunks), ""),
     "index: zstd frame declaring 1 TiB": ("huge size", _forge_index(_zstd_frame_claiming_terabytes), "declares"),

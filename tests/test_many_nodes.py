@@ -174,7 +174,8 @@ def test_nodes_come_from_torchrun_variables_not_the_host_name(tmp_path):
     assert [o["local"] for o in out] == [(0, 2), (1, 2), (0, 2), (1, 2)]
     for d in ("n0", "n1"):
         assert sorted(f for f in os.listdir(tmp_path / d / "n") if f.endswith(".json")) == [
-            "manifest.json", *(["rank00000.json", "rank00001.json"] if d == "n0" else ["rank00002.json", "rank00003.json"])]
+            "manifest.json", "owners.json",
+            *(["rank00000.json", "rank00001.json"] if d == "n0" else ["rank00002.json", "rank00003.json"])]
         assert not [f for f in os.listdir(tmp_path / d) if f.startswith(".asyncckpt-node")]  # probes removed
 
 

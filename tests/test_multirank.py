@@ -71,8 +71,9 @@ def test_training_collectives_while_commits_run(tmp_path):
 def test_node_local_storage_each_node_publishes_its_copy(tmp_path):
     listing = assert_all_ok(run_ranks(w.node_local, 2, str(tmp_path), str(tmp_path),
                                       env={"GROUP_RANK": "{rank}", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}))
-    assert listing[0] == ["manifest.json", "rank00000-0.bin", "rank00000.json"]
-    assert listing[1] == ["manifest.json", "rank00001-0.bin", "rank00001.json"]
+    tables = ["owners.json", "owners.tbl"]
+    assert listing[0] == ["manifest.json", *tables, "rank00000-0.bin", "rank00000.json", "ranks.tbl"]
+    assert listing[1] == ["manifest.json", *tables, "rank00001-0.bin", "rank00001.json", "ranks.tbl"]
     for node in ("node0", "node1"):
         assert (tmp_path / node / "latest").read_text().strip() == "n"
 

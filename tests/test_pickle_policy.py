@@ -11,6 +11,7 @@ import torch
 import asyncckpt
 import asyncckpt.format as fmt
 from asyncckpt import CorruptCheckpointError, PickleNotAllowedError, UnsafeCheckpointError
+from asyncckpt.owners import restamp
 from reliability import record
 
 pytestmark = pytest.mark.timeout(60)
@@ -97,11 +98,7 @@ def _forge_pickle_node(save_dir: str, tag: str, source: str, source_tag: str, ke
     data = fmt.seal(index)
     with open(os.path.join(save_dir, tag, index_name), "wb") as f:
         f.write(data)
-    with open(os.path.join(save_dir, tag, fmt.MANIFEST), "rb") as f:
-        manifest = fmt.unseal(f.read(), "manifest")
-    manifest["ranks"][0]["xxh3"] = fmt.checksum(data)
-    with open(os.path.join(save_dir, tag, fmt.MANIFEST), "wb") as f:
-        f.write(fmt.seal(manifest))
+    restamp(os.path.join(save_dir, tag))
 
 
 def test_load_refuses_pickled_entries_without_running_code(tmp_path, save_dir, make_trainer, make_saver, fast_config):
