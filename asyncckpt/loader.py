@@ -511,7 +511,7 @@ class _StoreFiles:
         if offset + length > size:
             raise UnsafeCheckpointError(f"{where}: bytes {offset}..{offset + length} lie outside the file ({size} bytes)")
         try:
-            data = self.store.read_ranges(where, [(offset, length)])[0]
+            data = bytes(self.store.read_ranges(where, [(offset, length)])[0])
         except OSError as exc:
             raise CorruptCheckpointError(f"{where}: cannot read ({exc})") from exc
         if len(data) != length:
