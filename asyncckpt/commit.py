@@ -167,10 +167,12 @@ class CommitCoordinator:
     def is_publisher(self) -> bool:
         return self.ctx.local_rank == 0 if self.node_local else self.ctx.rank == 0
 
-    def copy_scope(self) -> tuple[int, ...]:
-        """The ranks that together write one full copy of the replicated state (the node's ranks with
-        node-local storage, else every rank)."""
-        return self.ctx.node_ranks if self.node_local else tuple(range(self.ctx.world_size))
+    def copy_scope(self) -> tuple[int, int]:
+        """(this rank's position, size) in the ranks that together write one full copy of the replicated state
+        (the node's ranks with node-local storage, else every rank)."""
+        if self.node_local:
+            return self.ctx.local_rank, self.ctx.local_world_size
+        return self.ctx.rank, self.ctx.world_size
 
     # ------------------------------------------------------------------------------------ collectives
     def _collective(self, step, obj: Any, what: str) -> Any:

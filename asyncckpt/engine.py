@@ -30,7 +30,7 @@ from .errors import CheckpointError, ConfigError, TagExistsError, WriteError
 from .format import partial_dir_name, validate_tag
 from .future import SaveFuture, raise_first_unobserved
 from .io_types import FlatState, RankOutcome, SaveJob, SaveResult
-from .placement import assign_replicated, fingerprint
+from .placement import ReplicatedSplit, fingerprint
 from .staging import StagingPool, ready_now
 from .writer import WriterPool, lower_thread_priority
 from .threads import at_shutdown, started_pool
@@ -74,6 +74,7 @@ class SaveEngine:
         self._closed = False
         self._pid = os.getpid()  # a forked child inherits this object but none of its threads
         self.saves = 0
+        self._split = ReplicatedSplit()  # the replicated tensors this rank writes, per layout
         _live_engines.add(self)
 
     # ------------------------------------------------------------------------------------- training side
@@ -177,9 +178,9 @@ class SaveEngine:
         fp = fingerprint([(i.key + ("\0pinned" if n in first else ""), i.nbytes) for n, i in enumerate(replicated)])
         if not self.ctx.distributed:
             return flat, fp
-        scope = self.coordinator.copy_scope()
-        owners = assign_replicated([i.nbytes for i in replicated], len(scope), first)
-        mine = {id(i) for i, o in zip(replicated, owners) if scope[o] == self.ctx.rank}
+        position, size = self.coordinator.copy_scope()
+        owned = self._split.owned(fp, [i.nbytes for i in replicated], size, first, position)
+        mine = {id(replicated[n]) for n in owned}
         items = [i for i in flat.items if not i.replicated or id(i) in mine]
         elsewhere = frozenset(i.key for i in replicated if id(i) not in mine)  # written by the other ranks
         return FlatState(flat.skeleton, items, flat.views, elsewhere=elsewhere), fp
