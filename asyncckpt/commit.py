@@ -217,11 +217,12 @@ class CommitCoordinator:
         comm = self.ctx.comm
         return self._collective(comm.all_gather, obj, what) if comm is not None else [obj]
 
-    def failures_everywhere(self, error: str, what: str) -> dict[int, str]:
-        """Every rank's ``error`` that is not empty (rank -> error), on every rank: a step that must fail on
-        every rank when it fails on one. Called collectively."""
-        return self._round(error, what, lambda errors: _Verdict(failures={r: e for r, e in enumerate(errors) if e}))\
-            .failures
+    def refusal_everywhere(self, error: str, what: str) -> str:
+        """For a step that fails on every rank when it fails on one: ``error`` is this rank's refusal ("" when
+        it has none); returns the same text on every rank, naming each rank that refused and why ("" when
+        none did). Called collectively."""
+        head = f"not every rank can go on ({what})"
+        return self._round(error, what, lambda errors: _failed(head, dict(enumerate(errors)))).error
 
     # ---------------------------------------------------------------------------------------- prepare
     def prepare(self, save_dir: str, tag: str, status: str = "", spec: dict | None = None) -> Prepared | None:
