@@ -56,7 +56,7 @@ from . import __version__
 from .durable import LockFile, exchange, fsync_dir, remove_tree, replace_atomic, write_durable
 from .collectives import ROOT, Collectives, GlooCollectives
 from .errors import CheckpointError, CommitError, CommitTimeoutError, ConfigError
-from .format import FORMAT_NAME, FORMAT_VERSION, LATEST, MANIFEST, partial_dir_name, seal
+from .format import FORMAT_NAME, FORMAT_VERSION, LATEST, MANIFEST, checksum, partial_dir_name, seal
 from .agreement import created, describe_views, rank_ranges, read_manifest, spec_mismatches
 from .io_types import RankOutcome
 from .nodes import check_nodes, other_nodes_here, remove_probe, this_node, write_probe
@@ -343,18 +343,21 @@ class CommitCoordinator:
 
     # ----------------------------------------------------------------------------------------- commit
     def commit(self, save_dir: str, tag: str, outcome: RankOutcome, save_latest: bool, manifest_extra: dict,
-               save_id: str = "", started: float | None = None) -> PublishInfo:
+               save_id: str = "", started: float | None = None, replicated_sums: dict[str, str] | None = None
+               ) -> PublishInfo:
         """Publish the save every rank wrote, or nothing. ``started`` (``time.perf_counter()``) is when this
         rank's save call began: with ``save_deadline_s``, the slowest rank's elapsed time decides, on every
-        rank alike, whether the save is still published."""
+        rank alike, whether the save is still published. ``replicated_sums`` (``verify_replicated``): this
+        rank's checksum of its copy of each replicated tensor; a copy that differs from rank 0's fails the
+        save on every rank."""
         try:
             return self._commit(save_dir, tag, outcome, save_latest, {**manifest_extra, "save_id": save_id},
-                                started)
+                                started, replicated_sums)
         finally:
             self._release(os.path.join(save_dir, partial_dir_name(tag)))
 
     def _commit(self, save_dir: str, tag: str, outcome: RankOutcome, save_latest: bool,
-                manifest_extra: dict, started: float | None) -> PublishInfo:
+                manifest_extra: dict, started: float | None, replicated_sums: dict[str, str] | None) -> PublishInfo:
         """Shared storage: rank 0 gathers the outcomes, publishes (or not) and broadcasts what it did: one
         round. Node-local storage: rank 0 gathers the outcomes and sends each node's publisher its node's;
         the publishers publish their directories; rank 0 gathers what they did and tells every rank to put
@@ -363,12 +366,16 @@ class CommitCoordinator:
         t0 = time.perf_counter()
         elapsed = t0 - started if started is not None else 0.0
         mine = _Publication()
+        digest = _digest(replicated_sums)  # one checksum of all of them: O(1) bytes per rank unless they differ
         decide = (lambda gathered: self._judge(save_dir, tag, gathered, save_latest, manifest_extra, mine))
         try:
-            verdict = self._round((outcome, elapsed), "gathering every rank's outcome" if self.node_local else
+            verdict = self._round((outcome, elapsed, digest), "gathering every rank's outcome" if self.node_local else
                                   "publication", decide, scatter=self.node_local)
         except CommitTimeoutError as exc:  # rank 0 may have published before a peer died
             raise self._unknown(exc, tag, mine) from exc
+        if verdict.recheck:  # some rank's replicated tensors differ from rank 0's: find which, on which ranks
+            sums = replicated_sums if self.ctx.rank == ROOT or digest != verdict.recheck else None
+            verdict = self._round(sums, "comparing replicated tensors", lambda every: _replicas_differ(tag, every))
         phases["gather"] = time.perf_counter() - t0
         if verdict.refused and self.is_publisher:
             _remove_quietly(os.path.join(save_dir, partial_dir_name(tag)))
@@ -381,12 +388,15 @@ class CommitCoordinator:
         phases["publish"] = time.perf_counter() - t1
         return PublishInfo(os.path.join(save_dir, tag), tag, verdict.total_bytes, phases)
 
-    def _judge(self, save_dir: str, tag: str, gathered: list[tuple[RankOutcome, float]], save_latest: bool,
+    def _judge(self, save_dir: str, tag: str, gathered: list[tuple[RankOutcome, float, str]], save_latest: bool,
                extra: dict, mine: "_Publication"):
-        """Rank 0: every rank's outcome -> the save's verdict. With shared storage rank 0 publishes here, before
-        the verdict goes out; with node-local storage each publisher gets its node's outcomes."""
+        """Rank 0: every rank's (outcome, elapsed time, replicated digest) -> the save's verdict. With shared
+        storage rank 0 publishes here, before the verdict goes out; with node-local storage each publisher
+        gets its node's outcomes."""
         outcomes = [g[0] for g in gathered]
         verdict = self._check_deadline(tag, [g[1] for g in gathered]) or self._check_outcomes(tag, outcomes)
+        if verdict is None and any(g[2] != gathered[0][2] for g in gathered):
+            verdict = _Verdict(recheck=gathered[0][2] or "-", refused=True)
         if verdict is None:
             verdict = _Verdict(total_bytes=sum(o.bytes_written for o in outcomes))
             if not self.node_local:
@@ -749,8 +759,42 @@ class _Verdict:
     save_id: str = ""  # ...and the save's identity
     total_bytes: int = 0  # commit: the bytes every rank wrote
     outcomes: list[RankOutcome] = field(default_factory=list)  # node-local storage: a publisher's node's ranks
+    recheck: str = ""  # verify_replicated: rank 0's digest; the ranks whose digest differs send their checksums
     withdraw: bool = False  # node-local storage: some node failed; every publisher takes its copy back
     latest: bool = False  # node-local storage: every node published; every publisher updates latest
+
+
+def _digest(sums: dict[str, str] | None) -> str:
+    """One checksum of a rank's checksums of its replicated tensors ("" when it checks none)."""
+    if not sums:
+        return ""
+    return checksum("".join(f"{k}\0{v}\n" for k, v in sorted(sums.items())).encode())
+
+
+def _replicas_differ(tag: str, sums: list[dict[str, str] | None]) -> _Verdict:
+    """Rank 0 (verify_replicated): which replicated tensors differ from rank 0's copy, on which ranks (None:
+    that rank's copies all agree with rank 0's)."""
+    reference = sums[ROOT] or {}
+    differ: dict[str, list[int]] = {}
+    for rank, theirs in enumerate(sums):
+        if rank == ROOT or theirs is None:
+            continue
+        for key in sorted(set(reference) | set(theirs)):
+            if theirs.get(key) != reference.get(key):
+                differ.setdefault(key, []).append(rank)
+    failures: dict[int, list[str]] = {}
+    for key, ranks in differ.items():
+        for rank in ranks:
+            failures.setdefault(rank, []).append(key)
+    shown = "; ".join(f"{key!r} on {rank_ranges(ranks)}" for key, ranks in list(differ.items())[:_CAUSES_SHOWN])
+    more = f"; and {len(differ) - _CAUSES_SHOWN} more tensor(s)" if len(differ) > _CAUSES_SHOWN else ""
+    return _Verdict(
+        error=f"checkpoint {tag!r} was not published (the previous checkpoint is intact): replicated tensors "
+              f"differ from rank 0's copy (verify_replicated): {shown}{more}. Replicated state must be identical "
+              "on every rank: mark state a rank changes locally as rank-local, or find what diverged",
+        failures={r: f"its copy of replicated tensor(s) {', '.join(map(repr, keys[:8]))}"
+                     f"{' ...' if len(keys) > 8 else ''} differs from rank 0's" for r, keys in sorted(failures.items())},
+        refused=True)
 
 
 def _remove_quietly(path: str) -> None:
