@@ -205,7 +205,8 @@ class CommitCoordinator:
             except Exception as exc:  # noqa: BLE001 - reported to every rank
                 log.exception("rank 0: deciding %s failed", what)
                 why = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-                failed = _Verdict(error=f"checkpoint coordination failed on rank 0 ({what}): {why}", failures={0: why})
+                failed = _Verdict(error=f"checkpoint coordination failed on rank 0 ({what}): {why}", failures={0: why},
+                                  refused=True)
                 verdict = [failed] * self.ctx.world_size if scatter else failed
         if comm is None:
             return verdict[0] if scatter else verdict
@@ -371,8 +372,10 @@ class CommitCoordinator:
         try:
             verdict = self._round((outcome, elapsed, digest), "gathering every rank's outcome" if self.node_local else
                                   "publication", decide, scatter=self.node_local)
-        except CommitTimeoutError as exc:  # rank 0 may have published before a peer died
-            raise self._unknown(exc, tag, mine) from exc
+        except CommitTimeoutError as exc:
+            if self.node_local:  # nothing was published yet
+                raise
+            raise self._unknown(exc, tag, mine) from exc  # rank 0 may have published before a peer died
         if verdict.recheck:  # some rank's replicated tensors differ from rank 0's: find which, on which ranks
             sums = replicated_sums if self.ctx.rank == ROOT or digest != verdict.recheck else None
             verdict = self._round(sums, "comparing replicated tensors", lambda every: _replicas_differ(tag, every))

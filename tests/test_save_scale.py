@@ -165,3 +165,16 @@ def test_the_replicated_split_is_the_same_balanced_assignment_as_before(world):
             owner[i] = r
             load[r] += sizes[i]
         assert placement.assign_replicated(sizes, world, pinned) == owner
+
+
+def test_an_error_while_rank_0_decides_fails_the_save_on_every_rank_instead_of_hanging(tmp_path, monkeypatch):
+    import asyncckpt.commit as commit
+
+    def broken(specs, groups):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(commit, "spec_mismatches", broken)
+    out, _ = _simulate(str(tmp_path), 16)
+    for _, _, (result,) in out:
+        assert isinstance(result, CommitError), result
+        assert "coordination failed on rank 0 (tag validation): RuntimeError: injected" in str(result), result
