@@ -233,7 +233,15 @@ class AsyncCheckpointer:
                    load_rng_states: bool) -> tuple[str, dict]:
         if map_location is None:
             map_location = self._module_device_map()
-        source = self._source_rank(reader, load_rng_states and not load_module_only)
+        try:
+            source, refusal = self._source_rank(reader, load_rng_states and not load_module_only), ""
+        except StateMismatchError as exc:
+            source, refusal = None, str(exc)
+        if self._engine.ctx.distributed:  # a rank that refuses alone would leave the others hanging later
+            refusal = self._engine.coordinated(self._engine.coordinator.refusal_everywhere, refusal,
+                                               "checking which rank's records each rank loads")
+        if refusal:
+            raise StateMismatchError(refusal)
         state = reader.load_state(rank=source, map_location=map_location, verify=self.config.verify_on_load,
                                   allow_pickle=self.config.allow_pickle, mesh=self._device_mesh())
         if not isinstance(state, dict) or "module" not in state:

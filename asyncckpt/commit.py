@@ -5,31 +5,40 @@ thread. With several ranks it talks over a dedicated gloo process group (timeout
 never over the job's default (often NCCL) group, so background commits cannot interleave with training
 collectives. Saves are serialised per saver, so every rank issues the same collectives in the same order.
 
+Every step is one *round* (:meth:`CommitCoordinator._round`, over collectives.py): rank 0 gathers each rank's
+small record, decides, and sends every rank one small verdict (a broadcast, or a scatter when node
+publishers need their node's records). Rank 0 receives O(N) per save, every other rank O(1); there is no
+all-gather on the save path.
+
 Protocol for one save (docs/FORMAT.md has the crash-safety argument):
 
-1. ``prepare``: all-gather of (tag, save_dir, status, nonce, spec). Every rank takes the same verdict: an
-   error or a busy rank fails or skips the save everywhere; the tags are validated (``tag_validation``); the
-   specs (sequence number, resolved save_dir, save_latest, overwrite, keep_last, codec, manifest fields such
-   as global_steps) must be equal (:func:`agreement.spec_mismatches`), so that save k of one rank is never
-   paired with save k+1 of another. Rank 0's nonce becomes the ``save_id`` every node's manifest records.
+1. ``prepare``, round "tag validation": (tag, status, spec) of every rank. Rank 0's verdict: an error or a
+   busy rank fails or skips the save everywhere; the tags are validated (``tag_validation``); the specs
+   (sequence number, resolved save_dir, save_latest, overwrite, keep_last, codec, manifest fields such as
+   global_steps) must be equal (:func:`agreement.spec_mismatches`), so that save k of one rank is never
+   paired with save k+1 of another; rank 0's nonce becomes the ``save_id`` every node's manifest records.
    The publisher (rank 0, or each node's first rank with node-local storage: nodes.py says which node a
    rank is on and checks, with probe files, that node-local directories are not shared) takes the lock file
    ``.<tag>.partial.lock``, removes partial directories that are provably abandoned (see
-   :func:`ownership.clean`) and creates ``.<tag>.partial/``; all-gather of the publishers' status.
-2. every rank writes and fsyncs its files (writer.py), then ``commit``: all-gather each rank's outcome.
-3. all ok → each publisher writes ``manifest.json`` (with ``save_id`` and ``save_latest``), fsyncs it and
-   the partial dir, renames the partial dir to ``<tag>`` (replacing an older one when ``overwrite``, or an
-   orphan: :func:`orphan_reason`) and fsyncs ``save_dir``; with one publisher it then replaces ``latest``.
-   Any failure → the partial directory is removed.
-4. all-gather of the publishers' states (:class:`_Publication`). With node-local storage this is the first of
-   two phases: when every node published its directory, every publisher replaces its ``latest`` and a last
-   all-gather follows; when some node failed, every node withdraws its copy (unless it replaced an older one
-   of that name). Every rank's future resolves only after publication, or fails with a :class:`CommitError`
-   that says where the checkpoint was published and whether ``latest`` names it.
+   :func:`ownership.clean`) and creates ``.<tag>.partial/``; round "prepare": the publishers' status.
+2. every rank writes and fsyncs its files (writer.py), then ``commit``: each rank sends its outcome and its
+   elapsed time. Rank 0 checks ``save_deadline_s`` and the outcomes; any failure → the partial directories
+   are removed.
+3. shared storage, all ok → rank 0 writes ``manifest.json`` (with ``save_id`` and ``save_latest``), fsyncs it
+   and the partial dir, renames the partial dir to ``<tag>`` (replacing an older one when ``overwrite``, or
+   an orphan: :func:`orphan_reason`), fsyncs ``save_dir`` and replaces ``latest``, then sends every rank what
+   it did: one round in all for the commit.
+4. node-local storage: rank 0 sends each node's publisher its node's outcomes; each publishes its directory;
+   round "publication" gathers what each did (:class:`_Publication`). When every node published, every
+   publisher replaces its ``latest`` and a last round ("updating latest on every node") follows; when some
+   node failed, every node withdraws its copy (unless it replaced an older one of that name). Every rank's
+   future resolves only after publication, or fails with a :class:`CommitError` that says where the
+   checkpoint was published and whether ``latest`` names it.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import errno
 import fcntl
@@ -44,9 +53,10 @@ from typing import Any, Callable
 import torch.distributed as dist
 
 from . import __version__
-from .errors import CheckpointError, CommitError, CommitTimeoutError
-from .format import FORMAT_NAME, FORMAT_VERSION, LATEST, MANIFEST, partial_dir_name, seal
-from .agreement import created, rank_ranges, read_manifest, spec_mismatches
+from .collectives import ROOT, Collectives, GlooCollectives
+from .errors import CheckpointError, CommitError, CommitTimeoutError, ConfigError
+from .format import FORMAT_NAME, FORMAT_VERSION, LATEST, MANIFEST, checksum, partial_dir_name, seal
+from .agreement import created, describe_views, rank_ranges, read_manifest, spec_mismatches
 from .io_types import RankOutcome
 from .nodes import check_nodes, other_nodes_here, remove_probe, this_node, write_probe
 from .loader import list_tags, read_latest
@@ -62,16 +72,19 @@ BUSY = "busy"  # a rank's prepare status when it had no free staging slot (on_bu
 
 @dataclass
 class DistContext:
-    """Where this process sits in the job. ``group`` is the dedicated gloo group (None with one rank)."""
+    """Where this process sits in the job. ``comm`` carries the saver's collectives (None with one rank): a
+    dedicated gloo group by default (:meth:`create`), or any :class:`~asyncckpt.collectives.Collectives`
+    (tests pass an in-process fake, :meth:`join`)."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
     node: str = field(default_factory=socket.gethostname)
-    group: Any = None
+    comm: Collectives | None = None
     node_ranks: tuple[int, ...] = (0,)  # the ranks on this node, in order
-    nodes: tuple[str, ...] = ("",)  # the node of every rank
+    node_index: int = 0  # this node's position among the job's nodes (in the order of their first rank)
+    nodes: tuple[str, ...] = ("",)  # the node of every rank: known on rank 0 only (the others hold ())
     job: str = ""  # rank 0's nonce: names this job's node probes (nodes.py)
 
     @classmethod
@@ -82,37 +95,41 @@ class DistContext:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return cls()
         group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
-        rank, world = dist.get_rank(), dist.get_world_size()
-        keys: list = [None] * world
-        dist.all_gather_object(keys, (this_node(), uuid.uuid4().hex), group=group)
-        nodes = check_nodes([k[0] for k in keys])
-        me = nodes[rank]
-        local = [r for r in range(world) if nodes[r] == me]
-        return cls(rank, world, local.index(rank), len(local), me, group, tuple(local), tuple(nodes), keys[0][1])
+        return cls.join(GlooCollectives(group, dist.get_rank(), dist.get_world_size()), this_node())
 
-    @property
-    def node_index(self) -> int:
-        """This node's position among the job's nodes (in the order of their first rank)."""
-        return list(dict.fromkeys(self.nodes)).index(self.node)
+    @classmethod
+    def join(cls, comm: Collectives, key: tuple) -> "DistContext":
+        """Group the ranks of ``comm`` into nodes by each rank's :func:`nodes.this_node` ``key``: rank 0 gathers
+        the keys, checks them (:func:`nodes.check_nodes`) and sends each rank its node alone, so that a rank
+        receives O(ranks on its node), not O(ranks). ConfigError on every rank when the keys disagree."""
+        keys = comm.gather((key, uuid.uuid4().hex))
+        plans = names = None
+        if comm.rank == ROOT:
+            try:
+                names = check_nodes([k[0] for k in keys])
+                members: dict[str, list[int]] = {}
+                for r, name in enumerate(names):
+                    members.setdefault(name, []).append(r)
+                index = {name: i for i, name in enumerate(members)}
+                groups = {name: tuple(ranks) for name, ranks in members.items()}
+                plans = [(name, index[name], groups[name], keys[0][1]) for name in names]
+            except ConfigError as exc:
+                plans = [str(exc)] * comm.world_size
+        plan = comm.scatter(plans)
+        if isinstance(plan, str):
+            raise ConfigError(plan)
+        node, node_index, local, job = plan
+        return cls(comm.rank, comm.world_size, local.index(comm.rank), len(local), node, comm, local, node_index,
+                   tuple(names) if names is not None else (), job)
 
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    def all_gather(self, obj: Any) -> list:
-        if not self.distributed:
-            return [obj]
-        out: list = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
-
     def close(self) -> None:
-        if self.group is not None:
-            try:
-                dist.destroy_process_group(self.group)
-            except Exception:  # the default group may already be gone at interpreter exit
-                pass
-            self.group = None
+        if self.comm is not None:
+            self.comm.close()
+            self.comm = None
 
 
 @dataclass(frozen=True)
@@ -153,33 +170,63 @@ class CommitCoordinator:
     def is_publisher(self) -> bool:
         return self.ctx.local_rank == 0 if self.node_local else self.ctx.rank == 0
 
-    def copy_scope(self) -> tuple[int, ...]:
-        """The ranks that together write one full copy of the replicated state (the node's ranks with
-        node-local storage, else every rank)."""
-        return self.ctx.node_ranks if self.node_local else tuple(range(self.ctx.world_size))
-
-    def publisher_ranks(self, outcomes: list[RankOutcome]) -> list[int]:
-        """The ranks whose files this rank's publisher covers."""
-        if not self.node_local:
-            return [o.rank for o in outcomes]
-        return [o.rank for o in outcomes if o.node == self.ctx.node]
+    def copy_scope(self) -> tuple[int, int]:
+        """(this rank's position, size) in the ranks that together write one full copy of the replicated state
+        (the node's ranks with node-local storage, else every rank)."""
+        if self.node_local:
+            return self.ctx.local_rank, self.ctx.local_world_size
+        return self.ctx.rank, self.ctx.world_size
 
     # ------------------------------------------------------------------------------------ collectives
-    def gather(self, obj: Any, what: str) -> list:
-        """Every rank's ``obj`` (rank order) over the saver's group; CommitTimeoutError when a peer died or hung
-        (then this coordinator refuses every later collective)."""
+    def _collective(self, step, obj: Any, what: str) -> Any:
+        """``step(obj)``, one of the saver's collectives; CommitTimeoutError when a peer died or hung (then this
+        coordinator refuses every later collective)."""
         if self._broken:
             raise CommitError(f"checkpoint coordination is unusable after an earlier failure ({self._broken}); "
                               "restart the job (a load agrees on the newest checkpoint every rank holds), or create "
                               "a new saver at a step every rank reaches after learning of the failure collectively "
                               "(creating one is a collective over the default group)")
         try:
-            return self.ctx.all_gather(obj)
+            return step(obj)
         except Exception as exc:  # gloo: a peer closed the connection (died) or the timeout expired (hung)
             self._broken = f"{what}: {exc}".splitlines()[0][:300]
             raise CommitTimeoutError(
                 f"rank {self.ctx.rank}: {what} did not complete within commit_timeout_s={self.timeout_s:g}s or a "
                 f"peer rank died or hung: {str(exc).splitlines()[0][:300]}") from exc
+
+    def _round(self, obj: Any, what: str, decide, scatter: bool = False) -> "_Verdict":
+        """One step of a save: rank 0 gathers every rank's ``obj``, ``decide``s (every rank's objects, in rank
+        order -> the verdict; with ``scatter``, one verdict per rank) and sends every rank its verdict. A rank
+        other than rank 0 receives one small verdict, whatever the world size. An error while deciding fails
+        the step on every rank (no rank is left waiting)."""
+        comm = self.ctx.comm
+        gathered = self._collective(comm.gather, obj, what) if comm is not None else [obj]
+        verdict = None
+        if comm is None or comm.rank == ROOT:
+            try:
+                verdict = decide(gathered)
+            except Exception as exc:  # noqa: BLE001 - reported to every rank
+                log.exception("rank 0: deciding %s failed", what)
+                why = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                failed = _Verdict(error=f"checkpoint coordination failed on rank 0 ({what}): {why}", failures={0: why},
+                                  refused=True)
+                verdict = [failed] * self.ctx.world_size if scatter else failed
+        if comm is None:
+            return verdict[0] if scatter else verdict
+        return self._collective(comm.scatter if scatter else comm.broadcast, verdict, what)
+
+    def gather(self, obj: Any, what: str) -> list:
+        """Every rank's ``obj`` (rank order) on every rank: O(world size) per rank, for a load's agreement only,
+        never on the save path."""
+        comm = self.ctx.comm
+        return self._collective(comm.all_gather, obj, what) if comm is not None else [obj]
+
+    def refusal_everywhere(self, error: str, what: str) -> str:
+        """For a step that fails on every rank when it fails on one: ``error`` is this rank's refusal ("" when
+        it has none); returns the same text on every rank, naming each rank that refused and why ("" when
+        none did). Called collectively."""
+        head = f"not every rank can go on ({what})"
+        return self._round(error, what, lambda errors: _failed(head, dict(enumerate(errors)))).error
 
     # ---------------------------------------------------------------------------------------- prepare
     def prepare(self, save_dir: str, tag: str, status: str = "", spec: dict | None = None) -> Prepared | None:
@@ -190,31 +237,19 @@ class CommitCoordinator:
         st = self.storage_for(save_dir)
         probe = self._probe(save_dir)
         try:
-            infos = self.gather((tag, st.abspath(save_dir), status, uuid.uuid4().hex, spec), "tag validation")
+            agreed = self._round((tag, status, spec), "tag validation", lambda infos: self._agree(tag, infos))
         except BaseException:
             remove_probe(probe)
             raise
-        save_id = infos[0][3]
-        errors = {r: i[2] for r, i in enumerate(infos) if i[2] and i[2] != BUSY}
-        if errors:
-            raise CommitError(_describe(f"checkpoint {tag!r} was not started", errors), errors)
-        if any(i[2] == BUSY for i in infos):
-            busy = [r for r, i in enumerate(infos) if i[2] == BUSY]
-            log.info("skipping checkpoint %r on every rank: rank(s) %s still busy with earlier saves", tag, busy)
+        if agreed.warning:
+            log.warning("%s", agreed.warning)
+        if agreed.error or agreed.skip:
+            remove_probe(probe)
+            if agreed.error:
+                raise CommitError(agreed.error, agreed.failures)
+            log.info("%s", agreed.skip)
             return None
-        groups = [self.ctx.nodes[r] if self.node_local else "" for r in range(len(infos))]
-        mismatches = spec_mismatches([i[4] or {} for i in infos], groups)
-        if mismatches:
-            raise CommitError(f"checkpoint {tag!r} was not started: the ranks are not making the same save "
-                              f"({'; '.join(mismatches)})", {r: "differs" for r in range(len(infos))})
-        tags = [i[0] for i in infos]
-        if len(set(tags)) > 1:
-            detail = ", ".join(f"rank {r}: {t!r}" for r, t in enumerate(tags))
-            if self.tag_validation == "fail":
-                raise CommitError(f"checkpoint tag differs across ranks ({detail}); tag_validation=fail")
-            if self.tag_validation == "warn":
-                log.warning("checkpoint tag differs across ranks (%s); publishing under rank 0's tag %r", detail, tags[0])
-            tag = tags[0]
+        tag = agreed.tag
         status = ""
         local_error: OSError | None = None
         if self.is_publisher:
@@ -230,18 +265,42 @@ class CommitCoordinator:
                     status = f"cannot create {st.staging_dir(save_dir, tag)}: {exc}"
                     local_error = exc
         partial = st.staging_dir(save_dir, tag)
+        head = "could not start checkpoint " + repr(tag)
         try:
-            statuses = self.gather((self.ctx.rank, status), "prepare")
+            started = self._round(status, "prepare", lambda statuses: _failed(head, dict(enumerate(statuses))))
         except BaseException:
             self._abandon(partial)
             raise
         finally:
             remove_probe(probe)
-        failures = {r: s for r, s in statuses if s}
-        if failures:  # this rank's own OS error (permission denied, ...) is the cause
+        if started.error:  # this rank's own OS error (permission denied, ...) is the cause
             self._abandon(partial)
-            raise CommitError(_describe("could not start checkpoint " + repr(tag), failures), failures) from local_error
-        return Prepared(tag, save_id)
+            raise CommitError(started.error, started.failures) from local_error
+        return Prepared(tag, agreed.save_id)
+
+    def _agree(self, tag: str, infos: list[tuple]) -> "_Verdict":
+        """Rank 0: the verdict on every rank's (tag, status, spec) of one save."""
+        errors = {r: i[1] for r, i in enumerate(infos) if i[1] and i[1] != BUSY}
+        if errors:
+            return _failed(f"checkpoint {tag!r} was not started", errors)
+        busy = [r for r, i in enumerate(infos) if i[1] == BUSY]
+        if busy:
+            return _Verdict(skip=f"skipping checkpoint {tag!r} on every rank: {rank_ranges(busy)} still busy with "
+                                 "earlier saves")
+        groups = [self.ctx.nodes[r] if self.node_local else "" for r in range(len(infos))]
+        mismatches = spec_mismatches([i[2] or {} for i in infos], groups)
+        if mismatches:
+            return _Verdict(error=f"checkpoint {tag!r} was not started: the ranks are not making the same save "
+                                  f"({'; '.join(mismatches)})", failures={r: "differs" for r in range(len(infos))})
+        tags = {r: i[0] for r, i in enumerate(infos)}
+        warning = ""
+        if len(set(tags.values())) > 1:
+            detail = describe_views({r: repr(t) for r, t in tags.items()})
+            if self.tag_validation == "fail":
+                return _Verdict(error=f"checkpoint tag differs across ranks ({detail}); tag_validation=fail")
+            if self.tag_validation == "warn":
+                warning = f"checkpoint tag differs across ranks ({detail}); publishing under rank 0's tag {tag!r}"
+        return _Verdict(tag=tag, save_id=uuid.uuid4().hex, warning=warning)
 
     def _probe(self, save_dir: str) -> str:
         """Node-local storage, a publisher's first save to ``save_dir``: write this node's probe file (see
@@ -296,94 +355,155 @@ class CommitCoordinator:
 
     # ----------------------------------------------------------------------------------------- commit
     def commit(self, save_dir: str, tag: str, outcome: RankOutcome, save_latest: bool, manifest_extra: dict,
-               save_id: str = "", started: float | None = None) -> PublishInfo:
+               save_id: str = "", started: float | None = None, replicated_sums: dict[str, str] | None = None
+               ) -> PublishInfo:
         """Publish the save every rank wrote, or nothing. ``started`` (``time.perf_counter()``) is when this
         rank's save call began: with ``save_deadline_s``, the slowest rank's elapsed time decides, on every
-        rank alike, whether the save is still published."""
+        rank alike, whether the save is still published. ``replicated_sums`` (``verify_replicated``): this
+        rank's checksum of its copy of each replicated tensor; a copy that differs from rank 0's fails the
+        save on every rank."""
         try:
             return self._commit(save_dir, tag, outcome, save_latest, {**manifest_extra, "save_id": save_id},
-                                started)
+                                started, replicated_sums)
         finally:
             self._release(self.storage_for(save_dir).staging_dir(save_dir, tag))
 
     def _commit(self, save_dir: str, tag: str, outcome: RankOutcome, save_latest: bool,
-                manifest_extra: dict, started: float | None) -> PublishInfo:
+                manifest_extra: dict, started: float | None, replicated_sums: dict[str, str] | None) -> PublishInfo:
+        """Shared storage: rank 0 gathers the outcomes, publishes (or not) and broadcasts what it did: one
+        round. Node-local storage: rank 0 gathers the outcomes and sends each node's publisher its node's;
+        the publishers publish their directories; rank 0 gathers what they did and tells every rank to put
+        ``latest`` in place everywhere (then one more round) or to withdraw every copy."""
         phases: dict[str, float] = {}
         t0 = time.perf_counter()
         elapsed = t0 - started if started is not None else 0.0
-        gathered: list[tuple[RankOutcome, float]] = self.gather((outcome, elapsed), "gathering every rank's outcome")
-        outcomes = [g[0] for g in gathered]
-        phases["gather"] = time.perf_counter() - t0
-        self._check_deadline(save_dir, tag, [g[1] for g in gathered])
-        failures = {o.rank: o.error for o in outcomes if not o.ok}
-        if len({o.replicated_fp for o in outcomes}) > 1:  # the same verdict on every rank: all see all outcomes
-            for o in outcomes:
-                if o.replicated_fp != outcomes[0].replicated_fp:
-                    failures.setdefault(o.rank, "its replicated state (keys and sizes) differs from rank 0's; "
-                                                "every rank must hold the same replicated tensors")
-        st = self.storage_for(save_dir)
-        partial = st.staging_dir(save_dir, tag)
-        t1 = time.perf_counter()
-        if failures:
-            if self.is_publisher:
-                _remove_quietly(st, partial)
-            raise CommitError(_describe(f"checkpoint {tag!r} was not published (the previous checkpoint is intact)",
-                                        failures), failures)
-        two_phase = self.node_local and save_latest  # every node's tag directory first, then every latest
         mine = _Publication()
-        if self.is_publisher:
-            mine.run(lambda: self._publish(save_dir, tag, outcomes, save_latest, save_latest and not two_phase,
-                                           manifest_extra, mine))
-        states = self._gather_publication(mine, tag, "publication")
-        if self.node_local and any(st.error for st in states):  # a node failed: every node takes its copy back
-            if self.is_publisher and mine.published and not mine.replaced:
-                mine.run(lambda: self._locked(save_dir, self._withdraw, save_dir, tag, mine))
-            for st in states:  # what every publisher does, known on every rank
-                st.published = st.published and st.replaced
-        elif two_phase:
-            if self.is_publisher:
-                mine.run(lambda: self._locked(save_dir, self._publish_latest, save_dir, tag, mine))
-            states = self._gather_publication(mine, tag, "updating latest on every node")
-        phases["publish"] = time.perf_counter() - t1
-        failures = {r: st.error for r, st in enumerate(states) if st.error}
-        if failures:
-            raise CommitError(_describe(_publication_text(tag, states, save_latest), failures),
-                              failures) from mine.exc
-        return PublishInfo(st.join(save_dir, tag), tag, sum(o.bytes_written for o in outcomes), phases)
-
-    def _check_deadline(self, save_dir: str, tag: str, elapsed: list[float]) -> None:
-        """``save_deadline_s``: every rank sees every rank's elapsed time, so every rank takes the same verdict
-        and no rank publishes while another gives up. The saver's group stays usable: the next save runs."""
-        slowest = max(range(len(elapsed)), key=lambda r: (elapsed[r], -r))
-        if not self.save_deadline_s or elapsed[slowest] <= self.save_deadline_s:
-            return
-        if self.is_publisher:
+        digest = _digest(replicated_sums)  # one checksum of all of them: O(1) bytes per rank unless they differ
+        decide = (lambda gathered: self._judge(save_dir, tag, gathered, save_latest, manifest_extra, mine))
+        try:
+            verdict = self._round((outcome, elapsed, digest), "gathering every rank's outcome" if self.node_local else
+                                  "publication", decide, scatter=self.node_local)
+        except CommitTimeoutError as exc:
+            if self.node_local:  # nothing was published yet
+                raise
+            raise self._unknown(exc, tag, mine) from exc  # rank 0 may have published before a peer died
+        if verdict.recheck:  # some rank's replicated tensors differ from rank 0's: find which, on which ranks
+            sums = replicated_sums if self.ctx.rank == ROOT or digest != verdict.recheck else None
+            verdict = self._round(sums, "comparing replicated tensors", lambda every: _replicas_differ(tag, every))
+        phases["gather"] = time.perf_counter() - t0
+        if verdict.refused and self.is_publisher:
             st = self.storage_for(save_dir)
             _remove_quietly(st, st.staging_dir(save_dir, tag))
-        why = f"{elapsed[slowest]:.3g}s since its save call, more than save_deadline_s={self.save_deadline_s:g}s"
-        raise CommitTimeoutError(f"checkpoint {tag!r} was not published (the previous checkpoint is intact): rank "
-                                 f"{slowest} (the slowest) took {why}; every rank gives this save up, and later "
-                                 "saves run as usual", {slowest: why})
+        if verdict.error:
+            kind = CommitTimeoutError if verdict.timeout else CommitError
+            raise kind(verdict.error, verdict.failures) from mine.exc
+        t1 = time.perf_counter()
+        if self.node_local:
+            self._publish_on_nodes(save_dir, tag, verdict, save_latest, manifest_extra, mine)
+        phases["publish"] = time.perf_counter() - t1
+        return PublishInfo(self.storage_for(save_dir).join(save_dir, tag), tag, verdict.total_bytes, phases)
 
-    def _gather_publication(self, mine: "_Publication", tag: str, what: str) -> list["_Publication"]:
-        """Every rank's publication state; when the collective fails, the error says what this rank knows."""
-        try:
-            return self.gather(mine, what)
-        except CommitTimeoutError as exc:
-            if not self.is_publisher:
-                known = ("this rank does not know whether its publisher (rank "
-                         f"{self._publisher_of(self.ctx.rank)}) published it: read {LATEST} to find out")
-            elif mine.error:
-                known = f"this rank did not publish it: {mine.error}"
-            else:
-                known = "this rank published it" + (f" and {LATEST} names it" if mine.latest else
-                                                     f" ({LATEST} not updated)")
-            raise CommitTimeoutError(f"checkpoint {tag!r}: {exc}; {known}") from exc
-
-    def _publisher_of(self, rank: int) -> int:
+    def _judge(self, save_dir: str, tag: str, gathered: list[tuple[RankOutcome, float, str]], save_latest: bool,
+               extra: dict, mine: "_Publication"):
+        """Rank 0: every rank's (outcome, elapsed time, replicated digest) -> the save's verdict. With shared
+        storage rank 0 publishes here, before the verdict goes out; with node-local storage each publisher
+        gets its node's outcomes."""
+        outcomes = [g[0] for g in gathered]
+        verdict = self._check_deadline(tag, [g[1] for g in gathered]) or self._check_outcomes(tag, outcomes)
+        if verdict is None and any(g[2] != gathered[0][2] for g in gathered):
+            verdict = _Verdict(recheck=gathered[0][2] or "-", refused=True)
+        if verdict is None:
+            verdict = _Verdict(total_bytes=sum(o.bytes_written for o in outcomes))
+            if not self.node_local:
+                mine.run(lambda: self._publish(save_dir, tag, outcomes, save_latest, save_latest, extra, mine))
+                if mine.error:
+                    verdict = _failed(_publication_text(tag, {ROOT: mine}, save_latest), {ROOT: mine.error})
         if not self.node_local:
-            return 0
-        return min(r for r in range(self.ctx.world_size) if self.ctx.nodes[r] == self.ctx.nodes[rank])
+            return verdict
+        plans = [verdict] * len(outcomes)
+        if not verdict.error:
+            by_node: dict[str, list[RankOutcome]] = {}
+            for o in outcomes:
+                by_node.setdefault(o.node, []).append(o)
+            for node, members in by_node.items():
+                plans[members[0].rank] = dataclasses.replace(verdict, outcomes=members)
+        return plans
+
+    def _check_deadline(self, tag: str, elapsed: list[float]) -> "_Verdict | None":
+        """``save_deadline_s``: rank 0 sees every rank's elapsed time and takes the verdict for every rank, so
+        that no rank publishes while another gives up. The saver's group stays usable: the next save runs."""
+        slowest = max(range(len(elapsed)), key=lambda r: (elapsed[r], -r))
+        if not self.save_deadline_s or elapsed[slowest] <= self.save_deadline_s:
+            return None
+        why = f"{elapsed[slowest]:.3g}s since its save call, more than save_deadline_s={self.save_deadline_s:g}s"
+        return _Verdict(error=f"checkpoint {tag!r} was not published (the previous checkpoint is intact): rank "
+                              f"{slowest} (the slowest) took {why}; every rank gives this save up, and later saves "
+                              "run as usual", failures={slowest: why}, timeout=True, refused=True)
+
+    def _check_outcomes(self, tag: str, outcomes: list[RankOutcome]) -> "_Verdict | None":
+        failures = {o.rank: o.error for o in outcomes if not o.ok}
+        for o in outcomes:
+            if o.replicated_fp != outcomes[0].replicated_fp:
+                failures.setdefault(o.rank, "its replicated state (keys and sizes) differs from rank 0's; every "
+                                            "rank must hold the same replicated tensors")
+        if not failures:
+            return None
+        return dataclasses.replace(
+            _failed(f"checkpoint {tag!r} was not published (the previous checkpoint is intact)", failures),
+            refused=True)
+
+    def _publish_on_nodes(self, save_dir: str, tag: str, verdict: "_Verdict", save_latest: bool, extra: dict,
+                          mine: "_Publication") -> None:
+        """Node-local storage: every node's publisher publishes its directory; when every node did, every
+        publisher points its ``latest`` at it (two phases); when some node failed, every node withdraws its
+        copy (unless it replaced an older one of that name)."""
+        two_phase = save_latest
+        if self.is_publisher:
+            mine.run(lambda: self._publish(save_dir, tag, verdict.outcomes, save_latest, False, extra, mine))
+        decide = (lambda states: self._after_publication(tag, states, save_latest, two_phase, withdraw=True))
+        try:
+            verdict = self._round(mine, "publication", decide)
+        except CommitTimeoutError as exc:
+            raise self._unknown(exc, tag, mine) from exc
+        if verdict.withdraw:
+            if self.is_publisher and mine.published and not mine.replaced:
+                mine.run(lambda: self._locked(save_dir, self._withdraw, save_dir, tag, mine))
+        elif verdict.latest:
+            if self.is_publisher:
+                mine.run(lambda: self._locked(save_dir, self._publish_latest, save_dir, tag, mine))
+            decide = (lambda states: self._after_publication(tag, states, save_latest, False, withdraw=False))
+            try:
+                verdict = self._round(mine, "updating latest on every node", decide)
+            except CommitTimeoutError as exc:
+                raise self._unknown(exc, tag, mine) from exc
+        if verdict.error:
+            raise CommitError(verdict.error, verdict.failures) from mine.exc
+
+    def _after_publication(self, tag: str, states: list["_Publication"], save_latest: bool, then_latest: bool,
+                           withdraw: bool) -> "_Verdict":
+        """Rank 0, node-local storage: what every publisher does next, from what each one did. When one failed
+        and ``withdraw``, every publisher takes its copy back, unless it replaced an older one (which is gone);
+        a failure to update ``latest`` has already withdrawn that node's copy (:meth:`_publish_latest`)."""
+        failures = {r: st.error for r, st in enumerate(states) if st.error}
+        if not failures:
+            return _Verdict(latest=then_latest)
+        after = {r: dataclasses.replace(st, published=st.published and (st.replaced or not withdraw))
+                 for r, st in enumerate(states) if st.published or st.replaced}
+        return dataclasses.replace(_failed(_publication_text(tag, after, save_latest), failures), withdraw=withdraw)
+
+    def _unknown(self, exc: CommitTimeoutError, tag: str, mine: "_Publication") -> CommitTimeoutError:
+        """A collective after publishing failed: the error says what this rank knows."""
+        if not self.is_publisher:
+            publisher = self.ctx.node_ranks[0] if self.node_local else ROOT
+            known = (f"this rank does not know whether its publisher (rank {publisher}) published it: read "
+                     f"{LATEST} to find out")
+        elif mine.error:
+            known = f"this rank did not publish it: {mine.error}"
+        elif not mine.published:
+            known = "this rank did not publish it"
+        else:
+            known = "this rank published it" + (f" and {LATEST} names it" if mine.latest else f" ({LATEST} not updated)")
+        return CommitTimeoutError(f"checkpoint {tag!r}: {exc}; {known}")
 
     def _locked(self, save_dir: str, step, *args) -> None:
         with self._dir_lock(save_dir):
@@ -405,7 +525,7 @@ class CommitCoordinator:
         st = self.storage_for(save_dir)
         partial = st.staging_dir(save_dir, tag)
         final = st.join(save_dir, tag)
-        mine = set(self.publisher_ranks(outcomes))
+        mine = {o.rank for o in outcomes}  # the ranks whose files this publisher covers
         manifest = {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "library_version": __version__,
             "tag": tag, "world_size": self.ctx.world_size, "created_unix": time.time(),
@@ -585,10 +705,11 @@ class _Publication:
         return {**self.__dict__, "exc": None}
 
 
-def _publication_text(tag: str, states: list[_Publication], save_latest: bool) -> str:
-    """Where ``tag`` was published, for the error of a save that failed while publishing."""
-    published = [r for r, st in enumerate(states) if st.published]
-    replaced = [r for r, st in enumerate(states) if st.replaced]
+def _publication_text(tag: str, states: dict[int, _Publication], save_latest: bool) -> str:
+    """Where ``tag`` was published, for the error of a save that failed while publishing (``states``: what
+    each publisher that published, replaced or failed did, by rank)."""
+    published = sorted(r for r, st in states.items() if st.published)
+    replaced = sorted(r for r, st in states.items() if st.replaced)
     gone = (f"; the older checkpoint named {tag!r} was replaced by publisher(s) {rank_ranges(replaced)} and is "
             "gone there") if replaced else ""
     if not published:
@@ -651,9 +772,78 @@ _NO_DIR_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, er
 
 
 def _describe(head: str, failures: dict[int, str]) -> str:
+    """``head`` and one line per cause, naming the ranks that failed of it (ranges: many ranks stay short)."""
+    causes: dict[str, list[int]] = {}
+    for r, why in sorted(failures.items()):
+        causes.setdefault(why, []).append(r)
     lines = [f"{head}; {len(failures)} rank(s) failed:"]
-    lines += [f"  rank {r}: {why}" for r, why in sorted(failures.items())]
+    lines += [f"  {rank_ranges(ranks)}: {why}" for why, ranks in list(causes.items())[:_CAUSES_SHOWN]]
+    if len(causes) > _CAUSES_SHOWN:
+        rest = sum(len(ranks) for ranks in list(causes.values())[_CAUSES_SHOWN:])
+        lines.append(f"  ... and {rest} more rank(s) with other causes (CommitError.failures lists every rank)")
     return "\n".join(lines)
+
+
+_CAUSES_SHOWN = 32
+
+
+def _failed(head: str, failures: dict[int, str]) -> "_Verdict":
+    """The verdict of a step that failed on the ranks in ``failures`` (rank -> cause; empty: none failed)."""
+    failures = {r: why for r, why in failures.items() if why}
+    return _Verdict(error=_describe(head, failures), failures=failures) if failures else _Verdict()
+
+
+@dataclass
+class _Verdict:
+    """Rank 0's decision on one step of a save, sent to every rank: small, whatever the world size (unless
+    the step failed on many ranks: then ``failures`` names each)."""
+
+    error: str = ""  # the save fails on every rank with this text...
+    failures: dict[int, str] = field(default_factory=dict)  # ...naming these ranks
+    timeout: bool = False  # ...as a CommitTimeoutError (save_deadline_s)
+    refused: bool = False  # failed before anything was published: the publishers remove their partial directory
+    skip: str = ""  # on_busy skip: every rank skips the save (logged)
+    warning: str = ""  # logged on every rank
+    tag: str = ""  # prepare: the tag every rank uses...
+    save_id: str = ""  # ...and the save's identity
+    total_bytes: int = 0  # commit: the bytes every rank wrote
+    outcomes: list[RankOutcome] = field(default_factory=list)  # node-local storage: a publisher's node's ranks
+    recheck: str = ""  # verify_replicated: rank 0's digest; the ranks whose digest differs send their checksums
+    withdraw: bool = False  # node-local storage: some node failed; every publisher takes its copy back
+    latest: bool = False  # node-local storage: every node published; every publisher updates latest
+
+
+def _digest(sums: dict[str, str] | None) -> str:
+    """One checksum of a rank's checksums of its replicated tensors ("" when it checks none)."""
+    if not sums:
+        return ""
+    return checksum("".join(f"{k}\0{v}\n" for k, v in sorted(sums.items())).encode())
+
+
+def _replicas_differ(tag: str, sums: list[dict[str, str] | None]) -> _Verdict:
+    """Rank 0 (verify_replicated): which replicated tensors differ from rank 0's copy, on which ranks (None:
+    that rank's copies all agree with rank 0's)."""
+    reference = sums[ROOT] or {}
+    differ: dict[str, list[int]] = {}
+    for rank, theirs in enumerate(sums):
+        if rank == ROOT or theirs is None:
+            continue
+        for key in sorted(set(reference) | set(theirs)):
+            if theirs.get(key) != reference.get(key):
+                differ.setdefault(key, []).append(rank)
+    failures: dict[int, list[str]] = {}
+    for key, ranks in differ.items():
+        for rank in ranks:
+            failures.setdefault(rank, []).append(key)
+    shown = "; ".join(f"{key!r} on {rank_ranges(ranks)}" for key, ranks in list(differ.items())[:_CAUSES_SHOWN])
+    more = f"; and {len(differ) - _CAUSES_SHOWN} more tensor(s)" if len(differ) > _CAUSES_SHOWN else ""
+    return _Verdict(
+        error=f"checkpoint {tag!r} was not published (the previous checkpoint is intact): replicated tensors "
+              f"differ from rank 0's copy (verify_replicated): {shown}{more}. Replicated state must be identical "
+              "on every rank: mark state a rank changes locally as rank-local, or find what diverged",
+        failures={r: f"its copy of replicated tensor(s) {', '.join(map(repr, keys[:8]))}"
+                     f"{' ...' if len(keys) > 8 else ''} differs from rank 0's" for r, keys in sorted(failures.items())},
+        refused=True)
 
 
 def _remove_quietly(st: Storage, path: str) -> None:

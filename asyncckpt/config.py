@@ -130,6 +130,7 @@ class Config(_Section):
     save_deadline_s: float = 0.0  # a save whose slowest rank took longer (from its save call) is not published; 0 = none
     tag_validation: str = "fail"  # a tag that differs across ranks: warn | fail | ignore
     use_node_local_storage: bool = False  # each node's local rank 0 publishes that node's copy
+    verify_replicated: bool = False  # compare every rank's copy of each replicated tensor (checksums) at commit
     codec: CodecConfig = field(default_factory=CodecConfig)
     writer: WriterConfig = field(default_factory=WriterConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)

@@ -27,11 +27,11 @@ from .commit import CommitCoordinator, DistContext, orphan_reason
 from .config import Config
 from .commit import BUSY
 from .errors import CheckpointError, ConfigError, TagExistsError, WriteError
-from .format import MANIFEST, validate_tag
+from .format import MANIFEST, checksum, validate_tag
 from .future import SaveFuture, raise_first_unobserved
-from .io_types import FlatState, RankOutcome, SaveJob, SaveResult
-from .placement import assign_replicated, fingerprint
-from .staging import StagingPool, ready_now
+from .io_types import FlatState, RankOutcome, SaveJob, SaveResult, StageItem
+from .placement import ReplicatedSplit, fingerprint
+from .staging import Slot, StagingPool, ready_now
 from .storage import MARKER, Storage, is_url, open_storage
 from .writer import WriterPool, lower_thread_priority
 from .threads import at_shutdown, started_pool
@@ -75,6 +75,8 @@ class SaveEngine:
         self._closed = False
         self._pid = os.getpid()  # a forked child inherits this object but none of its threads
         self.saves = 0
+        self._split = ReplicatedSplit()  # the replicated tensors this rank writes, per layout
+        self._check_slots: dict[int, Slot] = {}  # verify_replicated: the tensors others write, per staging slot
         _live_engines.add(self)
 
     # ------------------------------------------------------------------------------------- training side
@@ -103,8 +105,9 @@ class SaveEngine:
                 raise TagExistsError(f"checkpoint tag {tag!r} already exists in {save_dir}; choose another tag or "
                                      "set overwrite: true")
             flat = flat() if callable(flat) else flat
-            flat, replicated_fp = self._own_share(flat, pinned)
-            self.pool.check_budget(flat.nbytes)
+            flat, replicated_fp, checked = self._own_share(flat, pinned)
+            written = {id(i) for i in flat.items}
+            self.pool.check_budget(flat.nbytes + sum(i.nbytes for i in checked if id(i) not in written))
             slot = self.pool.acquire(self.config.on_busy, timeout=self.config.commit_timeout_s)
         except BaseException as exc:
             self._placeholder(save_dir, tag, _exc_text(exc))
@@ -116,6 +119,7 @@ class SaveEngine:
         try:
             t_stage = time.perf_counter()
             ready = slot.stage(flat.items)
+            checks = self._stage_checks(slot, flat, checked)
             stage_s = time.perf_counter() - t_stage
             job = SaveJob(save_dir, tag, save_latest, flat, slot, ready, dict(manifest_extra or {}), t0)
             job.replicated_fp = replicated_fp
@@ -123,14 +127,14 @@ class SaveEngine:
             self.pool.release(slot)
             self._placeholder(save_dir, tag, _exc_text(exc))
             raise
-        fut = self._submit(job, stage_s)
+        fut = self._submit(job, stage_s, checks)
         job.stall_s = time.perf_counter() - t0  # everything the caller waited for, the hand-off included
         job.returned.set()
         return fut
 
-    def _submit(self, job: SaveJob, stage_s: float) -> SaveFuture:
+    def _submit(self, job: SaveJob, stage_s: float, checks: Callable[[], dict] | None = None) -> SaveFuture:
         job.seq = self.saves  # the k-th save of every rank's saver is paired with the k-th of the others
-        fut = SaveFuture(self.writer.submit(self._run(job, stage_s)), job.tag)
+        fut = SaveFuture(self.writer.submit(self._run(job, stage_s, checks)), job.tag)
         with self._lock:
             self._futures = [f for f in self._futures if not f.done() or f.unobserved_error() is not None]
             self._futures.append(fut)
@@ -156,7 +160,8 @@ class SaveEngine:
         save_dir = job.save_dir if is_url(job.save_dir) else os.path.realpath(job.save_dir)
         return {"sequence": job.seq, "save_dir": save_dir, "save_latest": job.save_latest,
                 "overwrite": self.config.overwrite, "keep_last": self.config.keep_last,
-                "codec": repr(self.config.codec), **{f"manifest {k}": v for k, v in job.meta.items()}}
+                "codec": repr(self.config.codec), "verify_replicated": self.config.verify_replicated,
+                **{f"manifest {k}": v for k, v in job.meta.items()}}
 
     def storage_for(self, save_dir: str) -> Storage:
         """The storage of ``save_dir`` (by its URL scheme; the config's ``storage`` group for object stores)."""
@@ -182,25 +187,46 @@ class SaveEngine:
     def _skipped(self, tag: str) -> SaveResult:
         return SaveResult(tag, None, skipped=True, rank=self.ctx.rank, world_size=self.ctx.world_size)
 
-    def _own_share(self, flat: FlatState, pinned: frozenset[str]) -> tuple[FlatState, str]:
+    def _own_share(self, flat: FlatState, pinned: frozenset[str]) -> tuple[FlatState, str, list[StageItem]]:
         """Keep this rank's own tensors and its share of the replicated ones (about 1/N of their bytes). The
         replicated tensors named in ``pinned`` (or a storage one of them is a view of) are written by the first
         rank of the copy scope: state that ranks may change locally (module buffers) is saved as one rank had
-        it, never as a patchwork of several ranks' values."""
+        it, never as a patchwork of several ranks' values. Also returns, with ``verify_replicated``, every
+        replicated tensor that is not pinned: each rank's copy is checksummed and compared at commit."""
         replicated = [i for i in flat.items if i.replicated]
         if not replicated:
-            return flat, ""
+            return flat, "", []
         pinned_keys = pinned | {v.base for v in flat.views if v.key in pinned}
         first = {n for n, i in enumerate(replicated) if i.key in pinned_keys}
         fp = fingerprint([(i.key + ("\0pinned" if n in first else ""), i.nbytes) for n, i in enumerate(replicated)])
         if not self.ctx.distributed:
-            return flat, fp
-        scope = self.coordinator.copy_scope()
-        owners = assign_replicated([i.nbytes for i in replicated], len(scope), first)
-        mine = {id(i) for i, o in zip(replicated, owners) if scope[o] == self.ctx.rank}
+            return flat, fp, []
+        position, size = self.coordinator.copy_scope()
+        owned = self._split.owned(fp, [i.nbytes for i in replicated], size, first, position)
+        mine = {id(replicated[n]) for n in owned}
         items = [i for i in flat.items if not i.replicated or id(i) in mine]
         elsewhere = frozenset(i.key for i in replicated if id(i) not in mine)  # written by the other ranks
-        return FlatState(flat.skeleton, items, flat.views, elsewhere=elsewhere), fp
+        checked = [i for i in replicated if i.key not in pinned_keys] if self.config.verify_replicated else []
+        return FlatState(flat.skeleton, items, flat.views, elsewhere=elsewhere), fp, checked
+
+    def _stage_checks(self, slot: Slot, flat: FlatState, checked: list[StageItem]) -> Callable[[], dict] | None:
+        """``verify_replicated``: stage the replicated tensors other ranks write (into a buffer paired with
+        ``slot``: the training thread may change them once save() returns) and return the job that checksums
+        this rank's copy of every tensor in ``checked``, run in the background; None when nothing is checked."""
+        if not checked:
+            return None
+        written = {id(item): n for n, item in enumerate(flat.items)}
+        extras = {id(i): n for n, i in enumerate(i for i in checked if id(i) not in written)}
+        pair = self._check_slots.setdefault(slot.index, Slot(slot.index, slot.pin))
+        ready = pair.stage([i for i in checked if id(i) in extras])
+        where = [(slot, written[id(i)]) if id(i) in written else (pair, extras[id(i)]) for i in checked]
+
+        def checksums() -> dict[str, str]:
+            ready()
+            return {item.key: checksum(s.array(s.layout.offsets[n], s.layout.sizes[n]))
+                    for item, (s, n) in zip(checked, where)}
+
+        return checksums
 
     def coordinated(self, fn: Callable, *args):
         """Run ``fn(*args)`` on the commit thread after every save submitted so far (so that collectives over the
@@ -253,6 +279,7 @@ class SaveEngine:
                 self.writer.close()
                 self.coordinator.close()
                 self.pool.close()
+                self._check_slots.clear()
 
     def _close_at_exit(self, deadline: float) -> None:
         """Finish what was accepted, until ``deadline`` (``time.monotonic()``); log what failed or did not
@@ -275,16 +302,16 @@ class SaveEngine:
         self.close(timeout=max(0.0, deadline - time.monotonic()))
 
     # ----------------------------------------------------------------------------------- background side
-    async def _run(self, job: SaveJob, stage_s: float) -> SaveResult:
+    async def _run(self, job: SaveJob, stage_s: float, checks: Callable[[], dict] | None) -> SaveResult:
         loop = asyncio.get_running_loop()
         async with self._order:
             try:
-                return await self._pipeline(loop, job, stage_s)
+                return await self._pipeline(loop, job, stage_s, checks)
             finally:
                 if job.slot is not None:
                     self.pool.release(job.slot)
 
-    async def _pipeline(self, loop, job: SaveJob, stage_s: float) -> SaveResult:
+    async def _pipeline(self, loop, job: SaveJob, stage_s: float, checks: Callable[[], dict] | None) -> SaveResult:
         ctx = self.ctx
         phases = {"stage": stage_s}
         t = time.perf_counter()
@@ -305,6 +332,7 @@ class SaveEngine:
         tag = prepared.tag
         st = self.storage_for(job.save_dir)
         t = time.perf_counter()
+        sums = loop.run_in_executor(None, checks) if checks is not None else None  # while the files are written
         try:
             files = await self.writer.write_rank(directory=st.staging_dir(job.save_dir, tag), rank=ctx.rank,
                                                  flat=job.flat, slot=job.slot, skeleton=job.flat.skeleton, storage=st)
@@ -318,9 +346,11 @@ class SaveEngine:
                                   replicated_fp=job.replicated_fp)
             log.error("rank %d: writing checkpoint %r failed: %s", ctx.rank, tag, exc)
         phases["write"] = time.perf_counter() - t
+        replicated_sums = await sums if sums is not None else None
         try:
             info = await loop.run_in_executor(self._commit_thread, self.coordinator.commit, job.save_dir, tag,
-                                              outcome, job.save_latest, job.meta, prepared.save_id, job.t_start)
+                                              outcome, job.save_latest, job.meta, prepared.save_id, job.t_start,
+                                              replicated_sums)
         except CheckpointError as exc:
             if write_error is not None:
                 if not ctx.distributed:  # one rank: the write error itself is the clearest thing to raise

@@ -46,8 +46,10 @@ def check_nodes(keys: list[tuple]) -> list[str]:
         raise ConfigError(f"ranks {missing[:20]} lack {'/'.join(_TORCHRUN)} while the others have them: launch every "
                           "rank the same way (torchrun sets them)")
     if any(torchrun):
-        for node in dict.fromkeys(names):
-            ranks = [r for r in range(len(keys)) if names[r] == node]
+        members: dict[str, list[int]] = {}
+        for r, node in enumerate(names):  # one pass: rank 0 checks thousands of ranks
+            members.setdefault(node, []).append(r)
+        for node, ranks in members.items():
             local = sorted(keys[r][1] for r in ranks)
             sizes = {keys[r][2] for r in ranks}
             if sizes != {len(ranks)} or local != list(range(len(ranks))):

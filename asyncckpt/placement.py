@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hashlib
+import heapq
 from dataclasses import dataclass
 from typing import AbstractSet as Set, Any, Sequence
 
@@ -104,16 +105,39 @@ def copy_overlap(dst: torch.Tensor, dst_offset: Sequence[int], src: torch.Tensor
 def assign_replicated(sizes: Sequence[int], world: int, pinned: Set[int] = frozenset()) -> list[int]:
     """Deterministic balanced assignment of replicated tensors to ranks: the ``pinned`` indices (state a rank
     can change locally, such as module buffers) to rank 0; the others largest first, each to the rank with
-    the fewest bytes so far. Every rank computes the same answer from the same sizes."""
+    the fewest bytes so far (the lowest such rank). Every rank computes the same answer from the same sizes.
+    O(tensors x log ranks)."""
     owner = [0] * len(sizes)
-    load = [0] * world
-    for i in pinned:
-        load[0] += sizes[i]
+    loads = [(sum(sizes[i] for i in pinned), 0)] + [(0, r) for r in range(1, world)]
+    heapq.heapify(loads)
     for i in sorted((i for i in range(len(sizes)) if i not in pinned), key=lambda i: (-sizes[i], i)):
-        r = min(range(world), key=lambda r: (load[r], r))
+        load, r = heapq.heappop(loads)
         owner[i] = r
-        load[r] += sizes[i]
+        heapq.heappush(loads, (load + sizes[i], r))
     return owner
+
+
+class ReplicatedSplit:
+    """Which replicated tensors one rank writes, computed once per layout and reused by every save with that
+    layout (the assignment is O(tensors x log ranks): not something to redo on the training thread at every
+    save). A layout is named by its :func:`fingerprint` (keys, sizes, pinned flags); a few are kept."""
+
+    KEPT = 4
+
+    def __init__(self) -> None:
+        self._layouts: dict[tuple[str, int, int], frozenset[int]] = {}
+
+    def owned(self, layout: str, sizes: Sequence[int], world: int, pinned: Set[int], position: int) -> frozenset[int]:
+        """The indices of the tensors (of ``sizes``, laid out as ``layout``) that the rank at ``position`` of
+        ``world`` ranks writes."""
+        key = (layout, world, position)
+        mine = self._layouts.get(key)
+        if mine is None:
+            mine = frozenset(i for i, r in enumerate(assign_replicated(sizes, world, pinned)) if r == position)
+            if len(self._layouts) >= self.KEPT:
+                del self._layouts[next(iter(self._layouts))]
+            self._layouts[key] = mine
+        return mine
 
 
 def fingerprint(keys_and_sizes: Sequence[tuple[str, int]]) -> str:

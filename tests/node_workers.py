@@ -125,14 +125,16 @@ def peer_dies_after_publication(rank: int, world: int, save_dir: str) -> str:
     _, _, saver = _saver(rank, dict(CFG, commit_timeout_s=10))
     saver.save_checkpoint(save_dir, tag="t1").result(60)
     if rank == 1:
-        real = saver.engine.coordinator.gather
+        comm = saver.engine.ctx.comm
+        real = comm.gather
 
-        def gather(obj, what):
-            if what == "publication":
-                os._exit(17)
-            return real(obj, what)
+        def gather(obj):
+            out = real(obj)
+            if isinstance(obj, tuple) and isinstance(obj[0], asyncckpt.io_types.RankOutcome):
+                os._exit(17)  # its outcome is sent: rank 0 publishes, then finds rank 1 gone
+            return out
 
-        saver.engine.coordinator.gather = gather
+        comm.gather = gather
     err = saver.save_checkpoint(save_dir, tag="t2").exception(60)
     assert isinstance(err, asyncckpt.CommitError), repr(err)
     try:
