@@ -4,7 +4,6 @@ other than rank 0 receives the same few hundred bytes and makes the same collect
 the world size; only rank 0, which decides, receives O(ranks). docs/SCALE.md has the model and the figures."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -13,7 +12,8 @@ import pytest
 import asyncckpt.placement as placement
 from asyncckpt.commit import CommitCoordinator, DistContext
 from asyncckpt.errors import CommitError
-from asyncckpt.format import MANIFEST
+import asyncckpt.format as fmt
+from asyncckpt.owners import ROW, parse_rank_row
 from asyncckpt.io_types import RankOutcome
 from fake_collectives import FakeJob, Meter
 
@@ -29,9 +29,17 @@ class Figures:
     publisher: Meter  # the most any other publisher received (node-local storage), per save
 
 
-def _outcome(rank: int, ctx: DistContext, ok: bool = True) -> RankOutcome:
+def _outcome(rank: int, ctx: DistContext, partial: str, ok: bool = True) -> RankOutcome:
+    """What rank ``rank``'s writer reports, after writing its (empty) sealed index into ``partial`` as the writer
+    would: the publisher reads every index of its ranks to build the owner table."""
+    sealed = fmt.seal({"format_version": fmt.FORMAT_VERSION, "rank": rank, "files": {}, "tensors": {},
+                       "skeleton": {"step": 0}})
+    name = fmt.rank_index_name(rank)
+    if ok:
+        with open(os.path.join(partial, name), "wb") as f:
+            f.write(sealed)
     return RankOutcome(rank, ok, error="" if ok else "OSError: [Errno 28] No space left on device",
-                       index_name=f"rank{rank:05d}.index.json", index_xxh3="0123456789abcdef", bytes_written=4096,
+                       index_name=name, index_xxh3=fmt.checksum(sealed), bytes_written=len(sealed),
                        node=ctx.node, replicated_fp="fedcba9876543210")
 
 
@@ -52,7 +60,9 @@ def _simulate(root_dir: str, world: int, node_local: bool = False, saves: int = 
                     "codec": "zstd(level=1)", "manifest global_steps": k}
             try:
                 prepared = coord.prepare(save_dir, f"step{k}", "", spec)
-                info = coord.commit(save_dir, prepared.tag, _outcome(rank, ctx, ok=not (rank == fail and k == saves - 1)),
+                partial = os.path.join(save_dir, fmt.partial_dir_name(prepared.tag))
+                outcome = _outcome(rank, ctx, partial, ok=not (rank == fail and k == saves - 1))
+                info = coord.commit(save_dir, prepared.tag, outcome,
                                     True, {"global_steps": k}, prepared.save_id)
                 results.append(info.path)
             except CommitError as exc:
@@ -93,14 +103,20 @@ def _assert_o1(small: Figures, large: Figures) -> None:
     assert large.root.bytes >= 3 * small.root.bytes  # rank 0 decides: it receives O(N), and only it does
 
 
+def _ranks_listed(tag_dir) -> list[int]:
+    """The ranks the published copy's rank table lists."""
+    with open(os.path.join(tag_dir, fmt.RANK_TABLE), "rb") as f:
+        rows = f.read()
+    return [parse_rank_row(rows[i: i + ROW], fmt.RANK_TABLE)[0] for i in range(0, len(rows), ROW)]
+
+
 def test_shared_storage_costs_each_rank_the_same_at_1024_and_4096_ranks(tmp_path):
     figures = []
     for world in SIZES:
         out, _ = _simulate(str(tmp_path / str(world)), world)
         for r, (_, _, results) in enumerate(out):
             assert results == [str(tmp_path / str(world) / "shared" / "step0")], (r, results)
-        with open(tmp_path / str(world) / "shared" / "step0" / MANIFEST) as f:
-            assert [e["rank"] for e in json.load(f)["ranks"]] == list(range(world))
+        assert _ranks_listed(tmp_path / str(world) / "shared" / "step0") == list(range(world))
         figures.append(_figures(world, out))
     _report("shared storage", figures)
     _assert_o1(*figures)
@@ -112,8 +128,8 @@ def test_node_local_storage_costs_each_rank_the_same_at_1024_and_4096_ranks(tmp_
         out, _ = _simulate(str(tmp_path / str(world)), world, True)
         for r, (_, _, results) in enumerate(out):
             assert results == [str(tmp_path / str(world) / f"node{r // PER_NODE}" / "step0")], (r, results)
-        with open(tmp_path / str(world) / f"node{world // PER_NODE - 1}" / "step0" / MANIFEST) as f:
-            assert json.load(f)["ranks_present"] == list(range(world - PER_NODE, world))
+        assert _ranks_listed(tmp_path / str(world) / f"node{world // PER_NODE - 1}" / "step0") == \
+            list(range(world - PER_NODE, world))
         with open(tmp_path / str(world) / f"node{world // PER_NODE - 1}" / "latest") as f:
             assert f.read() == "step0\n"
         figures.append(_figures(world, out))
