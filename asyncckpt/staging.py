@@ -117,9 +117,10 @@ def _host_unregister(ptr: int) -> None:
 class Slot:
     """One reusable host buffer and the views into it of the last layout staged there."""
 
-    def __init__(self, index: int, pool: "StagingPool"):
+    def __init__(self, index: int, pin: bool, pool: "StagingPool | None" = None):
         self.index = index
-        self.pool = pool
+        self.pin = pin
+        self.pool = pool  # whose copier copies and whose statistics count the allocations
         self._host: _HostBuffer | None = None
         self._signature: tuple | None = None
         self._dsts: list[torch.Tensor] = []
@@ -140,8 +141,9 @@ class Slot:
         """Replace the buffer with one of at least ``nbytes`` (the old one is freed first)."""
         self._drop()
         t0 = time.perf_counter()
-        host = _HostBuffer(nbytes, self.pool.pin)
-        self.pool._count(host, time.perf_counter() - t0)
+        host = _HostBuffer(nbytes, self.pin)
+        if self.pool is not None:
+            self.pool._count(host, time.perf_counter() - t0)
         self._host = host
         self.allocations += 1
 
@@ -193,10 +195,13 @@ class Slot:
                 pairs[g].append((dst, item.src))
         versions = [[(key, t, t._version) for key, t in w] for w in watched]
         ready = self._copy_now(eager)
-        return Snapshot(pairs, versions, self.pool, ready)
+        return Snapshot(pairs, versions, self._copier(), self.pool.copy_thread(), ready)
+
+    def _copier(self) -> Copier:
+        return copy_into if self.pool is None else self.pool.copier
 
     def _copy_now(self, pairs) -> Callable[[], None]:
-        copy = self.pool.copier
+        copy = self._copier()
         cuda_pairs = []
         for dst, item in pairs:
             if item.src.device.type == "cuda":
@@ -269,7 +274,7 @@ class Snapshot:
     the training side has not; :meth:`failure` is then a :class:`StateMismatchError` naming every tensor changed
     in place before its group was settled."""
 
-    def __init__(self, pairs: list[list[tuple]], versions: list[list[tuple]], pool: "StagingPool",
+    def __init__(self, pairs: list[list[tuple]], versions: list[list[tuple]], copier: Copier, thread,
                  eager_ready: Callable[[], None] = ready_now):
         self._eager_ready = eager_ready  # the copies made at the call (CUDA: their events)
         self._versions = versions
@@ -286,7 +291,7 @@ class Snapshot:
                 self._cuda_events[g] = _issue_cuda(cuda, training_waits=False)
             host.append([(d, s) for d, s in group if s.device.type != "cuda"])
         if any(host):
-            pool.copy_thread().submit(self._copy_host, host, pool.copier)
+            thread.submit(self._copy_host, host, copier)
         else:
             for done in self._host_done:
                 done.set()
@@ -413,7 +418,7 @@ class StagingPool:
     def __init__(self, slots: int, pin: bool, budget_bytes: int = 0, copier: Copier = copy_into):
         self.pin = pin
         self.copier = copier
-        self.slots = [Slot(i, self) for i in range(slots)]
+        self.slots = [Slot(i, pin, self) for i in range(slots)]
         self._free = list(reversed(self.slots))
         self._cond = threading.Condition()
         self.budget_bytes = budget_bytes
