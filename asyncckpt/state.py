@@ -119,14 +119,15 @@ class _Flattener:
     def tensor(self, t: torch.Tensor, path: str, trail: Any, node: dict, replicated: bool = False,
                global_shape: tuple = (), global_offset: tuple = ()) -> dict:
         """Record ``t`` for ``node`` (whose ``key`` the analysis fills in) and return the node."""
-        if t.layout is not torch.strided or t.is_nested or t.dtype not in _SAVABLE or t.device.type == "meta":
+        device = t.device
+        if t.layout is not torch.strided or t.is_nested or t.dtype not in _SAVABLE or device.type == "meta":
             _refuse(t, path)
         if t.requires_grad:
             t = t.detach()
         src = t
         if t.is_conj() or t.is_neg():  # the bytes hold the unconjugated / unnegated values: save what it reads as
             src = t.resolve_conj().resolve_neg()  # a fresh storage of its own, copied now
-        self.leaves.append(_Leaf(path, t, src, trail, node, replicated, global_shape, global_offset))
+        self.leaves.append(_Leaf(path, t, src, device, trail, node, replicated, global_shape, global_offset))
         return node
 
     def walk(self, obj: Any, path: str, trail: Any, depth: int) -> Any:
@@ -282,17 +283,18 @@ class _Leaf:
     """A tensor met by the walk: its key path, the tensor, what to stage for it (itself, or the resolved copy
     of a lazily conjugated or negated one), how it was reached and the node that names it."""
 
-    __slots__ = ("path", "t", "src", "trail", "node", "replicated", "global_shape", "global_offset")
+    __slots__ = ("path", "t", "src", "device", "trail", "node", "replicated", "global_shape", "global_offset")
 
-    def __init__(self, path, t, src, trail, node, replicated, global_shape, global_offset):
-        self.path, self.t, self.src, self.trail, self.node = path, t, src, trail, node
+    def __init__(self, path, t, src, device, trail, node, replicated, global_shape, global_offset):
+        self.path, self.t, self.src, self.device, self.trail, self.node = path, t, src, device, trail, node
         self.replicated, self.global_shape, self.global_offset = replicated, global_shape, global_offset
 
 
 @dataclass(frozen=True)
 class _Plan:
     """The storage analysis of one structure of tensors: the key each leaf's node names, what is staged
-    (``("solo", leaf)`` or ``("span", members, lo, hi, base_key, replicated)``) and the views of shared spans."""
+    (``("solo", leaf, dtype, shape, device)`` or ``("span", members, lo, hi, base_key, replicated)``) and the
+    views of shared spans."""
 
     fingerprint: tuple
     keys: tuple[str, ...]
@@ -330,10 +332,10 @@ def _fingerprint(leaves: list[_Leaf]) -> tuple:
         t = leaf.t
         offset = t.storage_offset()
         if t.numel():
-            sid = storages.setdefault((t.device, t.data_ptr() - offset * t.element_size()), n)
+            sid = storages.setdefault((leaf.device, t.data_ptr() - offset * t.element_size()), n)
         else:
             sid = -1 - n  # no bytes: never grouped
-        out.append((leaf.path, t.dtype, t.shape, t.stride(), offset, t.device, sid,
+        out.append((leaf.path, t.dtype, t.shape, t.stride(), offset, leaf.device, sid,
                     leaf.src is not t and (t.is_conj(), t.is_neg()),
                     leaf.replicated, leaf.global_shape, leaf.global_offset))
     return tuple(out)
@@ -371,7 +373,8 @@ def _analyse(leaves: list[_Leaf], fp: tuple) -> _Plan:
     for gid in order:
         members = groups[gid]
         if len(members) == 1:
-            staged.append(("solo", members[0]))
+            src = leaves[members[0]].src
+            staged.append(("solo", members[0], src.dtype, tuple(src.shape), _device_str(src)))
             continue
         # several different views of one storage: stage the byte span they cover once
         spans = [(_byte_span(leaves[m].t), m) for m in members]
@@ -406,10 +409,10 @@ def flatten(state: Any, *, allow_pickle: bool = False, replicated: Callable[[str
     items: list[StageItem] = []
     for entry in plan.staged:
         if entry[0] == "solo":
-            leaf = f.leaves[entry[1]]
-            t = leaf.src
-            items.append(StageItem(leaf.path, t, t.dtype, tuple(t.shape), _device_str(t), leaf.global_shape,
-                                   leaf.global_offset, leaf.replicated))
+            _, n, dtype, shape, device = entry
+            leaf = f.leaves[n]
+            items.append(StageItem(leaf.path, leaf.src, dtype, shape, device, leaf.global_shape, leaf.global_offset,
+                                   leaf.replicated))
             continue
         _, members, lo, hi, base_key, rep = entry
         first = f.leaves[members[0]].t
