@@ -64,8 +64,8 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 def _snapshot_hooks(saver: "AsyncCheckpointer") -> list:
     """A lazy snapshot's guards: before any optimizer's step (every optimizer of the process: a second one
-    may update the same parameters), and before the forward of every module that holds buffers (BatchNorm
-    running statistics change there). They refer to the saver weakly: they do not keep it alive."""
+    may update the same parameters), and before the forward of the model and of every module that holds
+    buffers (BatchNorm running statistics change there; so may a wrapper's broadcast of them). They refer to the saver weakly: they do not keep it alive."""
     ref = weakref.ref(saver)
 
     def before_step(optimizer, args, kwargs) -> None:
@@ -79,8 +79,8 @@ def _snapshot_hooks(saver: "AsyncCheckpointer") -> list:
             s._settle(0)
 
     hooks = [register_optimizer_step_pre_hook(before_step)]
-    for m in saver.module.modules():
-        if any(b is not None for b in m._buffers.values()):
+    for m in saver.module.modules():  # the wrapped module too: a wrapper (DDP) may change buffers before
+        if m is saver.module or any(b is not None for b in m._buffers.values()):  # the inner forward
             hooks.append(m.register_forward_pre_hook(before_forward))
     return hooks
 
@@ -131,13 +131,17 @@ class AsyncCheckpointer:
             self._engine.pool.reserve(self._estimate_bytes)
 
     def _estimate_bytes(self) -> int:
-        """About what a save stages: the module's state and the optimizer's state tensors, with slack for the
-        RNG states and client state (runs in the background allocation thread)."""
-        tensors = [t for t in self.module.state_dict().values() if isinstance(t, torch.Tensor)]
+        """About what a save stages: the module's parameters and buffers and the optimizer's state tensors
+        (this rank's shards), with slack for the RNG states and client state. Runs in the background
+        allocation thread, so it reads tensors only (``state_dict()`` may run collectives or hooks)."""
+        tensors = [*self.module.parameters(), *self.module.buffers()]
         if self.optimizer is not None:
             for entry in list(self.optimizer.state.values()):
                 tensors += [t for t in list(entry.values()) if isinstance(t, torch.Tensor)]
-        total = sum((t.numel() * t.element_size() + 63) // 64 * 64 for t in tensors)
+        total = 0
+        for t in tensors:
+            local = t.to_local() if is_dtensor(t) else t
+            total += (local.numel() * local.element_size() + 63) // 64 * 64
         return total + total // 64 + (1 << 20)
 
     @property

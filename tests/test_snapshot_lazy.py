@@ -113,14 +113,16 @@ def test_forward_waits_for_the_buffers(save_dir, make_saver, same):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.randn(32, 8)).sum().backward()
     opt.step()
-    for bn in (model[1], model[3]):  # registered before the saver's: the forward has begun
-        bn.register_forward_pre_hook(lambda *a: copier.release())
+    model.register_forward_pre_hook(lambda *a: copier.release())  # before the saver's: the forward has begun
     saver = make_saver(model, opt, snapshot="lazy")
     copier = hold(saver)
+    model[1].register_forward_pre_hook(lambda *a: copier.log.append("forward"))  # after the saver's hooks
     expected = state_of(model, opt)
+    buffers = len(list(model.buffers()))
     fut = saver.save_checkpoint(save_dir, tag="a")
     assert copier.log == []
     out = model(torch.randn(32, 8) * 5 + 3)  # changes every running statistic
+    assert copier.log.index("forward") >= buffers  # every buffer was copied before the first BatchNorm ran
     assert not torch.equal(model[1].running_mean, expected["module"]["1.running_mean"])
     out.sum().backward()
     opt.step()
