@@ -270,9 +270,9 @@ class Snapshot:
     """One lazy copy of a save's state into its slot (see the module docstring).
 
     Groups complete in order. ``settle(g)`` (training side) orders the caller after group ``g``'s copy and
-    checks its tensors' version counters; :meth:`failure_after_settling` (background, once the copy is complete) settles what
-    the training side has not; :meth:`failure` is then a :class:`StateMismatchError` naming every tensor changed
-    in place before its group was settled."""
+    checks its tensors' version counters; :meth:`failure_after_settling` (background, once the copy is
+    complete) settles what the training side has not; :meth:`failure` is then a :class:`StateMismatchError`
+    naming every tensor changed in place before its group was settled."""
 
     def __init__(self, pairs: list[list[tuple]], versions: list[list[tuple]], copier: Copier, thread,
                  eager_ready: Callable[[], None] = ready_now):

@@ -416,7 +416,8 @@ def flatten(state: Any, *, allow_pickle: bool = False, replicated: Callable[[str
             continue
         _, members, lo, hi, base_key, rep = entry
         first = f.leaves[members[0]].t
-        span = torch.empty(0, dtype=torch.uint8, device=first.device).set_(first.untyped_storage(), lo, (hi - lo,), (1,))
+        span = torch.empty(0, dtype=torch.uint8, device=first.device)
+        span.set_(first.untyped_storage(), lo, (hi - lo,), (1,))
         items.append(StageItem(base_key, span, torch.uint8, (hi - lo,), _device_str(span), replicated=rep))
     if leaves is not None:
         leaves.extend((leaf.path, leaf.t) for leaf in f.leaves)
