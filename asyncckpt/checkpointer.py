@@ -11,9 +11,11 @@ import logging
 import numbers
 import os
 import random
+import weakref
 from typing import Any, Callable, Mapping
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .agreement import agree_on_tag
 from .commit import DistContext
@@ -24,7 +26,8 @@ from .future import SaveFuture
 from .io_types import SaveResult
 from .loader import CheckpointReader, MapLocation, read_latest
 from .placement import is_dtensor
-from .state import escape, flatten, join
+from .staging import LazyStaging, Snapshot
+from .state import STORAGE_PREFIX, FlattenCache, escape, flatten, join
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,29 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
             log.warning("not restoring CUDA RNG states: saved for %d devices, %d here", len(cuda), torch.cuda.device_count())
 
 
+def _snapshot_hooks(saver: "AsyncCheckpointer") -> list:
+    """A lazy snapshot's guards: before any optimizer's step (every optimizer of the process: a second one
+    may update the same parameters), and before the forward of the model and of every module that holds
+    buffers (BatchNorm running statistics change there; so may a wrapper's broadcast of them). They refer to the saver weakly: they do not keep it alive."""
+    ref = weakref.ref(saver)
+
+    def before_step(optimizer, args, kwargs) -> None:
+        s = ref()
+        if s is not None:
+            s._settle(None)
+
+    def before_forward(module, args) -> None:
+        s = ref()
+        if s is not None:
+            s._settle(0)
+
+    hooks = [register_optimizer_step_pre_hook(before_step)]
+    for m in saver.module.modules():  # the wrapped module too: a wrapper (DDP) may change buffers before
+        if m is saver.module or any(b is not None for b in m._buffers.values()):  # the inner forward
+            hooks.append(m.register_forward_pre_hook(before_forward))
+    return hooks
+
+
 def _is_model_state(path: str) -> bool:
     return path.startswith(("module/", "optimizer/", "lr_scheduler/"))
 
@@ -86,13 +112,37 @@ class AsyncCheckpointer:
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.global_steps = 0
-        self._hook = None
+        self._hooks: list = []
         if optimizer is not None:
-            self._hook = optimizer.register_step_post_hook(self._count_step)
+            self._hooks.append(optimizer.register_step_post_hook(self._count_step))
         self._engine = SaveEngine(self.config, dist_context)
+        self._flatten_cache = FlattenCache()
+        self._snapshot: Snapshot | None = None  # a lazy copy not settled yet
+        if self.config.snapshot == "lazy":
+            self._hooks += _snapshot_hooks(self)
+        self._reserved = optimizer is None or bool(optimizer.state)  # else: once the first step made its state
+        if self._reserved:
+            self._engine.pool.reserve(self._estimate_bytes)
 
     def _count_step(self, optimizer, args, kwargs) -> None:
         self.global_steps += 1
+        if not self._reserved:
+            self._reserved = True
+            self._engine.pool.reserve(self._estimate_bytes)
+
+    def _estimate_bytes(self) -> int:
+        """About what a save stages: the module's parameters and buffers and the optimizer's state tensors
+        (this rank's shards), with slack for the RNG states and client state. Runs in the background
+        allocation thread, so it reads tensors only (``state_dict()`` may run collectives or hooks)."""
+        tensors = [*self.module.parameters(), *self.module.buffers()]
+        if self.optimizer is not None:
+            for entry in list(self.optimizer.state.values()):
+                tensors += [t for t in list(entry.values()) if isinstance(t, torch.Tensor)]
+        total = 0
+        for t in tensors:
+            local = t.to_local() if is_dtensor(t) else t
+            total += (local.numel() * local.element_size() + 63) // 64 * 64
+        return total + total // 64 + (1 << 20)
 
     @property
     def rank(self) -> int:
@@ -126,13 +176,15 @@ class AsyncCheckpointer:
             state["rng"] = rng_state()
         return state
 
-    def _flatten(self, state: Any):
-        return flatten(state, allow_pickle=self.config.allow_pickle,
+    def _flatten(self, state: Any, leaves: list | None = None):
+        return flatten(state, allow_pickle=self.config.allow_pickle, cache=self._flatten_cache, leaves=leaves,
                        replicated=_is_model_state if self.replicated else None)
 
     def prepare(self) -> None:
         """Allocate (and fault in) the host buffers now, so that even the first save only copies. Call it
-        after the optimizer has its state (after the first step), or the first save will grow the buffers."""
+        after the optimizer has its state (after the first step), or the first save will grow the buffers.
+        Without it, the buffers are allocated in the background from construction (or from the first optimizer
+        step when the optimizer has no state yet) for an estimate of the state's size."""
         self._engine.pool.prepare(self._flatten(self.state_dict()).items)
 
     # --------------------------------------------------------------------------------------------- save
@@ -145,12 +197,56 @@ class AsyncCheckpointer:
         An integer tag is the tag of its decimal digits (``tag=100`` is ``"100"``, for load as well).
         ``latest`` names the tag once it is published, if ``save_latest``. Returns a :class:`SaveFuture`."""
         tag = f"global_step{self.global_steps}" if tag is None else _tag_text(tag)
+        self.wait_snapshot()  # the previous lazy copy, if any, is settled before the next one starts
+        lazy = self._lazy_staging()
 
         def collect():
-            return self._flatten(self.state_dict(client_state, exclude_frozen_parameters))
+            state = self.state_dict(client_state, exclude_frozen_parameters)
+            return self._flatten(state, None if lazy is None else lazy.leaves)
 
-        return self._engine.save(collect, os.fspath(save_dir), tag, save_latest=save_latest,
-                                 manifest_extra={"global_steps": self.global_steps}, pinned=self._buffer_keys())
+        fut = self._engine.save(collect, os.fspath(save_dir), tag, save_latest=save_latest,
+                                manifest_extra={"global_steps": self.global_steps}, pinned=self._buffer_keys(),
+                                lazy=lazy)
+        if lazy is not None:
+            self._snapshot = lazy.snapshot
+        return fut
+
+    def _lazy_staging(self) -> LazyStaging | None:
+        """With ``snapshot: lazy``: the module's buffers are copied first (group 0: the next forward waits for
+        them), then the rest of the module and optimizer state (group 1: the next optimizer step waits);
+        everything else (LR scheduler, RNG, client state: tiny, or changed where no hook sees) at the call."""
+        if self.config.snapshot != "lazy":
+            return None
+        buffers = frozenset(join("module", escape(name)) for name, _ in self.module.named_buffers())
+
+        def group_of(key: str) -> int:
+            path = key[len(STORAGE_PREFIX):] if key.startswith(STORAGE_PREFIX) else key
+            if path in buffers:
+                return 0
+            return 1 if path.startswith(("module/", "optimizer/")) else -1
+
+        return LazyStaging(group_of, 2)
+
+    def wait_snapshot(self, timeout: float | None = None) -> None:
+        """With ``snapshot: lazy``: block until the last save's state is completely copied. Call it before
+        changing saved state anywhere but in ``optimizer.step()`` or a module's forward (writing parameters in
+        place, loading weights, ...): a save whose state changed before its copy was complete fails (nothing is
+        published) rather than holding a torn state. A no-op with ``snapshot: eager`` or when nothing is
+        pending. Raises ``TimeoutError`` if ``timeout`` expires first."""
+        snapshot = self._snapshot
+        if snapshot is not None:
+            snapshot.wait(timeout)
+            self._snapshot = None
+
+    def _settle(self, group: int | None) -> None:
+        """Hooks: order what follows after the copy of ``group`` (and of every earlier one; None: all)."""
+        snapshot = self._snapshot
+        if snapshot is None:
+            return
+        last = snapshot.groups - 1
+        snapshot.settle(last if group is None else group)
+        if group is None or group == last:
+            self._snapshot = None
 
     def _buffer_keys(self) -> frozenset[str]:
         """Key paths of the module's buffers (BatchNorm running statistics...): each rank updates its own in
@@ -168,9 +264,11 @@ class AsyncCheckpointer:
         try:
             self._engine.close(timeout)
         finally:
-            if self._engine._closed and self._hook is not None:  # a timed-out close leaves the saver open
-                self._hook.remove()
-                self._hook = None
+            if self._engine._closed:  # a timed-out close leaves the saver open
+                for hook in self._hooks:
+                    hook.remove()
+                self._hooks = []
+                self._snapshot = None
 
     def __enter__(self) -> "AsyncCheckpointer":
         return self

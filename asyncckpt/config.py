@@ -23,6 +23,7 @@ from .format import MIN_CHUNK_BYTES
 ON_BUSY = ("wait", "skip", "error")
 TAG_VALIDATION = ("warn", "fail", "ignore")
 PIN_MEMORY = ("auto", "always", "never")
+SNAPSHOT = ("eager", "lazy")
 MAX_TIMEOUT_S = 1e7  # about 115 days; far below what threading and gloo accept
 MAX_MEMORY_MIB = float(1 << 30)  # 1 PiB
 MAX_KEEP_LAST = 1_000_000
@@ -131,6 +132,8 @@ class Config(_Section):
     tag_validation: str = "fail"  # a tag that differs across ranks: warn | fail | ignore
     use_node_local_storage: bool = False  # each node's local rank 0 publishes that node's copy
     verify_replicated: bool = False  # compare every rank's copy of each replicated tensor (checksums) at commit
+    snapshot: str = "eager"  # AsyncCheckpointer: eager (copy before save_checkpoint returns) | lazy (copy in the
+    #                          background until the next optimizer step / forward; see saver.wait_snapshot)
     codec: CodecConfig = field(default_factory=CodecConfig)
     writer: WriterConfig = field(default_factory=WriterConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -145,6 +148,7 @@ class Config(_Section):
                f"a number > 0 and at most {MAX_TIMEOUT_S:.0f}")
         _check(0 <= self.save_deadline_s <= MAX_TIMEOUT_S, "save_deadline_s", self.save_deadline_s,
                f"a number >= 0 (0 = no deadline) and at most {MAX_TIMEOUT_S:.0f}")
+        _check(self.snapshot in SNAPSHOT, "snapshot", self.snapshot, " | ".join(SNAPSHOT))
         _check(self.tag_validation in TAG_VALIDATION, "tag_validation", self.tag_validation, " | ".join(TAG_VALIDATION))
 
     # ----------------------------------------------------------------- construction

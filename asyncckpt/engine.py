@@ -31,7 +31,7 @@ from .format import MANIFEST, checksum, validate_tag
 from .future import SaveFuture, raise_first_unobserved
 from .io_types import FlatState, RankOutcome, SaveJob, SaveResult, StageItem
 from .placement import ReplicatedSplit, fingerprint
-from .staging import Slot, StagingPool, ready_now
+from .staging import LazyStaging, Slot, Snapshot, StagingPool, ready_now
 from .storage import MARKER, Storage, is_url, open_storage
 from .writer import WriterPool, lower_thread_priority
 from .threads import at_shutdown, started_pool
@@ -82,7 +82,7 @@ class SaveEngine:
     # ------------------------------------------------------------------------------------- training side
     def save(self, flat: FlatState | Callable[[], FlatState], save_dir: str | os.PathLike, tag: str, *,
              save_latest: bool = True, manifest_extra: dict | None = None, t0: float | None = None,
-             pinned: frozenset[str] = frozenset()) -> SaveFuture:
+             pinned: frozenset[str] = frozenset(), lazy: LazyStaging | None = None) -> SaveFuture:
         """Stage and submit one save. ``flat`` may be a callable, so that an error while collecting the state
         is handled like any other error of this call: with several ranks, a rank that cannot take part in a
         save (error, or no free slot with on_busy skip/error) still submits a placeholder, so every rank
@@ -92,7 +92,8 @@ class SaveEngine:
         ``save_dir`` is resolved to an absolute path now (a later ``os.chdir`` does not move the save).
         ``t0`` (``time.perf_counter()``) is when the caller's public call began: the reported stall counts
         from there. ``pinned``: key paths of replicated tensors that one rank writes for all (see
-        :meth:`_own_share`)."""
+        :meth:`_own_share`). ``lazy``: copy in the background (see :class:`LazyStaging`); the caller settles
+        ``lazy.snapshot`` before it mutates the state."""
         t0 = time.perf_counter() if t0 is None else t0
         if self._closed:
             raise CheckpointError("this saver is closed")
@@ -118,7 +119,12 @@ class SaveEngine:
             return placeholder or SaveFuture.completed(self._skipped(tag))
         try:
             t_stage = time.perf_counter()
-            ready = slot.stage(flat.items)
+            snapshot = None
+            if lazy is None:
+                ready = slot.stage(flat.items)
+            else:
+                snapshot = lazy.start(slot, flat)
+                ready = snapshot.complete
             checks = self._stage_checks(slot, flat, checked)
             stage_s = time.perf_counter() - t_stage
             job = SaveJob(save_dir, tag, save_latest, flat, slot, ready, dict(manifest_extra or {}), t0)
@@ -127,14 +133,15 @@ class SaveEngine:
             self.pool.release(slot)
             self._placeholder(save_dir, tag, _exc_text(exc))
             raise
-        fut = self._submit(job, stage_s, checks)
+        fut = self._submit(job, stage_s, checks, snapshot)
         job.stall_s = time.perf_counter() - t0  # everything the caller waited for, the hand-off included
         job.returned.set()
         return fut
 
-    def _submit(self, job: SaveJob, stage_s: float, checks: Callable[[], dict] | None = None) -> SaveFuture:
+    def _submit(self, job: SaveJob, stage_s: float, checks: Callable[[], dict] | None = None,
+                snapshot: Snapshot | None = None) -> SaveFuture:
         job.seq = self.saves  # the k-th save of every rank's saver is paired with the k-th of the others
-        fut = SaveFuture(self.writer.submit(self._run(job, stage_s, checks)), job.tag)
+        fut = SaveFuture(self.writer.submit(self._run(job, stage_s, checks, snapshot)), job.tag)
         with self._lock:
             self._futures = [f for f in self._futures if not f.done() or f.unobserved_error() is not None]
             self._futures.append(fut)
@@ -302,16 +309,21 @@ class SaveEngine:
         self.close(timeout=max(0.0, deadline - time.monotonic()))
 
     # ----------------------------------------------------------------------------------- background side
-    async def _run(self, job: SaveJob, stage_s: float, checks: Callable[[], dict] | None) -> SaveResult:
+    async def _run(self, job: SaveJob, stage_s: float, checks: Callable[[], dict] | None,
+                   snapshot: Snapshot | None) -> SaveResult:
         loop = asyncio.get_running_loop()
         async with self._order:
             try:
-                return await self._pipeline(loop, job, stage_s, checks)
+                return await self._pipeline(loop, job, stage_s, checks, snapshot)
             finally:
                 if job.slot is not None:
                     self.pool.release(job.slot)
 
-    async def _pipeline(self, loop, job: SaveJob, stage_s: float, checks: Callable[[], dict] | None) -> SaveResult:
+    async def _pipeline(self, loop, job: SaveJob, stage_s: float, checks: Callable[[], dict] | None,
+                        snapshot: Snapshot | None) -> SaveResult:
+        """``checks``: verify_replicated's checksums of this rank's replicated tensors (run while the files are
+        written). ``snapshot``: a lazy copy; a state it finds changed in place before it was settled (see
+        :class:`~asyncckpt.staging.Snapshot`) fails this rank's outcome, so nothing is published."""
         ctx = self.ctx
         phases = {"stage": stage_s}
         t = time.perf_counter()
@@ -333,9 +345,16 @@ class SaveEngine:
         st = self.storage_for(job.save_dir)
         t = time.perf_counter()
         sums = loop.run_in_executor(None, checks) if checks is not None else None  # while the files are written
+        torn = snapshot.failure() if snapshot is not None else None  # known already: write nothing
         try:
+            if torn is not None:
+                raise torn
             files = await self.writer.write_rank(directory=st.staging_dir(job.save_dir, tag), rank=ctx.rank,
                                                  flat=job.flat, slot=job.slot, skeleton=job.flat.skeleton, storage=st)
+            if snapshot is not None:  # as late as possible: a mutation under way while the copy ran has
+                torn = snapshot.failure_after_settling()  # surely bumped its version counter by now
+                if torn is not None:
+                    raise torn
             outcome = RankOutcome(ctx.rank, True, index_name=files.index_name, index_xxh3=files.index_xxh3,
                                   bytes_written=files.bytes_written, node=ctx.node, replicated_fp=job.replicated_fp)
             write_error = None
@@ -353,6 +372,8 @@ class SaveEngine:
                                               replicated_sums)
         except CheckpointError as exc:
             if write_error is not None:
+                if not ctx.distributed and write_error is torn:  # the snapshot's own error names the tensors
+                    raise torn from exc
                 if not ctx.distributed:  # one rank: the write error itself is the clearest thing to raise
                     raise WriteError(f"writing checkpoint {tag!r} to {job.save_dir} failed: {write_error}") from write_error
                 raise exc from write_error

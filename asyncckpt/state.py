@@ -27,6 +27,7 @@ import collections
 import math
 import pickle
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -103,71 +104,60 @@ def _int_digits() -> int:
 
 
 class _Flattener:
+    """Walks a state into a skeleton and a list of the tensors met (:class:`_Leaf`); the storage analysis
+    (which tensors share bytes, what to stage) is :func:`_analyse`, run only when the tensors' structure
+    changed since the cached one (:class:`FlattenCache`)."""
+
     def __init__(self, allow_pickle: bool, replicated: Callable[[str], bool] | None):
         self.allow_pickle = allow_pickle
         self.replicated = replicated
         self.int_digits = _int_digits()
         self.int_bound = _INT_BOUND if self.int_digits == MAX_INT_DIGITS else 10 ** self.int_digits
-        self.tensors: list[tuple[str, torch.Tensor, bool, tuple, tuple, int | None]] = []
-        self.by_identity: dict[tuple, str] = {}
-        self.arrays: dict[int, tuple[np.ndarray, str]] = {}  # id -> (the array, kept alive; its key)
-        self.trails: dict[str, Any] = {}  # key path -> trail of the tensor saved under it (collision guard)
+        self.leaves: list[_Leaf] = []
+        self.arrays: dict[int, tuple[np.ndarray, dict]] = {}  # id -> (the array, kept alive; its node)
 
-    def tensor(self, t: torch.Tensor, path: str, trail: Any, replicated: bool = False, global_shape: tuple = (),
-               global_offset: tuple = ()) -> str:
-        if t.is_nested:
-            raise UnsupportedStateError(f"cannot save the nested tensor at {_where(path)}: nested tensors are not "
-                                        "supported; save its components (t.unbind()) instead")
-        if t.layout != torch.strided:
-            raise UnsupportedStateError(f"cannot save the {t.layout} tensor at {_where(path)}: only dense (strided) "
-                                        "tensors are supported; convert to dense first")
-        if t.device.type == "meta":
-            raise UnsupportedStateError(f"cannot save the meta tensor at {_where(path)}: it has no data; "
-                                        "materialize it (to_empty() and initialize) first")
-        try:
-            dtype_name(t.dtype)
-        except TypeError as exc:
-            raise UnsupportedStateError(f"cannot save the tensor at {_where(path)}: {exc}") from None
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr() if storage.nbytes() and t.numel() else None
-        lazy = t.is_conj() or t.is_neg()
-        if ptr is not None:
-            ident = (t.device, ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.is_conj(), t.is_neg())
-            if ident in self.by_identity:
-                return self.by_identity[ident]  # the very same view saved twice (tied weights): one entry
-            self.by_identity[ident] = path
-        if path in self.trails:  # cannot happen with key_part; a last line against saving one tensor for another
-            raise KeyCollisionError(f"two tensors of the state would be saved under one key path {path!r}: "
-                                    f"{_readable(self.trails[path])} and {_readable(trail)}")
-        self.trails[path] = trail
-        t = t.detach()
-        if lazy:  # the bytes hold the unconjugated / unnegated values: save what the tensor reads as
-            t = t.resolve_conj().resolve_neg()
-            ptr = None  # a fresh storage of its own, never grouped with the one it viewed
-        self.tensors.append((path, t, replicated, global_shape, global_offset, ptr))
-        return path
+    def tensor(self, t: torch.Tensor, path: str, trail: Any, node: dict, replicated: bool = False,
+               global_shape: tuple = (), global_offset: tuple = ()) -> dict:
+        """Record ``t`` for ``node`` (whose ``key`` the analysis fills in) and return the node."""
+        device = t.device
+        if t.layout is not torch.strided or t.is_nested or t.dtype not in _SAVABLE or device.type == "meta":
+            _refuse(t, path)
+        if t.requires_grad:
+            t = t.detach()
+        src = t
+        if t.is_conj() or t.is_neg():  # the bytes hold the unconjugated / unnegated values: save what it reads as
+            src = t.resolve_conj().resolve_neg()  # a fresh storage of its own, copied now
+        self.leaves.append(_Leaf(path, t, src, device, trail, node, replicated, global_shape, global_offset))
+        return node
 
     def walk(self, obj: Any, path: str, trail: Any, depth: int) -> Any:
         """The skeleton node of ``obj``, ``depth`` containers deep (the root is at depth 1)."""
+        kind = type(obj)
+        if kind is torch.Tensor or kind is torch.nn.Parameter:  # the common case first (never a DTensor)
+            replicated = self.replicated is not None and self.replicated(path)
+            return self.tensor(obj, path, trail, {TAG: "tensor", "key": path}, replicated)
+        if kind is str or obj is None or kind is bool:
+            return obj
+        if kind is float and math.isfinite(obj):
+            return obj
         if is_dtensor(obj):
             try:
                 local, info, offset = describe_dtensor(obj, path)
             except TypeError as exc:
                 raise UnsupportedStateError(str(exc)) from None
+            node = {TAG: "dtensor", "key": path, **info.to_json()}
             if info.sharded:
-                key = self.tensor(local, path, trail, False, info.global_shape, offset)
-            else:
-                key = self.tensor(local, path, trail, True)
-            return {TAG: "dtensor", "key": key, **info.to_json()}
+                return self.tensor(local, path, trail, node, False, info.global_shape, offset)
+            return self.tensor(local, path, trail, node, True)
         if isinstance(obj, torch.Tensor):
             replicated = self.replicated is not None and self.replicated(path)
-            return {TAG: "tensor", "key": self.tensor(obj, path, trail, replicated)}
+            return self.tensor(obj, path, trail, {TAG: "tensor", "key": path}, replicated)
         if isinstance(obj, np.generic) and obj.dtype.kind in "biufc":  # before float: np.float64 is a float
             if isinstance(obj, _LONG_DOUBLES):
                 raise UnsupportedStateError(f"cannot save the {obj.dtype} scalar at {_where(path)}: its bytes are "
                                             "platform-specific; convert it to float64 / complex128")
             return {TAG: "npscalar", "dtype": obj.dtype.str, "value": base64.b64encode(obj.tobytes()).decode()}
-        if obj is None or isinstance(obj, (bool, str)):
+        if isinstance(obj, (bool, str)):
             return obj
         if isinstance(obj, int):
             return self.integer(obj, path)
@@ -240,8 +230,10 @@ class _Flattener:
 
     def ndarray(self, a: np.ndarray, path: str, trail: Any) -> Any:
         seen = self.arrays.get(id(a))
-        if seen is not None:  # the same array object saved twice: one entry
-            return {TAG: "ndarray", "key": seen[1], "shape": list(a.shape)}
+        if seen is not None:  # the same array object saved twice: one entry (the node's key is filled later)
+            node = {TAG: "ndarray", "key": seen[1]["key"], "shape": list(a.shape)}
+            seen[1].setdefault("~aliases", []).append(node)
+            return node
         if a.dtype.type in _LONG_DOUBLES:
             raise UnsupportedStateError(f"cannot save the {a.dtype} array at {_where(path)}: its bytes are "
                                         "platform-specific; convert it to float64 / complex128")
@@ -249,9 +241,9 @@ class _Flattener:
             return self.opaque(a, path)
         # a copy of its own: arrays viewing one buffer would otherwise share memory torch does not see as shared
         t = torch.from_numpy(np.array(a, copy=True, order="C"))
-        key = self.tensor(t, path, trail)
-        self.arrays[id(a)] = (a, key)
-        return {TAG: "ndarray", "key": key, "shape": list(a.shape)}
+        node = self.tensor(t, path, trail, {TAG: "ndarray", "key": path, "shape": list(a.shape)})
+        self.arrays[id(a)] = (a, node)
+        return node
 
     def opaque(self, obj: Any, path: str) -> Any:
         name = f"{type(obj).__module__}.{type(obj).__qualname__}"
@@ -267,49 +259,169 @@ class _Flattener:
         return {TAG: "pickle", "value": base64.b64encode(data).decode()}
 
 
-def flatten(state: Any, *, allow_pickle: bool = False, replicated: Callable[[str], bool] | None = None) -> FlatState:
-    """Split ``state`` into a JSON skeleton and stage items (tensors, or spans of storages they share).
-
-    ``replicated(key_path)`` says which plain tensors are identical on every rank (DDP state): those are
-    written once in total. DTensors carry their own layout."""
-    f = _Flattener(allow_pickle, replicated)
-    skeleton = f.walk(state, "", None, 1)
-    items, views = _group_storages(f.tensors)
-    return FlatState(skeleton, items, views)
+_SAVABLE = frozenset(DTYPES.values())
 
 
-def _group_storages(tensors: list[tuple]) -> tuple[list[StageItem], list[ViewItem]]:
-    groups: dict[tuple, list[tuple]] = {}
-    order: list[tuple] = []
-    for entry in tensors:
-        key, t, _, gshape, _, ptr = entry
-        gid = (t.device, ptr) if ptr is not None and not gshape else ("solo", key)
+def _refuse(t: torch.Tensor, path: str) -> None:
+    if t.is_nested:
+        raise UnsupportedStateError(f"cannot save the nested tensor at {_where(path)}: nested tensors are not "
+                                    "supported; save its components (t.unbind()) instead")
+    if t.layout != torch.strided:
+        raise UnsupportedStateError(f"cannot save the {t.layout} tensor at {_where(path)}: only dense (strided) "
+                                    "tensors are supported; convert to dense first")
+    if t.device.type == "meta":
+        raise UnsupportedStateError(f"cannot save the meta tensor at {_where(path)}: it has no data; "
+                                    "materialize it (to_empty() and initialize) first")
+    try:
+        dtype_name(t.dtype)
+    except TypeError as exc:
+        raise UnsupportedStateError(f"cannot save the tensor at {_where(path)}: {exc}") from None
+    raise UnsupportedStateError(f"cannot save the {t.dtype} tensor at {_where(path)}")  # pragma: no cover
+
+
+class _Leaf:
+    """A tensor met by the walk: its key path, the tensor, what to stage for it (itself, or the resolved copy
+    of a lazily conjugated or negated one), how it was reached and the node that names it."""
+
+    __slots__ = ("path", "t", "src", "device", "trail", "node", "replicated", "global_shape", "global_offset")
+
+    def __init__(self, path, t, src, device, trail, node, replicated, global_shape, global_offset):
+        self.path, self.t, self.src, self.device, self.trail, self.node = path, t, src, device, trail, node
+        self.replicated, self.global_shape, self.global_offset = replicated, global_shape, global_offset
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The storage analysis of one structure of tensors: the key each leaf's node names, what is staged
+    (``("solo", leaf, dtype, shape, device)`` or ``("span", members, lo, hi, base_key, replicated)``) and the
+    views of shared spans."""
+
+    fingerprint: tuple
+    keys: tuple[str, ...]
+    staged: tuple[tuple, ...]
+    views: tuple[ViewItem, ...]
+
+
+class FlattenCache:
+    """The storage analysis of the last flatten, reused by the next one while the tensors' structure (key
+    paths, dtypes, shapes, strides, storage offsets, devices, placements and which tensors share a storage)
+    is the same: the steady state of saves then skips the per-tensor analysis. ``hits`` and ``misses`` count
+    how often it was reused and rebuilt. The cache holds no tensor."""
+
+    def __init__(self) -> None:
+        self._plan: _Plan | None = None
+        self.hits = 0
+        self.misses = 0
+
+    def plan(self, leaves: list[_Leaf]) -> _Plan:
+        fp = _fingerprint(leaves)
+        if self._plan is not None and self._plan.fingerprint == fp:
+            self.hits += 1
+            return self._plan
+        self.misses += 1
+        self._plan = _analyse(leaves, fp)
+        return self._plan
+
+
+def _fingerprint(leaves: list[_Leaf]) -> tuple:
+    """Everything the storage analysis depends on, per leaf; storages are numbered by first use, so a state
+    whose tensors are new objects with the same structure (RNG states, numpy arrays) fingerprints the same."""
+    storages: dict[tuple, int] = {}
+    out = []
+    for n, leaf in enumerate(leaves):
+        t = leaf.t
+        offset = t.storage_offset()
+        if t.numel():
+            sid = storages.setdefault((leaf.device, t.data_ptr() - offset * t.element_size()), n)
+        else:
+            sid = -1 - n  # no bytes: never grouped
+        out.append((leaf.path, t.dtype, t.shape, t.stride(), offset, leaf.device, sid,
+                    leaf.src is not t and (t.is_conj(), t.is_neg()),
+                    leaf.replicated, leaf.global_shape, leaf.global_offset))
+    return tuple(out)
+
+
+def _analyse(leaves: list[_Leaf], fp: tuple) -> _Plan:
+    """Deduplicate identical views (one entry, referenced twice), group different views of one storage into
+    a span staged once, and refuse two tensors under one key path."""
+    keys: list[str] = []
+    by_identity: dict[tuple, str] = {}
+    trails: dict[str, Any] = {}
+    groups: dict[Any, list[int]] = {}
+    order: list[Any] = []
+    for n, (leaf, entry) in enumerate(zip(leaves, fp)):
+        path, dtype, shape, stride, offset, device, sid, resolved = entry[:8]
+        if sid >= 0:
+            ident = (sid, offset, shape, stride, dtype, resolved)
+            first = by_identity.get(ident)
+            if first is not None:  # the very same view saved twice (tied weights): one entry
+                keys.append(first)
+                continue
+            by_identity[ident] = path
+        if path in trails:  # cannot happen with key_part; a last line against saving one tensor for another
+            raise KeyCollisionError(f"two tensors of the state would be saved under one key path {path!r}: "
+                                    f"{_readable(trails[path])} and {_readable(leaf.trail)}")
+        trails[path] = leaf.trail
+        keys.append(path)
+        gid = sid if sid >= 0 and not leaf.global_shape and not resolved else ("solo", n)
         if gid not in groups:
             groups[gid] = []
             order.append(gid)
-        groups[gid].append(entry)
-    items: list[StageItem] = []
+        groups[gid].append(n)
+    staged: list[tuple] = []
     views: list[ViewItem] = []
     for gid in order:
         members = groups[gid]
         if len(members) == 1:
-            key, t, rep, gshape, goff, _ = members[0]
-            items.append(StageItem(key, t, t.dtype, tuple(t.shape), _device_str(t), gshape, goff, rep))
+            src = leaves[members[0]].src
+            staged.append(("solo", members[0], src.dtype, tuple(src.shape), _device_str(src)))
             continue
         # several different views of one storage: stage the byte span they cover once
-        spans = [(_byte_span(t), key, t) for key, t, *_ in members]
-        rep = all(m[2] for m in members)
+        spans = [(_byte_span(leaves[m].t), m) for m in members]
+        rep = all(leaves[m].replicated for m in members)
         lo = min(s[0][0] for s in spans)
-        lo -= lo % max(t.element_size() for _, _, t in spans)  # every view's offset from lo stays dtype-aligned
+        lo -= lo % max(leaves[m].t.element_size() for _, m in spans)  # every view's offset from lo stays aligned
         hi = max(s[0][1] for s in spans)
-        base_key = STORAGE_PREFIX + spans[0][1]  # named after its first view: stable across ranks
-        storage = members[0][1].untyped_storage()
-        span = torch.empty(0, dtype=torch.uint8, device=members[0][1].device).set_(storage, lo, (hi - lo,), (1,))
-        items.append(StageItem(base_key, span, torch.uint8, (hi - lo,), _device_str(span), replicated=rep))
-        for (start, _), key, t in spans:
-            views.append(ViewItem(key, base_key, t.dtype, tuple(t.shape), tuple(t.stride()),
+        base_key = STORAGE_PREFIX + leaves[spans[0][1]].path  # named after its first view: stable across ranks
+        staged.append(("span", members, lo, hi, base_key, rep))
+        for _, m in spans:
+            t = leaves[m].t
+            views.append(ViewItem(leaves[m].path, base_key, t.dtype, tuple(t.shape), tuple(t.stride()),
                                   t.storage_offset() * t.element_size() - lo, _device_str(t), rep))
-    return items, views
+    return _Plan(fp, tuple(keys), tuple(staged), tuple(views))
+
+
+def flatten(state: Any, *, allow_pickle: bool = False, replicated: Callable[[str], bool] | None = None,
+            cache: FlattenCache | None = None, leaves: list | None = None) -> FlatState:
+    """Split ``state`` into a JSON skeleton and stage items (tensors, or spans of storages they share).
+
+    ``replicated(key_path)`` says which plain tensors are identical on every rank (DDP state): those are
+    written once in total. DTensors carry their own layout. ``cache``: reuse the storage analysis of the
+    previous flatten while the structure repeats. ``leaves``: a list to which ``(key path, tensor)`` of every
+    tensor saved is appended (the tensors whose version counters a lazy snapshot watches)."""
+    f = _Flattener(allow_pickle, replicated)
+    skeleton = f.walk(state, "", None, 1)
+    plan = cache.plan(f.leaves) if cache is not None else _analyse(f.leaves, _fingerprint(f.leaves))
+    for leaf, key in zip(f.leaves, plan.keys):
+        leaf.node["key"] = key
+        for alias in leaf.node.pop("~aliases", ()):
+            alias["key"] = key
+    items: list[StageItem] = []
+    for entry in plan.staged:
+        if entry[0] == "solo":
+            _, n, dtype, shape, device = entry
+            leaf = f.leaves[n]
+            items.append(StageItem(leaf.path, leaf.src, dtype, shape, device, leaf.global_shape, leaf.global_offset,
+                                   leaf.replicated))
+            continue
+        _, members, lo, hi, base_key, rep = entry
+        first = f.leaves[members[0]].t
+        span = torch.empty(0, dtype=torch.uint8, device=first.device)
+        span.set_(first.untyped_storage(), lo, (hi - lo,), (1,))
+        items.append(StageItem(base_key, span, torch.uint8, (hi - lo,), _device_str(span), replicated=rep))
+    if leaves is not None:
+        leaves.extend((leaf.path, leaf.t) for leaf in f.leaves)
+    return FlatState(skeleton, items, list(plan.views))
 
 
 def _byte_span(t: torch.Tensor) -> tuple[int, int]:

@@ -34,7 +34,7 @@ def test_defaults_and_structure():
 def test_from_dict_round_trips_every_key():
     data = {"max_inflight": 3, "on_busy": "skip", "overwrite": True, "allow_pickle": True, "verify_on_load": False,
             "pin_memory": "never", "keep_last": 2, "save_rng_state": False, "commit_timeout_s": 12, "tag_validation": "warn",
-            "use_node_local_storage": True, "save_deadline_s": 30, "verify_replicated": True,
+            "use_node_local_storage": True, "save_deadline_s": 30, "verify_replicated": True, "snapshot": "lazy",
             "codec": {"compression": False, "level": -3, "shuffle": False, "chunk_mib": 1, "min_saving": 0.5,
                       "fast_planes": False},
             "writer": {"threads_per_node": 4, "files_per_rank": 2, "inflight_chunks": 8, "fsync": False, "nice": 0,
@@ -283,7 +283,7 @@ def refused_everywhere(tmp_path, key: str, value, scalar: str | None, expected: 
 
 
 def test_the_key_lists_cover_every_field():
-    assert len(FLOAT_KEYS) == 6 and len(INT_KEYS) == 7 and len(BOOL_KEYS) == 11 and len(STR_KEYS) == 3
+    assert len(FLOAT_KEYS) == 6 and len(INT_KEYS) == 7 and len(BOOL_KEYS) == 11 and len(STR_KEYS) == 4
     assert DICT_KEYS == ["storage.options"]
     everything = {f.name for f in dataclasses.fields(Config)} - {"codec", "writer", "storage"}
     everything |= {f"codec.{f.name}" for f in dataclasses.fields(CodecConfig)}
