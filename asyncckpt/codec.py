@@ -6,13 +6,22 @@ Shuffling groups byte *i* of every element into plane *i*; each plane is compres
 compressed only if it saves ``min_saving``. Noise planes are detected from a small sample and stored raw
 without spending a full compression pass on them.
 
+With ``compression: auto`` a plane is compressed only while that also pays in *time*: a
+:class:`Throughput` estimator follows the disk's write rate (the writer reports every write) and the
+encoders' compression rate (measured here), and a plane is compressed only when the disk time its expected
+saving buys back exceeds its encode time spread over the encode threads. A chunk whose planes all stay raw is
+stored raw without shuffling it.
+
 Thread safety: encode/decode run in the writer's thread pool; zstd contexts are per thread. Both numpy's
 strided copies and zstd release the GIL, so chunks encode in parallel.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Union
 
 import numpy as np
 import xxhash
@@ -72,13 +81,96 @@ class Encoded:
         return ChunkRecord(offset, self.length, self.raw, self.codec, self.xxh3, self.planes, self.sxxh3)
 
 
+class _Rate:
+    """Bytes per second over the recent past: byte and second totals in which every measurement loses half its
+    weight after ``halflife`` newer bytes. A measurement of seconds without bytes (an fsync) adds its time to
+    the bytes it made durable."""
+
+    def __init__(self, halflife: float):
+        self.halflife = halflife
+        self.bytes = 0.0
+        self.seconds = 0.0
+
+    def add(self, nbytes: int, seconds: float) -> None:
+        fade = 0.5 ** (nbytes / self.halflife)
+        self.bytes = self.bytes * fade + nbytes
+        self.seconds = self.seconds * fade + max(0.0, seconds)
+
+    def rate(self, min_bytes: float) -> float | None:
+        if self.bytes < min_bytes or self.seconds <= 0.0:
+            return None
+        return self.bytes / self.seconds
+
+
+class Throughput:
+    """The seam between the writer and ``compression: auto``: running estimates of the disk's write rate and
+    of one encoder thread's compression rate, both measured while saves run.
+
+    The writer calls :meth:`wrote` (or times a block with :meth:`writing`) for every write, flush and fsync:
+    bytes over the seconds its I/O calls took, fsync included, so data the page cache absorbed is charged when
+    the fsync waits for it. The codec calls :meth:`encoded` for each plane (or sample) it compresses. Older
+    measurements fade (half weight after ``halflife_bytes`` newer bytes), so the estimates follow a disk or a
+    machine load that changes. A rate is unknown until ``min_write_bytes`` / ``min_encode_bytes`` were measured;
+    while either is unknown :meth:`pays` says yes (compression is the choice that saves bytes). ``clock``
+    (seconds, monotonic) is injectable so that tests decide what the codec's work costs. Thread safe."""
+
+    def __init__(self, threads: int = 1, *, clock: Callable[[], float] = time.perf_counter,
+                 halflife_bytes: float = 256 << 20, min_write_bytes: float = 16 << 20,
+                 min_encode_bytes: float = 1 << 20):
+        self.threads = max(1, threads)  # the encoders that run at once (the writer pool sets its own count)
+        self.clock = clock
+        self.min_write_bytes = min_write_bytes
+        self.min_encode_bytes = min_encode_bytes
+        self._write = _Rate(halflife_bytes)
+        self._encode = _Rate(halflife_bytes)
+        self._lock = threading.Lock()
+
+    def wrote(self, nbytes: int, seconds: float) -> None:
+        """``nbytes`` went to the file in ``seconds`` of I/O calls (0 bytes: a flush or fsync of earlier ones)."""
+        with self._lock:
+            self._write.add(nbytes, seconds)
+
+    @contextlib.contextmanager
+    def writing(self, nbytes: int) -> Iterator[None]:
+        """Time the I/O of ``nbytes`` (a block of the writer) and report it with :meth:`wrote`."""
+        t0 = self.clock()
+        yield
+        self.wrote(nbytes, self.clock() - t0)
+
+    def encoded(self, nbytes: int, seconds: float) -> None:
+        """One encoder thread compressed ``nbytes`` of plane data in ``seconds``."""
+        with self._lock:
+            self._encode.add(nbytes, seconds)
+
+    @property
+    def write_rate(self) -> float | None:
+        """Bytes per second the disk takes, or None while not enough was measured."""
+        with self._lock:
+            return self._write.rate(self.min_write_bytes)
+
+    @property
+    def encode_rate(self) -> float | None:
+        """Plane bytes per second one encoder thread compresses, or None while not enough was measured."""
+        with self._lock:
+            return self._encode.rate(self.min_encode_bytes)
+
+    def pays(self, nbytes: int, saved: float) -> bool:
+        """Whether compressing ``nbytes`` into ``nbytes - saved`` shortens the save: the disk time of the saved
+        bytes exceeds the encode time, which the encode threads share."""
+        write, encode = self.write_rate, self.encode_rate
+        if write is None or encode is None:
+            return True
+        return saved / write > nbytes / (encode * self.threads)
+
+
 @dataclass(frozen=True)
 class ChunkCodec:
-    compression: bool = True
+    compression: Union[bool, str] = "auto"  # True | False | "auto" (compress where it pays in time and bytes)
     level: int = 1
     shuffle: bool = True
     min_saving: float = 0.05
     fast_planes: bool = True
+    throughput: Throughput = field(default_factory=Throughput, compare=False, repr=False)
 
     @classmethod
     def from_config(cls, cfg) -> "ChunkCodec":
@@ -98,21 +190,13 @@ class ChunkCodec:
             return Encoded((raw,), "raw", n, n, digest)
         if self.shuffle and itemsize > 1 and n % itemsize == 0:
             matrix = raw.reshape(-1, itemsize)
-            pieces, planes, any_packed = [], [], False
             level = None if self.fast_planes else self.level
-            for i in range(itemsize):
-                plane = np.ascontiguousarray(matrix[:, i])
-                packed = self._compress_if_it_pays(plane, level)
-                if packed is None:
-                    pieces.append(plane)
-                    planes.append(("raw", plane.nbytes))
-                else:
-                    any_packed = True
-                    pieces.append(packed)
-                    planes.append(("zstd", len(packed)))
-            if not any_packed:
+            packed = [self._compress_if_it_pays(matrix[:, i], level) for i in range(itemsize)]
+            if all(p is None for p in packed):  # every plane stays raw: no shuffle at all
                 return Encoded((raw,), "raw", n, n, digest)
-            return Encoded(tuple(pieces), "shuffle", n, sum(p for _, p in planes), digest, tuple(planes),
+            pieces = tuple(np.ascontiguousarray(matrix[:, i]) if p is None else p for i, p in enumerate(packed))
+            planes = tuple(("raw" if p is None else "zstd", len(piece)) for p, piece in zip(packed, pieces))
+            return Encoded(pieces, "shuffle", n, sum(length for _, length in planes), digest, planes,
                            _stored_checksum(pieces))
         packed = self._compress_if_it_pays(raw, self.level)
         if packed is None:
@@ -120,15 +204,27 @@ class ChunkCodec:
         return Encoded((packed,), "zstd", n, len(packed), digest, sxxh3=checksum(packed))
 
     def _compress_if_it_pays(self, data: np.ndarray, level: int | None) -> bytes | None:
+        """``data`` (a byte plane, possibly a strided view of the chunk) compressed, or None to store it raw:
+        when a sample of it saves less than ``min_saving`` or, with ``auto``, when compressing it would not
+        shorten the save at the rates measured so far."""
         keep = 1.0 - self.min_saving
         ctx = _cctx(level)
+        tp = self.throughput
         n = data.nbytes
+        saved = float(n)  # the most compression could save; a sample tells how much it will
         if n > 4 * _SAMPLE:  # probe the middle of the plane: cheap rejection of noise
             mid = (n // 2) // 64 * 64
-            sample = data[mid: mid + _SAMPLE]
-            if len(ctx.compress(sample)) > keep * _SAMPLE:
+            t0 = tp.clock()
+            size = len(ctx.compress(np.ascontiguousarray(data[mid: mid + _SAMPLE])))
+            if size > keep * _SAMPLE:
                 return None
-        packed = ctx.compress(data)
+            tp.encoded(_SAMPLE, tp.clock() - t0)  # compressible samples only: the rate of what would be compressed
+            saved = n * (1.0 - size / _SAMPLE)
+        if self.compression == "auto" and not tp.pays(n, saved):
+            return None
+        t0 = tp.clock()
+        packed = ctx.compress(np.ascontiguousarray(data))
+        tp.encoded(n, tp.clock() - t0)
         return packed if len(packed) <= keep * n else None
 
     # ------------------------------------------------------------------------------------------ decode

@@ -23,7 +23,7 @@ import aiofiles
 
 import torch
 
-from .codec import ChunkCodec
+from .codec import ChunkCodec, Throughput
 from .durable import fsync_dir, start_writeback, write_durable
 from .errors import CheckpointError
 from .format import (FORMAT_VERSION, TensorRecord, checksum, contiguous_stride, data_file_name, parse_rank_index,
@@ -71,6 +71,7 @@ class WriterPool:
                  name: str = "asyncckpt"):
         self.codec = codec
         self.threads = max(1, threads)
+        codec.throughput.threads = self.threads  # compression: auto spreads encode time over these
         self.chunk_bytes = chunk_bytes
         self.files_per_rank = files_per_rank
         self.window = inflight_chunks or 2 * self.threads + 1
@@ -180,10 +181,11 @@ class WriterPool:
 
         async def drain() -> None:
             nonlocal pos, flushed
-            pos = await _drain_one(f, window, pos)
+            pos = await _drain_one(f, window, pos, self.codec.throughput)
             if self.fsync and pos - flushed >= _WRITEBACK_BYTES:
-                await f.flush()
-                await loop.run_in_executor(self._files, start_writeback, f.fileno(), flushed, pos - flushed)
+                with self.codec.throughput.writing(0):
+                    await f.flush()
+                    await loop.run_in_executor(self._files, start_writeback, f.fileno(), flushed, pos - flushed)
                 flushed = pos
 
         async with aiofiles.open(path, "wb") as f:
@@ -194,9 +196,10 @@ class WriterPool:
                         await drain()
                 while window:
                     await drain()
-                await f.flush()
-                if self.fsync:
-                    await loop.run_in_executor(self._files, os.fsync, f.fileno())
+                with self.codec.throughput.writing(0):  # the disk time of what the page cache took in
+                    await f.flush()
+                    if self.fsync:
+                        await loop.run_in_executor(self._files, os.fsync, f.fileno())
             except BaseException:
                 for _, fut in window:
                     fut.cancel()
@@ -235,11 +238,12 @@ def check_index(data: bytes, where: str, skeleton: Any, elsewhere: frozenset[str
                                   "nothing is published")
 
 
-async def _drain_one(f, window: collections.deque, pos: int) -> int:
+async def _drain_one(f, window: collections.deque, pos: int, throughput: Throughput) -> int:
     chunks, fut = window.popleft()
     enc = await fut
-    for piece in enc.pieces:
-        await f.write(memoryview(piece).cast("B"))
+    with throughput.writing(enc.length):
+        for piece in enc.pieces:
+            await f.write(memoryview(piece).cast("B"))
     chunks.append(enc.record(pos))
     return pos + enc.length
 
