@@ -210,3 +210,12 @@ def test_other_compression_values_are_refused(value):
         asyncckpt.Config.from_dict({"codec": {"compression": value}})
     with pytest.raises(asyncckpt.ConfigError, match=r"codec\.compression"):
         asyncckpt.CodecConfig(compression=value)
+
+
+@pytest.mark.parametrize("text", ["sometimes", "1", "0", "null", "[]", "'on'", "Auto", "yes_please"])
+def test_other_compression_values_in_a_file_name_the_file_and_key(tmp_path, text):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"codec:\n  compression: {text}\n")
+    with pytest.raises(asyncckpt.ConfigError) as ei:
+        asyncckpt.Config.from_yaml(path)
+    assert str(path) in str(ei.value) and "config key 'codec.compression': expected true | false | auto" in str(ei.value)
