@@ -8,9 +8,9 @@ without spending a full compression pass on them.
 
 With ``compression: auto`` a plane is compressed only while that also pays in *time*: a
 :class:`Throughput` estimator follows the disk's write rate (the writer reports every write) and the
-encoders' compression rate (measured here), and a plane is compressed only when the disk time its expected
-saving buys back exceeds its encode time spread over the encode threads. A chunk whose planes all stay raw is
-stored raw without shuffling it.
+encoders' compression rate (measured here), and a plane is compressed only while the encoders, with it, keep
+pace with the disk (they work at the same time, so compression then costs no time). A chunk whose planes all
+stay raw is stored raw without shuffling it.
 
 Thread safety: encode/decode run in the writer's thread pool; zstd contexts are per thread. Both numpy's
 strided copies and zstd release the GIL, so chunks encode in parallel.
@@ -104,25 +104,37 @@ class _Rate:
 
 class Throughput:
     """The seam between the writer and ``compression: auto``: running estimates of the disk's write rate and
-    of one encoder thread's compression rate, both measured while saves run.
+    of one encoder thread's compression rate, both measured while saves run, and the choice they imply.
 
     The writer calls :meth:`wrote` (or times a block with :meth:`writing`) for every write, flush and fsync:
     bytes over the seconds its I/O calls took, fsync included, so data the page cache absorbed is charged when
     the fsync waits for it. The codec calls :meth:`encoded` for each plane (or sample) it compresses. Older
     measurements fade (half weight after ``halflife_bytes`` newer bytes), so the estimates follow a disk or a
     machine load that changes. A rate is unknown until ``min_write_bytes`` / ``min_encode_bytes`` were measured;
-    while either is unknown :meth:`pays` says yes (compression is the choice that saves bytes). ``clock``
-    (seconds, monotonic) is injectable so that tests decide what the codec's work costs. Thread safe."""
+    while either is unknown :meth:`choose` compresses (the choice that saves bytes). ``clock`` (seconds,
+    monotonic) is injectable so that tests decide what the codec's work costs. Thread safe.
+
+    The choice: encoders and disk work at the same time (a window of chunks is encoded ahead of the disk), so
+    a save takes about as long as the slower of the two. :meth:`choose` keeps two budgets over the recent
+    planes: the disk's seconds for what was stored (:meth:`stored`) and the encoders' seconds for what was
+    compressed (shared by ``threads``). A plane is compressed when the slower of the two, with it compressed, is
+    no later than with it stored raw: while the encoders keep pace with the disk, compression costs no time and
+    saves bytes and disk time. A fast codec on a slow disk compresses
+    everything that saves bytes; a slow codec on a fast disk nothing; in between, the planes that save most
+    (the codec offers them first) until the encoders are as busy as the disk."""
 
     def __init__(self, threads: int = 1, *, clock: Callable[[], float] = time.perf_counter,
                  halflife_bytes: float = 256 << 20, min_write_bytes: float = 16 << 20,
                  min_encode_bytes: float = 1 << 20):
         self.threads = max(1, threads)  # the encoders that run at once (the writer pool sets its own count)
         self.clock = clock
+        self.halflife_bytes = halflife_bytes
         self.min_write_bytes = min_write_bytes
         self.min_encode_bytes = min_encode_bytes
         self._write = _Rate(halflife_bytes)
         self._encode = _Rate(halflife_bytes)
+        self._disk_s = 0.0  # the budgets of choose(): seconds of disk and of encoding, recent planes
+        self._encode_s = 0.0
         self._lock = threading.Lock()
 
     def wrote(self, nbytes: int, seconds: float) -> None:
@@ -154,13 +166,30 @@ class Throughput:
         with self._lock:
             return self._encode.rate(self.min_encode_bytes)
 
-    def pays(self, nbytes: int, saved: float) -> bool:
-        """Whether compressing ``nbytes`` into ``nbytes - saved`` shortens the save: the disk time of the saved
-        bytes exceeds the encode time, which the encode threads share."""
-        write, encode = self.write_rate, self.encode_rate
-        if write is None or encode is None:
+    def choose(self, nbytes: int, saved: float) -> bool:
+        """Whether to compress a plane of ``nbytes`` expected to shrink by ``saved`` bytes; a yes reserves its
+        encode time. Call :meth:`stored` for every plane afterwards, compressed or not."""
+        with self._lock:
+            write, encode = self._write.rate(self.min_write_bytes), self._encode.rate(self.min_encode_bytes)
+            if write is None or encode is None:
+                return True
+            encode_s = self._encode_s + nbytes / (encode * self.threads)
+            # the slower side of the pipeline, with the plane compressed vs stored raw
+            if max(encode_s, self._disk_s + (nbytes - saved) / write) > max(self._encode_s, self._disk_s + nbytes / write):
+                return False
+            self._encode_s = encode_s
             return True
-        return saved / write > nbytes / (encode * self.threads)
+
+    def stored(self, nbytes: int, length: int) -> None:
+        """A plane of ``nbytes`` is stored as ``length`` bytes: the disk's budget grows by their write time
+        (both budgets fade by ``nbytes``, as the rates do)."""
+        with self._lock:
+            write = self._write.rate(self.min_write_bytes)
+            if write is None:
+                return
+            fade = 0.5 ** (nbytes / self.halflife_bytes)
+            self._encode_s *= fade
+            self._disk_s = self._disk_s * fade + length / write
 
 
 @dataclass(frozen=True)
@@ -190,42 +219,60 @@ class ChunkCodec:
             return Encoded((raw,), "raw", n, n, digest)
         if self.shuffle and itemsize > 1 and n % itemsize == 0:
             matrix = raw.reshape(-1, itemsize)
-            level = None if self.fast_planes else self.level
-            packed = [self._compress_if_it_pays(matrix[:, i], level) for i in range(itemsize)]
+            packed = self._compress_planes([matrix[:, i] for i in range(itemsize)],
+                                           None if self.fast_planes else self.level)
             if all(p is None for p in packed):  # every plane stays raw: no shuffle at all
                 return Encoded((raw,), "raw", n, n, digest)
             pieces = tuple(np.ascontiguousarray(matrix[:, i]) if p is None else p for i, p in enumerate(packed))
             planes = tuple(("raw" if p is None else "zstd", len(piece)) for p, piece in zip(packed, pieces))
             return Encoded(pieces, "shuffle", n, sum(length for _, length in planes), digest, planes,
                            _stored_checksum(pieces))
-        packed = self._compress_if_it_pays(raw, self.level)
+        (packed,) = self._compress_planes([raw], self.level)
         if packed is None:
             return Encoded((raw,), "raw", n, n, digest)
         return Encoded((packed,), "zstd", n, len(packed), digest, sxxh3=checksum(packed))
 
-    def _compress_if_it_pays(self, data: np.ndarray, level: int | None) -> bytes | None:
-        """``data`` (a byte plane, possibly a strided view of the chunk) compressed, or None to store it raw:
-        when a sample of it saves less than ``min_saving`` or, with ``auto``, when compressing it would not
-        shorten the save at the rates measured so far."""
-        keep = 1.0 - self.min_saving
+    def _compress_planes(self, planes: list[np.ndarray], level: int | None) -> list[bytes | None]:
+        """Each plane (a byte plane, possibly a strided view of the chunk) compressed, or None to store it raw:
+        when a sample of it saves less than ``min_saving`` or, with ``auto``, when the encoders would fall
+        behind the disk (:meth:`Throughput.choose`, offered the planes that save most first)."""
         ctx = _cctx(level)
-        tp = self.throughput
+        auto = self.compression == "auto"
+        savings = [self._expected_saving(plane, ctx) for plane in planes]
+        packed: list[bytes | None] = [None] * len(planes)
+        for plane, saving in zip(planes, savings):
+            if auto and saving is None:  # raw for sure: disk time the encoders can work behind
+                self.throughput.stored(plane.nbytes, plane.nbytes)
+        for i in sorted((i for i, s in enumerate(savings) if s is not None), key=lambda i: -savings[i]):
+            packed[i] = p = self._compress(planes[i], ctx, savings[i])
+            if auto:
+                self.throughput.stored(planes[i].nbytes, planes[i].nbytes if p is None else len(p))
+        return packed
+
+    def _expected_saving(self, data: np.ndarray, ctx) -> float | None:
+        """Bytes compression should save on ``data``, from a sample of its middle (cheap rejection of noise:
+        None when the sample saves less than ``min_saving``); a small plane is not sampled (all of it)."""
         n = data.nbytes
-        saved = float(n)  # the most compression could save; a sample tells how much it will
-        if n > 4 * _SAMPLE:  # probe the middle of the plane: cheap rejection of noise
-            mid = (n // 2) // 64 * 64
-            t0 = tp.clock()
-            size = len(ctx.compress(np.ascontiguousarray(data[mid: mid + _SAMPLE])))
-            if size > keep * _SAMPLE:
-                return None
-            tp.encoded(_SAMPLE, tp.clock() - t0)  # compressible samples only: the rate of what would be compressed
-            saved = n * (1.0 - size / _SAMPLE)
-        if self.compression == "auto" and not tp.pays(n, saved):
+        if n <= 4 * _SAMPLE:
+            return float(n)
+        mid = (n // 2) // 64 * 64
+        tp = self.throughput
+        t0 = tp.clock()
+        size = len(ctx.compress(np.ascontiguousarray(data[mid: mid + _SAMPLE])))
+        if size > (1.0 - self.min_saving) * _SAMPLE:
+            return None
+        tp.encoded(_SAMPLE, tp.clock() - t0)  # compressible samples only: the rate of what would be compressed
+        return n * (1.0 - size / _SAMPLE)
+
+    def _compress(self, data: np.ndarray, ctx, saved: float) -> bytes | None:
+        n = data.nbytes
+        tp = self.throughput
+        if self.compression == "auto" and not tp.choose(n, saved):
             return None
         t0 = tp.clock()
         packed = ctx.compress(np.ascontiguousarray(data))
         tp.encoded(n, tp.clock() - t0)
-        return packed if len(packed) <= keep * n else None
+        return packed if len(packed) <= (1.0 - self.min_saving) * n else None
 
     # ------------------------------------------------------------------------------------------ decode
     @staticmethod
