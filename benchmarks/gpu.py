@@ -113,8 +113,6 @@ def _only(data: Mapping, known: set[str], prefix: str) -> None:
 # ------------------------------------------------------------------------------------------------ adapters
 def _adapters() -> dict[str, type]:
     """kind -> System adapter (benchmarks.systems), built on first use (imports torch)."""
-    import torch
-
     from . import systems as S
 
     class AsyncCkptGpu(S.AsyncCkpt):
@@ -166,14 +164,8 @@ def _adapters() -> dict[str, type]:
             p._waiter = lambda timeout: (upload.result(timeout), {})[1]
             return p
 
-    class TorchSaveGpu(S.TorchSave):
-        def load(self, tag: str) -> None:
-            state = torch.load(self.path(tag), map_location="cpu", weights_only=True)
-            self.wl.module.load_state_dict(state["module"])
-            self.wl.optimizer.load_state_dict(state["optimizer"])
-
     return {"asyncckpt": AsyncCkptGpu, "dcp_async_default": S.DcpAsyncDefault, "dcp_async_best": DcpAsyncBest,
-            "torch_save": TorchSaveGpu}
+            "torch_save": S.TorchSave}
 
 
 ADAPTERS = ("asyncckpt", "dcp_async_default", "dcp_async_best", "torch_save")
