@@ -108,7 +108,7 @@ class Throughput:
 
     The writer calls :meth:`wrote` (or times a block with :meth:`writing`) for every write, flush and fsync:
     bytes over the seconds its I/O calls took, fsync included, so data the page cache absorbed is charged when
-    the fsync waits for it. The codec calls :meth:`encoded` for each plane (or sample) it compresses. Older
+    the fsync waits for it. The codec calls :meth:`encoded` for each chunk it compresses. Older
     measurements fade (half weight after ``halflife_bytes`` newer bytes), so the estimates follow a disk or a
     machine load that changes. A rate is unknown until ``min_write_bytes`` / ``min_encode_bytes`` were measured;
     while either is unknown :meth:`choose` compresses (the choice that saves bytes). ``clock`` (seconds,
@@ -150,7 +150,7 @@ class Throughput:
         self.wrote(nbytes, self.clock() - t0)
 
     def encoded(self, nbytes: int, seconds: float) -> None:
-        """One encoder thread compressed ``nbytes`` of plane data in ``seconds``."""
+        """One encoder thread compressed ``nbytes`` of plane data in ``seconds`` (overheads included)."""
         with self._lock:
             self._encode.add(nbytes, seconds)
 
@@ -212,42 +212,60 @@ class ChunkCodec:
 
     # ------------------------------------------------------------------------------------------ encode
     def encode(self, raw: np.ndarray, itemsize: int) -> Encoded:
-        """Encode one chunk (a contiguous uint8 array). Never modifies ``raw``; raw pieces alias it."""
+        """Encode one chunk (a contiguous uint8 array). Never modifies ``raw``; raw pieces alias it.
+
+        The encode rate reported to the throughput estimator is that of everything compression adds to a
+        chunk (samples, shuffle copies, compression, the stored bytes' checksum) per byte of the planes it
+        compressed: what compressing one more plane costs the encoders, overheads included."""
         n = raw.nbytes
         digest = checksum(raw)
         if not self.compression or n == 0:
             return Encoded((raw,), "raw", n, n, digest)
+        tp = self.throughput
+        t0 = tp.clock()
         if self.shuffle and itemsize > 1 and n % itemsize == 0:
             matrix = raw.reshape(-1, itemsize)
-            packed = self._compress_planes([matrix[:, i] for i in range(itemsize)],
-                                           None if self.fast_planes else self.level)
+            packed, tried = self._compress_planes([matrix[:, i] for i in range(itemsize)],
+                                                  None if self.fast_planes else self.level)
             if all(p is None for p in packed):  # every plane stays raw: no shuffle at all
-                return Encoded((raw,), "raw", n, n, digest)
-            pieces = tuple(np.ascontiguousarray(matrix[:, i]) if p is None else p for i, p in enumerate(packed))
-            planes = tuple(("raw" if p is None else "zstd", len(piece)) for p, piece in zip(packed, pieces))
-            return Encoded(pieces, "shuffle", n, sum(length for _, length in planes), digest, planes,
-                           _stored_checksum(pieces))
-        (packed,) = self._compress_planes([raw], self.level)
-        if packed is None:
-            return Encoded((raw,), "raw", n, n, digest)
-        return Encoded((packed,), "zstd", n, len(packed), digest, sxxh3=checksum(packed))
+                enc = Encoded((raw,), "raw", n, n, digest)
+            else:
+                pieces = tuple(np.ascontiguousarray(matrix[:, i]) if p is None else p for i, p in enumerate(packed))
+                planes = tuple(("raw" if p is None else "zstd", len(piece)) for p, piece in zip(packed, pieces))
+                enc = Encoded(pieces, "shuffle", n, sum(length for _, length in planes), digest, planes,
+                              _stored_checksum(pieces))
+        else:
+            (packed,), tried = self._compress_planes([raw], self.level)
+            enc = (Encoded((raw,), "raw", n, n, digest) if packed is None
+                   else Encoded((packed,), "zstd", n, len(packed), digest, sxxh3=checksum(packed)))
+        if tried:
+            tp.encoded(tried, tp.clock() - t0)
+        return enc
 
-    def _compress_planes(self, planes: list[np.ndarray], level: int | None) -> list[bytes | None]:
+    def _compress_planes(self, planes: list[np.ndarray], level: int | None) -> tuple[list[bytes | None], int]:
         """Each plane (a byte plane, possibly a strided view of the chunk) compressed, or None to store it raw:
-        when a sample of it saves less than ``min_saving`` or, with ``auto``, when the encoders would fall
-        behind the disk (:meth:`Throughput.choose`, offered the planes that save most first)."""
+        when a sample of it saves less than ``min_saving``, when compressing it does not, or, with ``auto``, when
+        the encoders would fall behind the disk (:meth:`Throughput.choose`, offered the planes that save most
+        first). Also returns the bytes of the planes it tried to compress."""
         ctx = _cctx(level)
+        tp = self.throughput
         auto = self.compression == "auto"
+        keep = 1.0 - self.min_saving
         savings = [self._expected_saving(plane, ctx) for plane in planes]
         packed: list[bytes | None] = [None] * len(planes)
+        tried = 0
         for plane, saving in zip(planes, savings):
             if auto and saving is None:  # raw for sure: disk time the encoders can work behind
-                self.throughput.stored(plane.nbytes, plane.nbytes)
+                tp.stored(plane.nbytes, plane.nbytes)
         for i in sorted((i for i, s in enumerate(savings) if s is not None), key=lambda i: -savings[i]):
-            packed[i] = p = self._compress(planes[i], ctx, savings[i])
+            n = planes[i].nbytes
+            if not auto or tp.choose(n, savings[i]):
+                tried += n
+                p = ctx.compress(np.ascontiguousarray(planes[i]))
+                packed[i] = p if len(p) <= keep * n else None
             if auto:
-                self.throughput.stored(planes[i].nbytes, planes[i].nbytes if p is None else len(p))
-        return packed
+                tp.stored(n, n if packed[i] is None else len(packed[i]))
+        return packed, tried
 
     def _expected_saving(self, data: np.ndarray, ctx) -> float | None:
         """Bytes compression should save on ``data``, from a sample of its middle (cheap rejection of noise:
@@ -256,23 +274,10 @@ class ChunkCodec:
         if n <= 4 * _SAMPLE:
             return float(n)
         mid = (n // 2) // 64 * 64
-        tp = self.throughput
-        t0 = tp.clock()
         size = len(ctx.compress(np.ascontiguousarray(data[mid: mid + _SAMPLE])))
         if size > (1.0 - self.min_saving) * _SAMPLE:
             return None
-        tp.encoded(_SAMPLE, tp.clock() - t0)  # compressible samples only: the rate of what would be compressed
         return n * (1.0 - size / _SAMPLE)
-
-    def _compress(self, data: np.ndarray, ctx, saved: float) -> bytes | None:
-        n = data.nbytes
-        tp = self.throughput
-        if self.compression == "auto" and not tp.choose(n, saved):
-            return None
-        t0 = tp.clock()
-        packed = ctx.compress(np.ascontiguousarray(data))
-        tp.encoded(n, tp.clock() - t0)
-        return packed if len(packed) <= (1.0 - self.min_saving) * n else None
 
     # ------------------------------------------------------------------------------------------ decode
     @staticmethod
