@@ -47,9 +47,9 @@ class CodecConfig(_Section):
     """How each chunk is encoded before it is written."""
 
     _key: ClassVar[str] = "codec"
-    compression: Literal[True, False, "auto"] = "auto"  # auto: compress a byte plane only while that shortens
-    #   the save (measured encode and write rates) and saves min_saving; true: wherever it saves min_saving;
-    #   false: chunks are stored raw (still checksummed)
+    compression: Literal[True, False, "auto"] = "auto"  # auto: compress a byte plane only while that costs the
+    #   save no time (the encoders keep pace with the disk, at rates measured as saves run) and saves min_saving;
+    #   true: wherever it saves min_saving; false: chunks are stored raw (still checksummed)
     level: int = 1  # zstd level, 1..22 (negative levels are zstd's fast modes, down to -7)
     shuffle: bool = True  # byte-shuffle by element size before compressing
     chunk_mib: float = 4.0  # a tensor is split into independently decodable chunks of this size
