@@ -16,7 +16,7 @@ EXTRAS     ?= export,lightning,transformers,deepspeed,s3,test-s3
 RELIABILITY_TESTS := tests/test_crash.py tests/test_power_loss.py tests/test_faults.py tests/test_corruption.py tests/test_hostile.py \
                      tests/test_pickle_policy.py
 
-.PHONY: venv demo test reliability bench-deps bench bench-many-small bench-integrations clean FORCE
+.PHONY: venv demo test reliability bench-deps bench bench-many-small bench-integrations bench-gpu clean FORCE
 
 venv: $(STAMP)
 
@@ -53,6 +53,11 @@ bench-many-small: bench-deps
 
 bench-integrations: bench-deps
 	$(BIN)/python -m benchmarks --config benchmarks/configs/integrations.yaml
+
+# The GPU benchmark (issue 10): <= 6 min on one GPU, ~10 GB of state -> benchmarks/results/gpu_10gb/.
+# Needs a CUDA torch (TORCH_SPEC); `make bench-gpu BENCH_GPU_ARGS=--smoke` checks the script on CPU.
+bench-gpu: bench-deps
+	$(BIN)/python -m benchmarks.gpu --config benchmarks/configs/gpu_10gb.yaml $(BENCH_GPU_ARGS)
 
 clean:
 	rm -rf $(VENV) .demo_ckpt .pytest_cache build *.egg-info

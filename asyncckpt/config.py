@@ -15,7 +15,7 @@ import os
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
 from .errors import ConfigError
 from .format import MIN_CHUNK_BYTES
@@ -48,7 +48,9 @@ class CodecConfig(_Section):
     """How each chunk is encoded before it is written."""
 
     _key: ClassVar[str] = "codec"
-    compression: bool = True  # off: chunks are stored raw (still checksummed)
+    compression: Literal[True, False, "auto"] = "auto"  # auto: compress a byte plane only while that costs the
+    #   save no time (the encoders keep pace with the disk, at rates measured as saves run) and saves min_saving;
+    #   true: wherever it saves min_saving; false: chunks are stored raw (still checksummed)
     level: int = 1  # zstd level, 1..22 (negative levels are zstd's fast modes, down to -7)
     shuffle: bool = True  # byte-shuffle by element size before compressing
     chunk_mib: float = 4.0  # a tensor is split into independently decodable chunks of this size
@@ -274,6 +276,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if isinstance(value, Mapping):
             return dict(value)
         raise bad("a mapping")
+    if typing.get_origin(hint) is Literal:  # one of a few values (codec.compression: true | false | auto)
+        options = typing.get_args(hint)
+        if any(value is o if isinstance(o, bool) else (type(value) is type(o) and value == o) for o in options):
+            return value
+        raise bad(" | ".join(str(o).lower() if isinstance(o, bool) else str(o) for o in options))
     raise bad(str(hint))  # pragma: no cover - every field has one of the types above
 
 

@@ -22,7 +22,7 @@ from typing import Any, Coroutine
 
 import torch
 
-from .codec import ChunkCodec
+from .codec import ChunkCodec, Throughput
 from .errors import CheckpointError
 from .format import (FORMAT_VERSION, TensorRecord, checksum, contiguous_stride, data_file_name, parse_rank_index,
                      rank_index_name, seal)
@@ -70,6 +70,7 @@ class WriterPool:
                  name: str = "asyncckpt"):
         self.codec = codec
         self.threads = max(1, threads)
+        codec.throughput.threads = self.threads  # compression: auto spreads encode time over these
         self.chunk_bytes = chunk_bytes
         self.files_per_rank = files_per_rank
         self.window = inflight_chunks or 2 * self.threads + 1
@@ -160,6 +161,7 @@ class WriterPool:
                           layout: Any) -> tuple[int, list]:
         loop = self._loop
         files = self._files
+        tp = self.codec.throughput  # compression: auto follows the write rate measured here
         chunk = self.chunk_bytes
         window: collections.deque = collections.deque()
         out: list[tuple[Any, list]] = []
@@ -185,11 +187,11 @@ class WriterPool:
             nonlocal pos, flushed
             chunks, fut = window.popleft()
             enc = await fut
-            await loop.run_in_executor(files, _write_pieces, f, enc.pieces)
+            await loop.run_in_executor(files, _write_pieces, f, enc.pieces, tp)
             chunks.append(enc.record(pos))
             pos += enc.length
             if self.fsync and pos - flushed >= _WRITEBACK_BYTES:
-                await loop.run_in_executor(files, f.writeback, flushed, pos - flushed)
+                await loop.run_in_executor(files, _timed, tp, f.writeback, flushed, pos - flushed)
                 flushed = pos
 
         f = await loop.run_in_executor(files, storage.open_write, path)
@@ -200,8 +202,8 @@ class WriterPool:
                     await drain()
             while window:
                 await drain()
-            if self.fsync:
-                await loop.run_in_executor(files, f.sync)
+            if self.fsync:  # the disk time of what the page cache took in
+                await loop.run_in_executor(files, _timed, tp, f.sync)
         except BaseException:
             for _, fut in window:
                 fut.cancel()
@@ -242,10 +244,17 @@ def check_index(data: bytes, where: str, skeleton: Any, elsewhere: frozenset[str
                                   "nothing is published")
 
 
-def _write_pieces(f, pieces) -> None:
-    """Write one encoded chunk (in a file thread)."""
-    for piece in pieces:
-        f.write(memoryview(piece).cast("B"))
+def _write_pieces(f, pieces, throughput: Throughput) -> None:
+    """Write one encoded chunk (in a file thread), reporting its I/O time to ``throughput``."""
+    with throughput.writing(sum(memoryview(p).nbytes for p in pieces)):
+        for piece in pieces:
+            f.write(memoryview(piece).cast("B"))
+
+
+def _timed(throughput: Throughput, call, *args) -> None:
+    """A flush or fsync of bytes written before (in a file thread): its time is charged to them."""
+    with throughput.writing(0):
+        call(*args)
 
 
 def _split_by_bytes(sizes: list[int], n: int) -> list[list[int]]:

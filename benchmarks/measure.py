@@ -7,9 +7,10 @@ Per repetition, on a fresh saver (``System.open``):
 * **peak RSS** over the saves (Linux: VmHWM reset through ``/proc/self/clear_refs``), RSS before the saver
   existed, **staging bytes** the saver holds;
 * **bytes on disk** of the last checkpoint, **load time** (restore model + optimizer in place);
-* **loop overhead**: K training steps with one save (issued after the first step) minus K steps without,
-  alternating which goes first; K spans ``loop.span`` x the warm time to durable, so the writer's
-  contention (GIL, cores, memory bandwidth) with the training steps is counted.
+* **loop overhead**: A/B pairs, K training steps without a save (A) and K steps with one issued after the
+  first step (B), back to back, alternating which goes first from pair to pair; each pair gives B - A. K
+  spans ``loop.span`` x the warm time to durable, so the writer's contention (GIL, cores, memory bandwidth)
+  with the training steps is counted.
 
 Then, on one more fresh saver, **memory growth** over ``growth.saves`` consecutive saves (older checkpoints
 deleted as it goes). Before all this, the library is warmed up on a tiny model (imports, lazy init, thread
@@ -235,18 +236,17 @@ class Measurer:
         return out
 
     def _loop(self, system: System, k: int, index: int) -> dict:
-        """K steps without a save, K with one, K without again. ``overhead_s`` = (K steps with the save) - K x
-        the median step time of the 2K baseline steps around it: the sandwich cancels slow drift of the
-        machine's speed, the median a baseline step disturbed by other work. ``overhead_mean_s`` uses the
-        mean of the two baseline totals instead (kept in the raw results)."""
-        before = self._steps(k, None, "")
+        """One A/B pair: K steps without a save (A) and K steps with one (B), run back to back in an order
+        that alternates from pair to pair (even ``index``: A first), so slow drift of the machine's speed
+        falls on both sides equally often. ``overhead_s`` = B - A; the report takes the median over every pair
+        of every repetition, with its spread, and flags it as noise where the spread exceeds it."""
+        first_without = index % 2 == 0
+        before = self._steps(k, None, "") if first_without else None
         w = self._steps(k, system, f"loop{index}")
-        after = self._steps(k, None, "")
-        base_mean = (before["total_s"] + after["total_s"]) / 2
-        base_median = k * statistics.median(before["steps_s"] + after["steps_s"])
-        return {"k": k, "with_s": w["total_s"], "without_s": [before["total_s"], after["total_s"]],
-                "overhead_s": w["total_s"] - base_median, "overhead_mean_s": w["total_s"] - base_mean,
-                "steps_with_s": w["steps_s"], "steps_without_s": before["steps_s"] + after["steps_s"],
+        without = before if before is not None else self._steps(k, None, "")
+        return {"k": k, "order": "AB" if first_without else "BA", "with_s": w["total_s"],
+                "without_s": without["total_s"], "overhead_s": w["total_s"] - without["total_s"],
+                "steps_with_s": w["steps_s"], "steps_without_s": without["steps_s"],
                 "stall_s": w["stall_s"], "ttd_s": w["ttd_s"],
                 "durable_in_loop": w["durable_in_loop"], "wait_after_loop_s": w["wait_after_loop_s"]}
 

@@ -26,10 +26,16 @@ FIGURES = [  # (metric, column title, kind)
 
 
 def stats(values: Iterable[Any]) -> dict | None:
-    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    """Median, min, max, quartiles (q1, q3) and ``noise`` of the samples (None and NaN left out): a figure is
+    noise when its spread, the interquartile range, exceeds its magnitude (``|median|``); it is then not
+    reported as a result. One sample has no spread to judge (never noise)."""
+    vals = sorted(float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v)))
     if not vals:
         return None
-    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
+    med = statistics.median(vals)
+    q1, _, q3 = statistics.quantiles(vals, n=4, method="inclusive") if len(vals) > 1 else (med, med, med)
+    return {"median": med, "min": vals[0], "max": vals[-1], "q1": q1, "q3": q3, "n": len(vals),
+            "noise": q3 - q1 > abs(med)}
 
 
 def system_metrics(res: dict, raw: int) -> dict[str, list]:
@@ -135,6 +141,8 @@ def fmt_value(v: float, kind: str) -> str:
 def fmt_stats(st: dict | None, kind: str) -> str:
     if not st:
         return "–"
+    if st.get("noise"):
+        return f"noise (IQR {fmt_value(st['q1'], kind)} to {fmt_value(st['q3'], kind)}, n={st['n']})"
     med = fmt_value(st["median"], kind)
     if st["n"] > 1 and st["max"] != st["min"]:
         return f"{med} ({fmt_value(st['min'], kind)}–{fmt_value(st['max'], kind)})"
@@ -147,7 +155,9 @@ def ratio(a: dict | None, b: dict | None) -> float | None:
     return a["median"] / b["median"]
 
 
-def fmt_ratio(r: float | None) -> str:
+def fmt_ratio(r: float | None, *figures: dict | None) -> str:
+    if any(f and f.get("noise") for f in figures):
+        return "noise"
     return "–" if r is None else f"{r:.2f}×"
 
 
@@ -168,9 +178,11 @@ def markdown(doc: dict, targets: list[dict] | None = None, plot_name: str | None
         f"run took {doc.get('elapsed_s', 0) / 60:.1f} min")
     lines.append("")
     lines.append("Medians with (min–max) over repetitions; every figure below was measured in this one run, on "
-                 "the same state and the same disk. *Stall*: the save call on the training thread. *Loop "
-                 "overhead*: K training steps with one save minus K steps without (K × the median step time of "
-                 "K steps before and K after; K spans the background write under training). "
+                 "the same state and the same disk. A figure whose interquartile range exceeds its median "
+                 "(in magnitude) is shown as *noise* with its IQR, not as a result. *Stall*: the save call on "
+                 "the training thread. *Loop overhead*: K training steps with one save minus K steps without, "
+                 "in back-to-back A/B pairs whose order alternates (K spans the background write under "
+                 "training). "
                  "*Time to durable*: save call → checkpoint fsynced/published. *Write MB/s*: raw bytes / "
                  "(time to durable − stall) for background writers, raw bytes / time to durable for the "
                  "others. *Peak RSS over baseline*: peak resident memory during the saves minus RSS before the "
@@ -298,7 +310,8 @@ def ratio_markdown(run: dict) -> list[str]:
         for label, ref in refs:
             if not ref:
                 continue
-            cells = [fmt_ratio(ratio(run["summary"][n].get(metric), ref)) for n in mine]
+            cells = [fmt_ratio(ratio(run["summary"][n].get(metric), ref), run["summary"][n].get(metric), ref)
+                     for n in mine]
             lines.append(f"| {title} | {label} | " + " | ".join(cells) + " |")
     return lines
 

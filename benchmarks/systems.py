@@ -448,14 +448,15 @@ def _merge(base: dict, over: Mapping) -> dict:
 class AsyncCkpt(System):
     name = "asyncckpt"
     sync = False
-    compression = True
+    compression: bool | str = "auto"
     prepare = False
     requires = ("asyncckpt",)
     takes_asyncckpt_config = True
 
     @property
     def notes(self) -> str:  # type: ignore[override]
-        return (f"AsyncCheckpointer.save_checkpoint, compression {'on' if self.compression else 'off'}"
+        mode = {True: "on", False: "off"}.get(self.compression, self.compression)
+        return (f"AsyncCheckpointer.save_checkpoint, compression {mode}"
                 f"{', prepare() before the first save' if self.prepare else ''}; files, directory and "
                 "'latest' fsynced; time to durable = until the future resolves (published)")
 
@@ -522,6 +523,11 @@ def _result_dict(res: Any) -> dict:
 class AsyncCkptPrepared(AsyncCkpt):
     name = "asyncckpt_prepared"
     prepare = True
+
+
+class AsyncCkptZstd(AsyncCkpt):
+    name = "asyncckpt_zstd"
+    compression = True
 
 
 class AsyncCkptRaw(AsyncCkpt):
@@ -646,7 +652,7 @@ def register(cls: type[System]) -> type[System]:
     return cls
 
 
-for _cls in (TorchSave, DeepSpeed, DcpSave, DcpAsync, DcpAsyncDefault, AsyncCkpt, AsyncCkptPrepared, AsyncCkptRaw,
-             AsyncCkptRawPrepared, LightningAsync, AsyncCkptLightning, DeepSpeedAsyncCkpt):
+for _cls in (TorchSave, DeepSpeed, DcpSave, DcpAsync, DcpAsyncDefault, AsyncCkpt, AsyncCkptPrepared, AsyncCkptZstd,
+             AsyncCkptRaw, AsyncCkptRawPrepared, LightningAsync, AsyncCkptLightning, DeepSpeedAsyncCkpt):
     register(_cls)
 assert tuple(SYSTEMS) == SYSTEM_NAMES, "spec.SYSTEM_NAMES lists the built-in systems implemented here, in order"

@@ -69,7 +69,7 @@ class ManySmall(nn.Module):
 
     def __init__(self, spec: WorkloadSpec, gen: torch.Generator):
         super().__init__()
-        self.params = nn.ParameterList(nn.Parameter(torch.randn(spec.numel, generator=gen))
+        self.params = nn.ParameterList(nn.Parameter(torch.randn(spec.numel, generator=gen, device=gen.device))
                                        for _ in range(spec.n_tensors))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -113,16 +113,17 @@ class Workload:
                 "zero_fraction": self.zero_fraction(), "spec": dict(self.spec.__dict__)}
 
 
-def build(spec: WorkloadSpec, *, ddp: bool = False) -> Workload:
-    """Build the model and optimizer and take one step (AdamW state exists afterwards)."""
+def build(spec: WorkloadSpec, *, ddp: bool = False, device: str = "cpu") -> Workload:
+    """Build the model and optimizer on ``device`` and take one step (AdamW state exists afterwards)."""
     t0 = time.perf_counter()
-    gen = torch.Generator().manual_seed(spec.seed)
+    gen = torch.Generator(device=device).manual_seed(spec.seed)
     torch.manual_seed(spec.seed)
     module: nn.Module
     if spec.kind == "many_small":
         module = ManySmall(spec, gen)
     else:
-        module = GPT(spec)
+        with torch.device(device):
+            module = GPT(spec)
         _init(module, gen)
     model: nn.Module = module
     if ddp:
@@ -132,7 +133,7 @@ def build(spec: WorkloadSpec, *, ddp: bool = False) -> Workload:
         optimizer: torch.optim.Optimizer = torch.optim.SGD(module.parameters(), lr=spec.lr, momentum=0.9, foreach=False)
     else:
         optimizer = torch.optim.AdamW(module.parameters(), lr=spec.lr, foreach=False)
-    tokens = torch.randint(0, spec.vocab, (spec.batch, spec.seq_len + 1), generator=gen)
+    tokens = torch.randint(0, spec.vocab, (spec.batch, spec.seq_len + 1), generator=gen, device=device)
     x, y = tokens[:, :-1], tokens[:, 1:]
 
     def step(densify: bool = False) -> float:
@@ -174,12 +175,12 @@ def _densify_embedding_grad(emb: nn.Embedding, tokens: torch.Tensor, gen: torch.
     if g is None:
         return
     touched = torch.unique(tokens.reshape(-1))
-    mask = torch.ones(g.shape[0], dtype=torch.bool)
+    mask = torch.ones(g.shape[0], dtype=torch.bool, device=g.device)
     mask[touched] = False
     if not mask.any():
         return
     scale = g[touched].float().std(dim=0, unbiased=False).clamp_min(1e-12)
-    noise = torch.randn(int(mask.sum()), g.shape[1], generator=gen) * scale
+    noise = torch.randn(int(mask.sum()), g.shape[1], generator=gen, device=g.device) * scale
     g[mask] = noise.to(g.dtype)
 
 

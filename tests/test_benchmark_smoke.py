@@ -29,7 +29,7 @@ def _run_benchmark(config: str, out, systems: list[str], extra_path: str = "") -
     return subprocess.run(
         [sys.executable, "-m", "benchmarks", "--config", config, "--out", str(out), "--reps", "1",
          "--systems", ",".join(systems)],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True, timeout=170)
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True, timeout=400)
 
 
 def _assert_ran(name: str, res: dict, growth_saves: int) -> None:
@@ -39,7 +39,7 @@ def _assert_ran(name: str, res: dict, growth_saves: int) -> None:
     assert res["growth"] and len(res["growth"]["rss"]) == growth_saves
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(420)
 def test_benchmark_tiny_end_to_end(tmp_path):
     systems = _available_systems()
     assert "torch_save" in systems and "asyncckpt" in systems
@@ -61,7 +61,7 @@ def test_benchmark_tiny_end_to_end(tmp_path):
         assert res["loop"], name
     floors = run["floors"]
     assert floors["memcpy_s"] and floors["disk"] and floors["codec"]["compress_1thread"]["MBps"] > 0
-    assert doc["targets"] and {t["result"] for t in doc["targets"]} <= {"PASS", "MISS", "N/A"}
+    assert doc["targets"] and {t["result"] for t in doc["targets"]} <= {"PASS", "MISS", "NOISE", "N/A"}
 
     for name in systems:
         assert f"`{name}`" in md
@@ -86,7 +86,7 @@ FAILING_PEER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(420)
 def test_a_failing_peer_is_recorded_and_the_run_goes_on(tmp_path):
     plugins = tmp_path / "plugins"
     plugins.mkdir()

@@ -1,0 +1,87 @@
+"""The benchmark's statistics on fixed inputs: medians with quartiles, a figure whose spread exceeds its value
+flagged as noise (in the tables, the ratios and the targets) instead of shown as a result, and the loop
+overhead measured in A/B pairs whose order alternates."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # the benchmarks package lives at the repository root, next to tests/
+    sys.path.insert(0, ROOT)
+
+from benchmarks import report, targets  # noqa: E402
+from benchmarks.measure import Measurer  # noqa: E402
+
+# the loop overheads of asyncckpt on gpt_0p1gb that were published as a median of -1.01 s
+NOISY = [-1.01, -4.14, 0.183, -0.25, 0.12]
+
+
+def test_quartiles_and_a_steady_figure():
+    st = report.stats([5.0, 1.0, 4.0, 2.0, 3.0, None, math.nan])
+    assert st == {"median": 3.0, "min": 1.0, "max": 5.0, "q1": 2.0, "q3": 4.0, "n": 5, "noise": False}
+    assert report.fmt_stats(st, "time") == "3.00 s (1.00 s–5.00 s)"
+
+
+@pytest.mark.parametrize("values,noise", [
+    (NOISY, True),  # IQR -1.01..0.12 (1.13) > |median| 0.25
+    ([0.30, 0.32, 0.28, 0.31], False),
+    ([0.1, 0.5, 0.9, 1.3], False),  # median 0.7, IQR 0.4..1.0 = 0.6: wide, but narrower than the value
+    ([0.1, 0.2, 1.5, 1.6], True),  # median 0.85, IQR 0.175..1.525 = 1.35
+    ([-0.3, -0.31, -0.29], False),  # a steady negative figure is a result (a speed-up), not noise
+    ([0.0, 0.0, 0.0], False),  # no spread at all
+    ([-0.001, 0.001], True),  # spread around a zero median
+    ([7.0], False),  # one sample: nothing to judge
+])
+def test_noise_is_a_spread_larger_than_the_value(values, noise):
+    st = report.stats(values)
+    assert st["noise"] is ((st["q3"] - st["q1"]) > abs(st["median"])) is noise
+
+
+def test_a_noisy_figure_is_not_printed_as_a_result():
+    st = report.stats(NOISY)
+    text = report.fmt_stats(st, "time")
+    assert text.startswith("noise (IQR −1.01 s to 120 ms, n=5)")
+    assert "250" not in text  # the median is not shown
+    steady = report.stats([1.0, 1.1, 0.9])
+    assert report.fmt_ratio(report.ratio(st, steady), st, steady) == "noise"
+    assert report.fmt_ratio(report.ratio(steady, steady), steady, steady) == "1.00×"
+
+
+def test_a_target_on_a_noisy_figure_is_noise_not_pass_or_miss():
+    summary = {"asyncckpt": {"ttd_warm_s": report.stats([1.0, 1.0, 1.1]), "load_s": report.stats(NOISY)},
+               "torch_save": {"ttd_warm_s": report.stats([3.0, 3.1, 2.9]), "load_s": report.stats([1.0, 1.0])}}
+    run = {"workload": "gpt", "world": 1, "raw_bytes": 1 << 20, "workload_info": {"kind": "gpt"},
+           "systems": {n: {"status": "ok"} for n in summary}, "summary": summary}
+    rows = {t["target"]: t for t in targets.evaluate({"runs": [run]})}
+    assert rows["time to durable ≤ 0.5 × torch.save+fsync"]["result"] == "PASS"
+    load = rows["load time ≤ 1.0 × torch.load"]
+    assert load["result"] == "NOISE" and "spread exceeds its median" in load["detail"]
+
+
+class _Steps:
+    """Stands in for Measurer._steps: K steps take 10 s without a save, 12 s with one."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, k, system, tag):
+        self.calls.append("B" if system is not None else "A")
+        out = {"total_s": 12.0 if system is not None else 10.0, "steps_s": [1.0] * k}
+        if system is not None:
+            out.update(stall_s=0.01, ttd_s=3.0, durable_in_loop=True, wait_after_loop_s=0.0)
+        return out
+
+
+def test_loop_pairs_alternate_their_order_and_subtract_the_neighbour():
+    m = Measurer.__new__(Measurer)
+    m._steps = steps = _Steps()
+    pairs = [m._loop(object(), 4, i) for i in range(4)]
+    assert "".join(steps.calls) == "ABBAABBA"
+    assert [p["order"] for p in pairs] == ["AB", "BA", "AB", "BA"]
+    assert all(p["overhead_s"] == 2.0 and p["with_s"] == 12.0 and p["without_s"] == 10.0 for p in pairs)
+    st = report.stats(report.system_metrics({"loop": pairs}, 1)["loop_overhead_s"])
+    assert (st["median"], st["noise"]) == (2.0, False)
