@@ -52,9 +52,10 @@ class Layout:
 class Slot:
     """One reusable host buffer and the views into it of the last layout staged there."""
 
-    def __init__(self, index: int, pin: bool):
+    def __init__(self, index: int, pin: bool, allocate: Callable[[int, bool], torch.Tensor] | None = None):
         self.index = index
         self.pin = pin
+        self._allocate = allocate or host_buffer  # (nbytes, pin) -> uint8 tensor; the writer service's is shared memory
         self.buffer: torch.Tensor | None = None
         self._signature: tuple | None = None
         self._dsts: list[torch.Tensor] = []
@@ -71,7 +72,7 @@ class Slot:
         self.buffer = None  # free the old buffer before allocating the larger one
         t0 = time.perf_counter()
         size = max(nbytes, ALIGN)
-        self.buffer = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+        self.buffer = self._allocate(size, self.pin)
         self.allocations += 1
         log.debug("slot %d: allocated %.1f MiB of %s host memory in %.3fs", self.index, size / 2**20,
                   "pinned" if self.pin else "pageable", time.perf_counter() - t0)
@@ -107,6 +108,11 @@ class Slot:
     def array(self, offset: int, nbytes: int) -> np.ndarray:
         """A uint8 numpy view of staged bytes (no copy)."""
         return self.buffer[offset: offset + nbytes].numpy()
+
+
+def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
+    """The default allocator of a slot: private host memory, pinned when ``pin``."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
 
 
 def ready_now() -> None:
@@ -149,8 +155,9 @@ def _stage_cuda(pairs) -> Callable[[], None]:
 class StagingPool:
     """``slots`` reusable host buffers with the backpressure policy of ``on_busy``."""
 
-    def __init__(self, slots: int, pin: bool, budget_bytes: int = 0):
-        self.slots = [Slot(i, pin) for i in range(slots)]
+    def __init__(self, slots: int, pin: bool, budget_bytes: int = 0,
+                 allocate: Callable[[int, bool], torch.Tensor] | None = None):
+        self.slots = [Slot(i, pin, allocate) for i in range(slots)]
         self._free = list(reversed(self.slots))
         self._cond = threading.Condition()
         self.budget_bytes = budget_bytes
