@@ -69,6 +69,8 @@ def runtime(monkeypatch):
     yield path
     for pid in service_pids(path):
         os.kill(pid, signal.SIGKILL)
+    for log in glob.glob(os.path.join(path, "*.log")):  # what a service that did not exit cleanly said
+        print(f"--- {log}\n{open(log, errors='replace').read()}")
     subprocess.run(["rm", "-rf", path], check=False, timeout=30)
 
 

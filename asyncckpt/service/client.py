@@ -198,27 +198,11 @@ class _Link:
                         raise CommitError(f"writer service: lock {lock_path(directory, key)} stayed held for "
                                           f"{START_TIMEOUT_S:g}s") from None
                     time.sleep(0.01)
-            sock = _connect(socket_path(directory, key))
-            if sock is None:
-                _start(directory, key, config)
-                while sock is None:
-                    if time.monotonic() > deadline:
-                        raise CommitError(f"writer service did not start within {START_TIMEOUT_S:g}s; see "
-                                          f"{log_path(directory, key)}")
-                    time.sleep(0.02)
-                    sock = _connect(socket_path(directory, key))
-            channel = Channel(sock)
-            try:
-                sock.settimeout(max(1.0, deadline - time.monotonic()))
-                channel.send(hello)
-                welcome = channel.recv()
-                sock.settimeout(None)
-            except BaseException:
-                channel.close()
-                raise
-            if welcome is None:
-                raise CommitError(f"writer service refused rank {hello['rank']}; see {log_path(directory, key)}")
-            return cls(channel, welcome[0]["pid"])
+            while True:
+                welcome = _hello(directory, key, hello, config, deadline)
+                if welcome is not None:
+                    return cls(*welcome)
+                time.sleep(0.05)  # a service that was killed or is exiting: its socket goes away shortly
         finally:
             os.close(fd)  # releases the lock
 
@@ -269,6 +253,39 @@ class _Link:
     def close(self) -> None:
         self.channel.close()
         self._reader.join(timeout=10.0)
+
+
+def _hello(directory: str, key: str, hello: dict, config: Config, deadline: float) -> tuple[Channel, int] | None:
+    """Connect (starting the service when nobody listens) and attach; None when the connection broke during
+    the hello (the listener belonged to a service that is dying: try again)."""
+    sock = _connect(socket_path(directory, key))
+    if sock is None:
+        _start(directory, key, config)
+        while sock is None:
+            if time.monotonic() > deadline:
+                raise CommitError(f"writer service did not start within {START_TIMEOUT_S:g}s; see "
+                                  f"{log_path(directory, key)}")
+            time.sleep(0.02)
+            sock = _connect(socket_path(directory, key))
+    channel = Channel(sock)
+    try:
+        sock.settimeout(max(1.0, deadline - time.monotonic()))
+        channel.send(hello)
+        welcome = channel.recv()
+        sock.settimeout(None)
+    except (ConnectionError, EOFError):
+        welcome = None
+    except BaseException:
+        channel.close()
+        raise
+    if welcome is not None and welcome[0]["op"] == "welcome":
+        return channel, welcome[0]["pid"]
+    channel.close()
+    if welcome is not None:
+        raise CommitError(f"writer service refused rank {hello['rank']}: {welcome[0]['error']}")
+    if time.monotonic() > deadline:
+        raise CommitError(f"writer service: could not attach within {START_TIMEOUT_S:g}s; see {log_path(directory, key)}")
+    return None
 
 
 def _connect(path: str) -> socket.socket | None:

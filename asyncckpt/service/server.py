@@ -182,7 +182,11 @@ class Attachment:
             hello, fds = first
             _close_all(fds)
             self.rank = hello["rank"]
-            self.group, self.coordinator = self.service.group(hello)
+            try:
+                self.group, self.coordinator = self.service.group(hello)
+            except Exception as exc:  # noqa: BLE001 - told to the rank
+                self.reply({"op": "refused", "error": f"{type(exc).__name__}: {exc}"})
+                raise
             self.reply({"op": "welcome", "pid": os.getpid()})
             worker = threading.Thread(target=self._work, name="asyncckpt-service-work", daemon=True)
             worker.start()
