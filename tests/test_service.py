@@ -268,3 +268,13 @@ def test_trainer_killed_right_after_save_returned_the_save_still_completes(runti
     got = asyncckpt.load(save_dir, "t2")
     assert torch.equal(got["w"], torch.randn(4 << 20, generator=torch.Generator().manual_seed(7)))
     wait_until(lambda: not service_pids(runtime), 60, "the service to exit once the save is done")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_state_is_staged_into_registered_shared_memory(runtime, engines, save_dir, same):
+    e = engines(pin_memory="always")
+    st = {"w": torch.randn(1 << 16, device="cuda"), "b": torch.arange(7, device="cuda"), "cpu": torch.ones(3)}
+    save(e, st, save_dir, "c").result(timeout=120)
+    buf = e.pool.slots[0].buffer
+    assert e.service.allocate.handle(buf) and buf.is_pinned()  # cudaHostRegister'ed: CUDA sees it as pinned
+    same(asyncckpt.load(save_dir, "c"), {k: v.cpu() for k, v in st.items()})
