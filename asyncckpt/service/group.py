@@ -14,7 +14,7 @@ from ..codec import ChunkCodec
 from ..commit import CommitCoordinator, DistContext
 from ..config import Config
 from ..threads import started_pool
-from ..writer import WriterPool, lower_thread_priority
+from ..writer import WriterPool
 
 _MISSING = object()
 
@@ -103,8 +103,7 @@ class Group:
                                  chunk_bytes=config.codec.chunk_bytes, files_per_rank=w.files_per_rank,
                                  inflight_chunks=w.inflight_chunks, fsync=w.fsync, nice=0,
                                  ionice_idle=w.ionice_idle, name="asyncckpt-service")
-        self.retainer = started_pool(1, "asyncckpt-service-retain",
-                                     initializer=lambda: lower_thread_priority(0, w.ionice_idle))
+        self.retainer = started_pool(1, "asyncckpt-service-retain")
         self.coordinators: dict[int, CommitCoordinator] = {}
         self.attached: set[int] = set()
 

@@ -16,7 +16,6 @@ import socket
 import struct
 import threading
 import time
-from typing import Any
 
 import torch
 
@@ -218,7 +217,6 @@ class Attachment:
             self._alive = False  # the training process is gone; its saves still finish
 
     def _work(self) -> None:
-        lower_thread_priority(0, self.group.config.writer.ionice_idle)
         while True:
             item = self._queue.get()
             if item is None:
