@@ -31,6 +31,7 @@ from .format import MANIFEST, checksum, validate_tag
 from .future import SaveFuture, raise_first_unobserved
 from .io_types import FlatState, RankOutcome, SaveJob, SaveResult, StageItem
 from .placement import ReplicatedSplit, fingerprint
+from .service.client import ServiceClient
 from .staging import LazyStaging, Slot, Snapshot, StagingPool, ready_now
 from .storage import MARKER, Storage, is_url, open_storage
 from .writer import WriterPool, lower_thread_priority
@@ -56,8 +57,11 @@ class SaveEngine:
         w = config.writer
         local = self.ctx.local_world_size
         node_threads = w.threads_per_node or _default_threads()
+        # writer.mode service: a per-node process writes and publishes (asyncckpt/service); staging is shared memory
+        self.service = ServiceClient(config, self.ctx) if w.mode == "service" else None
         self.pool = StagingPool(config.max_inflight, pin=pin,
-                                budget_bytes=w.memory_budget_bytes // local if w.memory_budget_bytes else 0)
+                                budget_bytes=w.memory_budget_bytes // local if w.memory_budget_bytes else 0,
+                                allocate=self.service.allocate if self.service else None)
         self.writer = WriterPool(ChunkCodec.from_config(config.codec), threads=max(1, node_threads // local),
                                  chunk_bytes=config.codec.chunk_bytes, files_per_rank=w.files_per_rank,
                                  inflight_chunks=w.inflight_chunks, fsync=w.fsync, nice=w.nice,
@@ -141,7 +145,10 @@ class SaveEngine:
     def _submit(self, job: SaveJob, stage_s: float, checks: Callable[[], dict] | None = None,
                 snapshot: Snapshot | None = None) -> SaveFuture:
         job.seq = self.saves  # the k-th save of every rank's saver is paired with the k-th of the others
-        fut = SaveFuture(self.writer.submit(self._run(job, stage_s, checks, snapshot)), job.tag)
+        if self.service is not None:  # handed over to the node's writer service
+            fut = SaveFuture(self.service.submit(job, stage_s, self._spec(job), self.pool.release), job.tag)
+        else:
+            fut = SaveFuture(self.writer.submit(self._run(job, stage_s, checks, snapshot)), job.tag)
         with self._lock:
             self._futures = [f for f in self._futures if not f.done() or f.unobserved_error() is not None]
             self._futures.append(fut)
@@ -284,6 +291,8 @@ class SaveEngine:
                 self._commit_thread.shutdown(wait=True)
                 self._retain_thread.shutdown(wait=True)
                 self.writer.close()
+                if self.service is not None:
+                    self.service.close()
                 self.coordinator.close()
                 self.pool.close()
                 self._check_slots.clear()

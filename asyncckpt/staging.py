@@ -75,8 +75,10 @@ class Layout:
 class _HostBuffer:
     """One contiguous host allocation; on CUDA its pages are pinned chunk by chunk (``cudaHostRegister``)."""
 
-    def __init__(self, nbytes: int, pin: bool, chunk: int = RESERVE_CHUNK_BYTES):
-        self.tensor = torch.empty(max(nbytes, ALIGN), dtype=torch.uint8)
+    def __init__(self, nbytes: int, pin: bool, chunk: int = RESERVE_CHUNK_BYTES,
+                 allocate: Callable[[int], torch.Tensor] | None = None):
+        size = max(nbytes, ALIGN)
+        self.tensor = allocate(size) if allocate is not None else torch.empty(size, dtype=torch.uint8)
         self._registered: list[int] = []
         self.pin = pin
         self.fault_s = 0.0
@@ -141,7 +143,7 @@ class Slot:
         """Replace the buffer with one of at least ``nbytes`` (the old one is freed first)."""
         self._drop()
         t0 = time.perf_counter()
-        host = _HostBuffer(nbytes, self.pin)
+        host = _HostBuffer(nbytes, self.pin, allocate=None if self.pool is None else self.pool.allocate)
         if self.pool is not None:
             self.pool._count(host, time.perf_counter() - t0)
         self._host = host
@@ -415,9 +417,12 @@ class StagingPool:
     ``copier(dst, src)`` makes every host copy of staging (the default :func:`copy_into`); a test may set
     another one to slow copies down or to observe them."""
 
-    def __init__(self, slots: int, pin: bool, budget_bytes: int = 0, copier: Copier = copy_into):
+    def __init__(self, slots: int, pin: bool, budget_bytes: int = 0, copier: Copier = copy_into,
+                 allocate: Callable[[int], torch.Tensor] | None = None):
         self.pin = pin
         self.copier = copier
+        self.allocate = allocate  # (nbytes) -> uint8 host tensor; default private memory; the writer service's
+        #                           is shared memory (pinned here, chunk by chunk, like the default)
         self.slots = [Slot(i, pin, self) for i in range(slots)]
         self._free = list(reversed(self.slots))
         self._cond = threading.Condition()

@@ -38,7 +38,7 @@ def test_from_dict_round_trips_every_key():
             "codec": {"compression": False, "level": -3, "shuffle": False, "chunk_mib": 1, "min_saving": 0.5,
                       "fast_planes": False},
             "writer": {"threads_per_node": 4, "files_per_rank": 2, "inflight_chunks": 8, "fsync": False, "nice": 0,
-                       "ionice_idle": True, "memory_budget_mib": 512},
+                       "ionice_idle": True, "memory_budget_mib": 512, "mode": "service"},
             "storage": {"options": {"endpoint_url": "http://127.0.0.1:9000", "client_kwargs": {"verify": False}},
                         "block_mib": 8}}
     c = Config.from_dict(data)
@@ -284,7 +284,7 @@ def refused_everywhere(tmp_path, key: str, value, scalar: str | None, expected: 
 
 
 def test_the_key_lists_cover_every_field():
-    assert len(FLOAT_KEYS) == 6 and len(INT_KEYS) == 7 and len(BOOL_KEYS) == 10 and len(STR_KEYS) == 4
+    assert len(FLOAT_KEYS) == 6 and len(INT_KEYS) == 7 and len(BOOL_KEYS) == 10 and len(STR_KEYS) == 5
     assert DICT_KEYS == ["storage.options"]
     everything = {f.name for f in dataclasses.fields(Config)} - {"codec", "writer", "storage"}
     everything |= {f"codec.{f.name}" for f in dataclasses.fields(CodecConfig)}

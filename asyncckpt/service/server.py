@@ -1,0 +1,338 @@
+"""The writer service process: accepts the node's ranks on a Unix socket, writes and publishes what they
+hand over, and exits when no rank is attached and nothing is pending (after ``idle_s``).
+
+Per attached rank, a reader thread queues the rank's save descriptors and a worker thread runs them in
+order, as the engine's I/O loop does in thread mode: prepare (agreement among the group's ranks) → write
+(the group's :class:`~asyncckpt.writer.WriterPool`) → "written" to the rank (its slot is free again) →
+commit → the result to the rank. The training process is not needed after its hand-off: a rank whose
+connection closes has its queued saves finished all the same."""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import queue
+import socket
+import struct
+import threading
+import time
+
+import torch
+
+from ..commit import CommitCoordinator
+from ..config import Config
+from ..errors import CheckpointError, WriteError
+from ..io_types import FlatState, RankOutcome, StageItem
+from ..staging import Layout
+from ..writer import lower_thread_priority
+from .group import Group
+from .paths import clean_leftovers, lock_path, log_path, socket_path
+from .protocol import Channel, error_reply
+from .shm import map_fd
+
+log = logging.getLogger(__name__)
+
+PAUSE_ENV = "ASYNCCKPT_SERVICE_PAUSE_AT"  # fault injection for tests: "<phase>:<tag>", phase prepare|write|publish
+
+
+def pause_point(directory: str, phase: str, tag: str) -> None:
+    """Test hook: when ``$ASYNCCKPT_SERVICE_PAUSE_AT`` is ``<phase>:<tag>``, announce it with a marker file
+    ``paused-<phase>-<pid>`` and stop here for up to 120 s (the test kills the service meanwhile)."""
+    if os.environ.get(PAUSE_ENV) != f"{phase}:{tag}":
+        return
+    with open(os.path.join(directory, f"paused-{phase}-{os.getpid()}"), "w"):
+        pass
+    time.sleep(120)
+
+
+class MappedSlot:
+    """The writer's view of a rank's staging slot, mapped from the rank's shared memory."""
+
+    def __init__(self, buffer: torch.Tensor, layout: Layout, directory: str, tag: str):
+        self.buffer = buffer
+        self.layout = layout
+        self._directory = directory
+        self._tag = tag
+
+    def array(self, offset: int, nbytes: int):
+        pause_point(self._directory, "write", self._tag)  # the writer opened its data file and starts on the bytes
+        return self.buffer[offset: offset + nbytes].numpy()
+
+
+class Service:
+    def __init__(self, directory: str, key: str, idle_s: float):
+        self.directory = directory
+        self.key = key
+        self.idle_s = idle_s
+        self._lock = threading.Lock()
+        self._groups: dict[str, Group] = {}
+        self._attachments = 0
+
+    def serve(self) -> None:
+        clean_leftovers(self.directory)
+        path = socket_path(self.directory, self.key)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if os.path.lexists(path):
+            os.unlink(path)  # the starter holds the lock: a socket here belongs to a dead service
+        listener.bind(path)
+        listener.listen(64)
+        listener.settimeout(0.2)
+        log.info("writer service %d listening on %s", os.getpid(), path)
+        idle_since = time.monotonic()
+        while True:
+            try:
+                sock, _ = listener.accept()
+                self._accept(sock)
+            except socket.timeout:
+                pass
+            with self._lock:
+                busy = self._attachments > 0
+            if busy:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= self.idle_s and self._try_exit(listener, path):
+                return
+
+    def _try_exit(self, listener: socket.socket, path: str) -> bool:
+        """Stop listening when idle, under the starters' lock (a rank that is connecting holds it until its
+        hello was answered, so it is either attached now or connects after the socket is gone)."""
+        try:
+            fd = os.open(lock_path(self.directory, self.key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:  # the runtime directory was removed: nobody can reach this service any more
+            listener.close()
+            return True
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            listener.setblocking(False)
+            try:
+                while True:
+                    sock, _ = listener.accept()
+                    self._accept(sock)
+            except BlockingIOError:
+                pass
+            listener.settimeout(0.2)
+            with self._lock:
+                if self._attachments:
+                    return False
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            listener.close()
+            log.info("writer service %d: no rank attached and nothing pending for %gs; exiting", os.getpid(),
+                     self.idle_s)
+            return True
+        finally:
+            os.close(fd)
+
+    def _accept(self, sock: socket.socket) -> None:
+        sock.setblocking(True)
+        uid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
+        if uid != os.getuid():
+            log.warning("refusing a connection from uid %d", uid)
+            sock.close()
+            return
+        with self._lock:
+            self._attachments += 1
+        threading.Thread(target=Attachment(self, Channel(sock)).run, name="asyncckpt-service-rank",
+                         daemon=True).start()
+
+    def group(self, hello: dict) -> tuple[Group, CommitCoordinator]:
+        with self._lock:
+            group = self._groups.get(hello["group"])
+            if group is None:
+                config = Config.from_dict(hello["config"])
+                group = self._groups[hello["group"]] = Group(hello["group"], config, hello["world_size"])
+            return group, group.attach(hello)
+
+    def detached(self, group: Group | None, rank: int) -> None:
+        with self._lock:
+            empty = group is not None and group.detach(rank)
+            if empty:
+                del self._groups[group.name]
+        if empty:
+            group.close()
+        with self._lock:
+            self._attachments -= 1
+
+
+class Attachment:
+    """One rank's connection: its reader (this thread) and its worker (saves in order)."""
+
+    def __init__(self, service: Service, channel: Channel):
+        self.service = service
+        self.channel = channel
+        self.group: Group | None = None
+        self.rank = -1
+        self._queue: queue.Queue = queue.Queue()
+        self._buffers: dict[int, tuple[str, torch.Tensor]] = {}  # slot index -> (buffer id, mapping)
+        self._layout: Layout | None = None
+        self._alive = True  # the rank still listens
+
+    def run(self) -> None:
+        worker = None
+        try:
+            first = self.channel.recv()
+            if first is None:
+                return
+            hello, fds = first
+            _close_all(fds)
+            self.rank = hello["rank"]
+            try:
+                self.group, self.coordinator = self.service.group(hello)
+            except Exception as exc:  # noqa: BLE001 - told to the rank
+                self.reply({"op": "refused", "error": f"{type(exc).__name__}: {exc}"})
+                raise
+            self.reply({"op": "welcome", "pid": os.getpid()})
+            worker = threading.Thread(target=self._work, name="asyncckpt-service-work", daemon=True)
+            worker.start()
+            while True:
+                try:
+                    msg = self.channel.recv()
+                except (OSError, EOFError) as exc:
+                    log.warning("rank %d: connection lost: %s", self.rank, exc)
+                    msg = None
+                if msg is None:
+                    break
+                self._queue.put(msg)
+        except Exception:  # noqa: BLE001 - a bad peer must not take the service down
+            log.exception("rank %d: attachment failed", self.rank)
+        finally:
+            self._queue.put(None)
+            if worker is not None:
+                worker.join()
+            self.channel.close()
+            self._buffers.clear()
+            self.service.detached(self.group, self.rank)
+
+    def reply(self, message: dict) -> None:
+        if not self._alive:
+            return
+        try:
+            self.channel.send(message)
+        except OSError:
+            self._alive = False  # the training process is gone; its saves still finish
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            desc, fds = item
+            try:
+                try:
+                    slot = self._map(desc, fds)
+                finally:
+                    _close_all(fds)
+                self._save(desc, slot)
+            except Exception as exc:  # noqa: BLE001 - reported to the rank
+                log.error("rank %d: checkpoint %r failed: %s", self.rank, desc["tag"], exc)
+                self.reply({"op": "done", "seq": desc["seq"], "error": error_reply(exc)})
+
+    def _map(self, desc: dict, fds: list[int]) -> MappedSlot | None:
+        if desc.get("buffer") is None:
+            return None
+        name = desc["buffer"]
+        known = self._buffers.get(desc["slot"])
+        if known is not None and known[0] == name:
+            buffer = known[1]
+        else:  # a new buffer of this slot (its earlier one, if any, is gone for good)
+            if not fds:
+                raise CheckpointError(f"rank {self.rank}: save {desc['tag']!r} names staging buffer {name} "
+                                      "without passing it")
+            buffer = map_fd(fds[0], os.fstat(fds[0]).st_size)
+            self._buffers[desc["slot"]] = (name, buffer)
+        offsets, sizes, total = desc["layout"]
+        layout = self._layout
+        if layout is None or (layout.offsets, layout.sizes, layout.total) != (offsets, sizes, total):
+            layout = self._layout = Layout(offsets, sizes, total)  # one object while it repeats (packer cache)
+        return MappedSlot(buffer, layout, self.service.directory, desc["tag"])
+
+    def _save(self, desc: dict, slot: MappedSlot | None) -> None:
+        seq, tag, save_dir = desc["seq"], desc["tag"], desc["save_dir"]
+        coordinator, group = self.coordinator, self.group
+        distributed = group.world > 1
+        flat = FlatState(None, [])
+        if slot is not None:
+            items = [StageItem(key, slot.buffer[off: off + n], dtype, shape, device, gshape, goff, repl)
+                     for (key, dtype, shape, device, gshape, goff, repl), off, n
+                     in zip(desc["items"], slot.layout.offsets, slot.layout.sizes)]
+            flat = FlatState(desc["skeleton"], items, desc["views"], elsewhere=desc["elsewhere"])
+        phases: dict[str, float] = {}
+        t = time.perf_counter()
+        try:
+            prepared = coordinator.prepare(save_dir, tag, desc["reason"], desc["spec"])
+        except CheckpointError as exc:
+            if not distributed and isinstance(exc.__cause__, OSError):
+                raise WriteError(f"cannot start checkpoint {tag!r} in {save_dir}: {exc.__cause__}") from exc.__cause__
+            raise
+        phases["prepare"] = time.perf_counter() - t
+        if prepared is None:
+            self.reply({"op": "done", "seq": seq, "skipped": True})
+            return
+        pause_point(self.service.directory, "prepare", tag)
+        tag = prepared.tag
+        t = time.perf_counter()
+        try:
+            st = group.storage_for(save_dir)
+            files = group.writer.submit(group.writer.write_rank(
+                directory=st.staging_dir(save_dir, tag), rank=self.rank, flat=flat, slot=slot,
+                skeleton=flat.skeleton, storage=st)).result()
+            outcome = RankOutcome(self.rank, True, index_name=files.index_name, index_xxh3=files.index_xxh3,
+                                  bytes_written=files.bytes_written, node=coordinator.ctx.node,
+                                  replicated_fp=desc["replicated_fp"])
+            write_error = None
+        except Exception as exc:  # noqa: BLE001 - reported to every rank through the commit
+            files, write_error = None, exc
+            outcome = RankOutcome(self.rank, False, error=f"{type(exc).__name__}: {exc}", node=coordinator.ctx.node,
+                                  replicated_fp=desc["replicated_fp"])
+            log.error("rank %d: writing checkpoint %r failed: %s", self.rank, tag, exc)
+        phases["write"] = time.perf_counter() - t
+        self.reply({"op": "written", "seq": seq})  # the rank may reuse its slot
+        pause_point(self.service.directory, "publish", tag)
+        try:
+            info = coordinator.commit(save_dir, tag, outcome, desc["save_latest"], desc["meta"], prepared.save_id,
+                                      desc["t_start"])
+        except CheckpointError as exc:
+            if write_error is not None:
+                if not distributed:
+                    raise WriteError(f"writing checkpoint {tag!r} to {save_dir} failed: {write_error}") from write_error
+                raise exc from write_error
+            if not distributed and isinstance(exc.__cause__, OSError):
+                raise WriteError(f"publishing checkpoint {tag!r} in {save_dir} failed: {exc.__cause__}") from exc.__cause__
+            raise
+        phases.update(info.phases)
+        self.reply({"op": "done", "seq": seq, "tag": tag, "path": info.path, "bytes_written": files.bytes_written,
+                    "total_bytes_written": info.total_bytes_written, "phases": phases})
+        if group.config.keep_last:
+            group.retain(self.rank, save_dir, tag)
+
+
+def _close_all(fds: list[int]) -> None:
+    while fds:
+        try:
+            os.close(fds.pop())
+        except OSError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m asyncckpt.service", description=__doc__)
+    parser.add_argument("--dir", required=True)
+    parser.add_argument("--key", required=True)
+    parser.add_argument("--idle-s", type=float, default=2.0)
+    parser.add_argument("--nice", type=int, default=10)
+    parser.add_argument("--ionice-idle", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s service[{os.getpid()}] %(levelname)s %(message)s")
+    lower_thread_priority(args.nice, args.ionice_idle)  # every thread of the service inherits it
+    torch.set_num_threads(1)
+    Service(args.dir, args.key, args.idle_s).serve()
+    try:
+        os.unlink(log_path(args.dir, args.key))  # a clean exit leaves no log behind
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,280 @@
+"""writer.mode: service on one process: the config key, round trips through the node's writer service, its
+lifecycle (idle exit, restart after a kill at every phase, leftovers), two jobs, and no fd or shared-memory
+leak over many saves. Every wait has a deadline."""
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import pytest
+import torch
+
+import asyncckpt
+import asyncckpt.codec
+import asyncckpt.commit
+import asyncckpt.writer
+from asyncckpt import CommitError, Config, ConfigError, WriterConfig
+from asyncckpt.commit import DistContext
+from asyncckpt.engine import SaveEngine
+from asyncckpt.loader import list_tags
+from asyncckpt.service import paths
+from asyncckpt.service.client import ServiceClient
+from asyncckpt.state import flatten
+
+pytestmark = pytest.mark.timeout(240)
+
+SERVICE = {"commit_timeout_s": 30, "codec": {"chunk_mib": 1 / 64},
+           "writer": {"mode": "service", "threads_per_node": 2, "nice": 0, "fsync": False}}
+
+
+def wait_until(check, timeout: float, what: str):
+    """Poll ``check()`` (an external process's effect) until it is truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def service_pids(runtime: str) -> list[int]:
+    """The writer services this test started (their command line names the test's runtime directory)."""
+    pids = []
+    for entry in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            with open(entry, "rb") as f:
+                cmd = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"asyncckpt.service" in cmd and runtime.encode() in cmd and paths.pid_alive(int(entry.split("/")[2])):
+            pids.append(int(entry.split("/")[2]))
+    return pids
+
+
+@pytest.fixture
+def runtime(monkeypatch):
+    """A private runtime directory and service id for this test; its services are killed at teardown."""
+    path = f"/dev/shm/asyncckpt-test-{uuid.uuid4().hex[:12]}"
+    os.mkdir(path, 0o700)
+    monkeypatch.setenv(paths.RUNTIME_ENV, path)
+    monkeypatch.setenv(paths.ID_ENV, uuid.uuid4().hex)
+    yield path
+    for pid in service_pids(path):
+        os.kill(pid, signal.SIGKILL)
+    for log in glob.glob(os.path.join(path, "*.log")):  # what a service that did not exit cleanly said
+        print(f"--- {log}\n{open(log, errors='replace').read()}")
+    subprocess.run(["rm", "-rf", path], check=False, timeout=30)
+
+
+@pytest.fixture
+def engines():
+    made = []
+
+    def make(**over) -> SaveEngine:
+        cfg = dict(SERVICE)
+        cfg.update(over)
+        e = SaveEngine(Config.from_dict(cfg))
+        made.append(e)
+        return e
+
+    yield make
+    for e in made:
+        try:
+            e.close(timeout=60)
+        except Exception:  # noqa: BLE001 - a test that killed the service already saw the failure
+            pass
+
+
+def state(seed: int, big: int = 1000) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(8, 16, generator=g)
+    return {
+        "f32": torch.randn(big, generator=g), "bf16": torch.randn(33, generator=g).to(torch.bfloat16),
+        "i64": torch.randint(-2**40, 2**40, (17,), generator=g), "bool": torch.rand(9, generator=g) > 0.5,
+        "empty": torch.empty(0, 3), "scalar": torch.tensor(3.5), "base": base, "view": base[2:5],
+        "transposed": base.t(), "small": [torch.full((i,), float(i)) for i in range(1, 40)],
+        "meta": {"step": seed, "name": "x", "nested": [1, 2.5, None, True]},
+    }
+
+
+def save(engine: SaveEngine, st: dict, save_dir: str, tag: str):
+    return engine.save(lambda: flatten(st, allow_pickle=False), save_dir, tag)
+
+
+def test_writer_mode_is_a_strict_key():
+    assert Config().writer.mode == "thread"
+    assert Config.from_dict({"writer": {"mode": "service"}}).writer.mode == "service"
+    for bad in ("threads", "Service", "", 1, True, None):
+        with pytest.raises(ConfigError, match="'writer.mode'"):
+            Config.from_dict({"writer": {"mode": bad}})
+    with pytest.raises(ConfigError, match="'writer.mode'"):
+        WriterConfig(mode="process")
+
+
+def test_a_job_on_several_nodes_is_refused_at_construction():
+    ctx = DistContext(rank=0, world_size=2, node="a", node_ranks=(0,), nodes=("a", "b"))
+    with pytest.raises(ConfigError, match="'writer.mode'.*2 nodes"):
+        ServiceClient(Config.from_dict(SERVICE), ctx)
+
+
+def test_round_trip_bit_exact_and_nothing_written_by_the_trainer(runtime, engines, save_dir, same, monkeypatch):
+    def not_here(*args, **kwargs):
+        raise AssertionError("the training process encoded or wrote a save")
+
+    for cls, name in ((asyncckpt.writer.WriterPool, "write_rank"), (asyncckpt.codec.ChunkCodec, "encode"),
+                      (asyncckpt.commit.CommitCoordinator, "commit")):
+        monkeypatch.setattr(cls, name, not_here)  # in this process only: the service has its own
+    e = engines()
+    states = {f"t{i}": state(i) for i in range(3)}
+    for tag, st in states.items():
+        res = save(e, st, save_dir, tag).result(timeout=120)
+        assert res.path == os.path.join(save_dir, tag) and "handover" in res.phases and res.raw_bytes > 0
+    assert open(os.path.join(save_dir, "latest")).read().strip() == "t2"
+    for tag, st in states.items():
+        same(asyncckpt.load(save_dir, tag), st)
+    assert e.service.service_pid not in (None, os.getpid())
+    assert e.pool.allocations == 1  # the shared-memory slot is reused
+
+
+def test_a_save_error_comes_back_as_the_thread_mode_error(runtime, engines, tmp_path):
+    e = engines()
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    err = save(e, state(0), str(blocked), "t").exception(timeout=120)
+    assert isinstance(err, asyncckpt.WriteError) and str(blocked) in str(err), repr(err)
+    assert save(e, state(0), str(tmp_path / "ok"), "t").result(timeout=120).tag == "t"  # still usable
+
+
+def test_service_exits_when_idle_and_the_next_saver_starts_a_new_one(runtime, engines, save_dir):
+    e = engines()
+    save(e, state(0), save_dir, "a").result(timeout=120)
+    first = e.service.service_pid
+    e.close(timeout=60)
+    wait_until(lambda: not paths.pid_alive(first), 60, "the idle service to exit")
+    assert not glob.glob(os.path.join(runtime, "*.sock")) and not glob.glob(os.path.join(runtime, "*.log"))
+    e2 = engines()
+    save(e2, state(1), save_dir, "b").result(timeout=120)
+    assert e2.service.service_pid not in (None, first)
+
+
+@pytest.mark.parametrize("phase", ["prepare", "write", "publish"])
+def test_service_killed_at_each_phase(runtime, engines, save_dir, monkeypatch, phase, leftovers, same):
+    monkeypatch.setenv("ASYNCCKPT_SERVICE_PAUSE_AT", f"{phase}:after")  # inherited by the service
+    e = engines()
+    save(e, state(0), save_dir, "before").result(timeout=120)
+    victim = e.service.service_pid
+    fut = save(e, state(1), save_dir, "after")
+    marker = os.path.join(runtime, f"paused-{phase}-{victim}")
+    wait_until(lambda: os.path.exists(marker), 120, f"the service to reach {phase}")
+    os.kill(victim, signal.SIGKILL)
+    err = fut.exception(timeout=60)
+    assert isinstance(err, CommitError) and "writer service" in str(err) and "'after'" in str(err), repr(err)
+    assert open(os.path.join(save_dir, "latest")).read().strip() == "before"
+    assert list_tags(save_dir) == ["before"]
+    monkeypatch.delenv("ASYNCCKPT_SERVICE_PAUSE_AT")
+    res = save(e, state(2), save_dir, "again").result(timeout=120)  # a new service
+    assert res.tag == "again" and e.service.service_pid not in (None, victim)
+    assert open(os.path.join(save_dir, "latest")).read().strip() == "again"
+    assert sorted(list_tags(save_dir)) == ["again", "before"] and not leftovers(save_dir)
+    same(asyncckpt.load(save_dir, "again"), state(2))
+
+
+def test_two_jobs_on_one_node_get_two_services(runtime, engines, save_dir, monkeypatch):
+    monkeypatch.setenv(paths.ID_ENV, "job-a")
+    a = engines()
+    monkeypatch.setenv(paths.ID_ENV, "job-b")
+    b = engines()
+    fa, fb = save(a, state(0), save_dir + "a", "x"), save(b, state(1), save_dir + "b", "x")
+    assert fa.result(timeout=120).tag == fb.result(timeout=120).tag == "x"
+    assert None not in (a.service.service_pid, b.service.service_pid)
+    assert a.service.service_pid != b.service.service_pid
+    assert len(glob.glob(os.path.join(runtime, "*.sock"))) == 2
+
+
+def test_leftover_shared_memory_of_dead_processes_is_removed_at_start(runtime, engines, save_dir):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=60)
+    stale = os.path.join(runtime, f"{paths.BUFFER_PREFIX}{dead.pid}-0123")
+    mine = os.path.join(runtime, f"{paths.BUFFER_PREFIX}{os.getpid()}-4567")
+    for p in (stale, mine):
+        open(p, "wb").close()
+    e = engines()
+    save(e, state(0), save_dir, "a").result(timeout=120)
+    assert not os.path.exists(stale) and os.path.exists(mine)
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _shm_mappings(runtime: str) -> int:
+    with open("/proc/self/maps") as f:
+        return sum(runtime in line for line in f)
+
+
+def test_no_fd_or_shared_memory_leak_over_200_saves(runtime, engines, save_dir):
+    e = engines(max_inflight=2, keep_last=2)
+    sizes = [100, 5000, 300]  # the slots are reallocated when the state grows
+    warm = [save(e, state(0, 10), save_dir, f"warm{i}") for i in range(2)]  # both slots hold a buffer
+    for f in warm:
+        f.result(timeout=120)
+    assert e.pool.allocations == 2
+    svc = e.service.service_pid
+    before = (_fds(), len(os.listdir(runtime)), len(os.listdir(f"/proc/{svc}/fd")))
+    futs = []
+    for i in range(200):
+        futs.append(save(e, state(i, sizes[i * len(sizes) // 200]), save_dir, f"s{i}"))
+        if len(futs) > 4:
+            futs.pop(0).result(timeout=120)
+    for f in futs:
+        f.result(timeout=120)
+    e.wait(timeout=120)
+    assert e.service.service_pid == svc
+    assert (_fds(), len(os.listdir(runtime))) == before[:2]
+    # the service's keep_last removal runs after each result: its fds settle once the last one finished
+    wait_until(lambda: len(os.listdir(f"/proc/{svc}/fd")) == before[2], 60, f"the service's fds back to {before}")
+    assert _shm_mappings(runtime) <= 2  # one buffer per slot; the replaced ones are unmapped
+    assert open(os.path.join(save_dir, "latest")).read().strip() == "s199"
+
+
+KILLED_TRAINER = textwrap.dedent("""
+    import os, signal, sys, torch
+    from asyncckpt import Config
+    from asyncckpt.engine import SaveEngine
+    from asyncckpt.state import flatten
+    cfg = Config.from_dict({"writer": {"mode": "service", "threads_per_node": 1, "nice": 0},
+                            "codec": {"compression": False}})
+    e = SaveEngine(cfg)
+    st = {"w": torch.randn(4 << 20, generator=torch.Generator().manual_seed(7))}  # 16 MiB, fsync on
+    e.save(lambda: flatten(st, allow_pickle=False), sys.argv[1], "t1").result(timeout=120)
+    e.save(lambda: flatten(st, allow_pickle=False), sys.argv[1], "t2")
+    os.kill(os.getpid(), signal.SIGKILL)  # right after save returned
+""")
+
+
+def test_trainer_killed_right_after_save_returned_the_save_still_completes(runtime, save_dir):
+    child = subprocess.run([sys.executable, "-c", KILLED_TRAINER, save_dir], timeout=200,
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert child.returncode == -signal.SIGKILL
+    wait_until(lambda: asyncckpt.loader.read_latest(save_dir) == "t2", 120, "the service to publish t2")
+    got = asyncckpt.load(save_dir, "t2")
+    assert torch.equal(got["w"], torch.randn(4 << 20, generator=torch.Generator().manual_seed(7)))
+    wait_until(lambda: not service_pids(runtime), 60, "the service to exit once the save is done")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_state_is_staged_into_registered_shared_memory(runtime, engines, save_dir, same):
+    e = engines(pin_memory="always")
+    st = {"w": torch.randn(1 << 16, device="cuda"), "b": torch.arange(7, device="cuda"), "cpu": torch.ones(3)}
+    save(e, st, save_dir, "c").result(timeout=120)
+    buf = e.pool.slots[0].buffer
+    assert e.service.allocate.handle(buf) and buf.is_pinned()  # cudaHostRegister'ed: CUDA sees it as pinned
+    same(asyncckpt.load(save_dir, "c"), {k: v.cpu() for k, v in st.items()})

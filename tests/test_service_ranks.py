@@ -1,0 +1,93 @@
+"""writer.mode: service with several ranks on one node (gloo, tests/dist_helpers.run_ranks): one service
+for all local ranks, bit-exact round trips, and a rank that dies before handing its part over."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import uuid
+
+import pytest
+import torch
+
+import asyncckpt
+from asyncckpt.loader import list_tags
+from asyncckpt.service import paths
+from dist_helpers import assert_all_ok, run_ranks
+
+pytestmark = pytest.mark.timeout(300)
+
+CFG = {"commit_timeout_s": 20, "codec": {"chunk_mib": 1 / 16},
+       "writer": {"mode": "service", "threads_per_node": 2, "nice": 0, "fsync": False}}
+
+
+@pytest.fixture
+def runtime(monkeypatch):
+    path = f"/dev/shm/asyncckpt-test-{uuid.uuid4().hex[:12]}"
+    os.mkdir(path, 0o700)
+    monkeypatch.setenv(paths.RUNTIME_ENV, path)  # inherited by the ranks, and by the service they start
+    monkeypatch.setenv(paths.ID_ENV, uuid.uuid4().hex)
+    yield path
+    from test_service import service_pids
+
+    for pid in service_pids(path):
+        os.kill(pid, signal.SIGKILL)
+    subprocess.run(["rm", "-rf", path], check=False, timeout=30)
+
+
+def _model(rank: int) -> torch.nn.Module:
+    torch.manual_seed(100 + rank)  # every rank's state is its own (nothing replicated)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+
+
+def round_trip(rank: int, world: int, save_dir: str) -> dict:
+    model = _model(rank)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(3, 16)).sum().backward()
+    opt.step()
+    with asyncckpt.AsyncCheckpointer(model, opt, config=CFG) as saver:
+        results = [saver.save_checkpoint(save_dir, tag=f"t{i}", client_state={"rank": rank, "i": i}).result(120)
+                   for i in range(2)]
+        pid = saver.engine.service.service_pid
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh = _model(rank + 50)
+    with asyncckpt.AsyncCheckpointer(fresh, torch.optim.Adam(fresh.parameters()),
+                                     config={"writer": {"mode": "thread"}}) as loader:
+        _, client = loader.load_checkpoint(save_dir, tag="t1")
+    assert client == {"rank": rank, "i": 1}, client
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+    return {"pid": pid, "world": results[-1].world_size, "total": results[-1].total_bytes_written}
+
+
+@pytest.mark.parametrize("world", [1, 4])
+def test_ranks_share_one_service_and_round_trip_bit_exact(runtime, tmp_path, world):
+    out = assert_all_ok(run_ranks(round_trip, world, str(tmp_path), str(tmp_path / "ckpt"), timeout=240))
+    assert len({o["pid"] for o in out}) == 1 and out[0]["pid"] not in (None, os.getpid())
+    assert {o["world"] for o in out} == {world}
+    assert open(tmp_path / "ckpt" / "latest").read().strip() == "t1"
+    assert sorted(list_tags(str(tmp_path / "ckpt"))) == ["t0", "t1"]
+
+
+def missing_part(rank: int, world: int, save_dir: str) -> str:
+    model = _model(rank)
+    saver = asyncckpt.AsyncCheckpointer(model, None, config=CFG)
+    saver.save_checkpoint(save_dir, tag="before").result(120)
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # dies before handing its part of "after" over
+    err = saver.save_checkpoint(save_dir, tag="after").exception(timeout=CFG["commit_timeout_s"] + 60)
+    assert isinstance(err, asyncckpt.CommitError), repr(err)
+    assert open(os.path.join(save_dir, "latest")).read().strip() == "before"
+    try:
+        saver.close(timeout=60)
+    except asyncckpt.CheckpointError:
+        pass
+    return str(err)
+
+
+def test_a_missing_part_publishes_nothing_and_fails_the_other_rank(runtime, tmp_path):
+    results = run_ranks(missing_part, 2, str(tmp_path), str(tmp_path / "ckpt"), timeout=240)
+    assert results[1].exitcode == -signal.SIGKILL
+    assert results[0].ok, results[0].error
+    assert "rank(s) [1]" in results[0].value, results[0].value
+    assert list_tags(str(tmp_path / "ckpt")) == ["before"]
