@@ -121,7 +121,7 @@ def test_writer_mode_is_a_strict_key():
 
 def test_a_job_on_several_nodes_is_refused_at_construction():
     ctx = DistContext(rank=0, world_size=2, node="a", node_ranks=(0,), nodes=("a", "b"))
-    with pytest.raises(ConfigError, match="'writer.mode'.*2 nodes"):
+    with pytest.raises(ConfigError, match="'writer.mode'.*one node only.*2 ranks, 1 on this node"):
         ServiceClient(Config.from_dict(SERVICE), ctx)
 
 
@@ -278,3 +278,10 @@ def test_cuda_state_is_staged_into_registered_shared_memory(runtime, engines, sa
     buf = e.pool.slots[0].buffer
     assert e.service.allocate.handle(buf) and buf.is_pinned()  # cudaHostRegister'ed: CUDA sees it as pinned
     same(asyncckpt.load(save_dir, "c"), {k: v.cpu() for k, v in st.items()})
+
+
+@pytest.mark.parametrize("extra, key", [({"snapshot": "lazy"}, "snapshot"), ({"verify_replicated": True},
+                                                                              "verify_replicated")])
+def test_options_the_service_cannot_honour_are_refused(extra, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        ServiceClient(Config.from_dict({**SERVICE, **extra}), DistContext())
