@@ -214,6 +214,7 @@ class FailingCodec:
 
     def __init__(self, real, ok_chunks: int):
         self.real = real
+        self.throughput = real.throughput  # the writer reports its write rate to the codec's estimator
         self.ok_chunks = ok_chunks
         self.calls = 0
         self.failures = 0

@@ -592,7 +592,7 @@ def test_functional_save_failure(save_dir, fast_config, monkeypatch, leftovers):
     asyncckpt.save({"w": torch.ones(5)}, save_dir, "good", config=cfg).result(timeout=30)
     engine = api._engine(cfg)
     patch_existing(monkeypatch, engine.writer, "codec", types.SimpleNamespace(
-        encode=lambda raw, itemsize: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error (injected)"))))
+        throughput=engine.writer.codec.throughput, encode=lambda raw, itemsize: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error (injected)"))))
     fut = asyncckpt.save({"w": torch.zeros(5)}, save_dir, "bad", config=cfg)
     with pytest.raises(WriteError, match="Input/output error"):
         fut.result(timeout=30)

@@ -57,6 +57,7 @@ class SlowCodec:
     '''Waits for the drain, then takes `delay` seconds per chunk (a slow disk).'''
     def __init__(self, real, delay):
         self.real, self.delay = real, delay
+        self.throughput = real.throughput
         self.entered = threading.Event()
     def encode(self, raw, itemsize):
         self.entered.set()

@@ -26,6 +26,8 @@ moto_server = pytest.importorskip("moto.server")
 import asyncckpt  # noqa: E402
 from asyncckpt import CheckpointNotFoundError, TagExistsError, WriteError  # noqa: E402
 from asyncckpt.cli import main  # noqa: E402
+from asyncckpt.format import (MANIFEST, OWNER_KEYS, OWNER_ROWS, RANK_TABLE, data_file_name,  # noqa: E402
+                              rank_index_name)
 from click.testing import CliRunner  # noqa: E402
 from dist_helpers import assert_all_ok, free_port, run_ranks  # noqa: E402
 from storage_faults import injected  # noqa: E402
@@ -95,6 +97,14 @@ def loaded(bucket: Bucket, tag: str | None = None) -> dict:
     return asyncckpt.load(bucket.url, tag, storage=bucket.options)["client_state"]
 
 
+def tag_objects(tag: str, ranks: int = 1) -> list[str]:
+    """The objects of a published tag of ``ranks`` ranks (one data file each), sorted."""
+    names = [MANIFEST, OWNER_KEYS, OWNER_ROWS, RANK_TABLE]
+    for r in range(ranks):
+        names += [data_file_name(r, 0), rank_index_name(r)]
+    return sorted(f"{tag}/{n}" for n in names)
+
+
 def cli(*args: str):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
@@ -107,14 +117,13 @@ def test_save_load_verify_inspect(bucket, compression):
     assert r1.path == f"{bucket.url}/one" and r2.path == f"{bucket.url}/two"
     assert asyncckpt.list_tags(bucket.url, storage=bucket.options) == ["one", "two"]
     assert same(loaded(bucket), state(2)) and same(loaded(bucket, "one"), state(1))
-    assert bucket.objects() == ["latest", "one/manifest.json", "one/rank00000-0.bin", "one/rank00000.json",
-                                "two/manifest.json", "two/rank00000-0.bin", "two/rank00000.json"]
+    assert bucket.objects() == ["latest", *tag_objects("one"), *tag_objects("two")]
     assert bucket.fs.cat_file(f"{bucket.name}/run/latest") == b"two\n"
     if not compression:  # 6.4 MB in 5 MiB parts: a multipart upload (its ETag counts the parts)
         assert bucket.fs.info(f"{bucket.name}/run/two/rank00000-0.bin")["ETag"].strip('"').endswith("-2")
     reader = asyncckpt.CheckpointReader(bucket.url, storage=bucket.options)
     assert reader.tag == "two" and reader.verify()["chunks"] >= 7
-    assert reader.bytes_read >= reader.stored_bytes - sum(v for k, v in reader.files.items() if k.endswith(".json"))
+    assert reader.bytes_read >= sum(v for k, v in reader.files.items() if k.endswith(".bin"))  # every data byte
 
     opt = ["--storage-option", f"endpoint_url={bucket.options['endpoint_url']}"]
     res = cli(*opt, "inspect", bucket.url, "--json")
@@ -155,7 +164,7 @@ def test_existing_tag_needs_overwrite(bucket):
     assert same(loaded(bucket), state(1))
     save(bucket, "same", 3, overwrite=True)
     assert same(loaded(bucket, "same"), state(3))
-    assert bucket.objects("same") == ["same/manifest.json", "same/rank00000-0.bin", "same/rank00000.json"]
+    assert bucket.objects("same") == tag_objects("same")
 
 
 def test_keep_last(bucket):
@@ -220,7 +229,7 @@ def test_sigkill_during_a_save(bucket, where):
                           capture_output=True, text=True, timeout=WAIT_S)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     if where == "marker":
-        assert bucket.objects("bad") == ["bad/rank00000-0.bin", "bad/rank00000.json"]  # complete files, no marker
+        assert bucket.objects("bad") == [o for o in tag_objects("bad") if not o.endswith(MANIFEST)]  # no marker
     else:
         assert bucket.objects("bad") == []  # an unfinished multipart upload is no object
     assert asyncckpt.list_tags(bucket.url, storage=bucket.options) == ["good"]
@@ -253,6 +262,5 @@ def test_two_rank_commit(bucket, tmp_path):
     out = assert_all_ok(run_ranks(two_rank_save, 2, str(tmp_path), bucket.url, bucket.options, timeout=WAIT_S))
     assert [o["path"] for o in out] == [f"{bucket.url}/step1"] * 2
     assert [o["mine"] for o in out] == [[0, 0, 0], [1, 1, 1]]
-    assert bucket.objects() == ["latest", "step1/manifest.json", "step1/rank00000-0.bin", "step1/rank00000.json",
-                                "step1/rank00001-0.bin", "step1/rank00001.json"]
+    assert bucket.objects() == ["latest", *tag_objects("step1", ranks=2)]
     assert asyncckpt.CheckpointReader(bucket.url, storage=bucket.options).world_size == 2
