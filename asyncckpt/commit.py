@@ -52,10 +52,9 @@ from typing import Any, Callable
 
 import torch.distributed as dist
 
-from . import __version__
 from .collectives import ROOT, Collectives, GlooCollectives
 from .errors import CheckpointError, CommitError, CommitTimeoutError, ConfigError
-from .format import FORMAT_NAME, FORMAT_VERSION, LATEST, MANIFEST, checksum, partial_dir_name, seal
+from .format import LATEST, MANIFEST, checksum, manifest_doc, partial_dir_name, seal
 from .agreement import created, describe_views, rank_ranges, read_manifest, spec_mismatches
 from .io_types import RankOutcome
 from .nodes import check_nodes, other_nodes_here, remove_probe, this_node, write_probe
@@ -526,15 +525,12 @@ class CommitCoordinator:
         partial = st.staging_dir(save_dir, tag)
         final = st.join(save_dir, tag)
         mine = {o.rank for o in outcomes}  # the ranks whose files this publisher covers
-        manifest = {
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "library_version": __version__,
-            "tag": tag, "world_size": self.ctx.world_size, "created_unix": time.time(),
-            "node_local": self.node_local, "save_latest": bool(save_latest),
-            **extra,
-        }
+        created_unix = time.time()
         try:
-            manifest.update(write_tables(partial, [(o.rank, o.index_name, o.index_xxh3, o.bytes_written)
-                                                   for o in outcomes if o.rank in mine], self.fsync, storage=st))
+            tables = write_tables(partial, [(o.rank, o.index_name, o.index_xxh3, o.bytes_written)
+                                            for o in outcomes if o.rank in mine], self.fsync, storage=st)
+            manifest = manifest_doc(tag=tag, world_size=self.ctx.world_size, created_unix=created_unix,
+                                    node_local=self.node_local, save_latest=save_latest, tables=tables, extra=extra)
             if st.strategy == MARKER:
                 marker.publish(st, save_dir, tag, seal(manifest))
                 state.published = True

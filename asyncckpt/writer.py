@@ -24,7 +24,7 @@ import torch
 
 from .codec import ChunkCodec, Throughput
 from .errors import CheckpointError
-from .format import (FORMAT_VERSION, TensorRecord, checksum, contiguous_stride, data_file_name, parse_rank_index,
+from .format import (TensorRecord, checksum, contiguous_stride, data_file_name, parse_rank_index, rank_index_doc,
                      rank_index_name, seal)
 from .io_types import FlatState
 from .packing import Pack, Packer, pack_key
@@ -108,7 +108,7 @@ class WriterPool:
 
     # ----------------------------------------------------------------------------------------- writing
     async def write_rank(self, *, directory: str, rank: int, flat: FlatState, slot: Any, skeleton: Any,
-                         extra: dict | None = None, storage: Storage = POSIX) -> RankFiles:
+                         storage: Storage = POSIX) -> RankFiles:
         """Encode and write this rank's staged tensors into ``directory``, then its index; fsync all.
         Small tensors are written in packs (:mod:`asyncckpt.packing`). The index is validated as a reader
         would see it before it is written: a save that load would refuse fails here, before publishing."""
@@ -140,9 +140,7 @@ class WriterPool:
                 records[item.key] = TensorRecord(
                     item.key, item.dtype, item.shape, item.device, file=name, chunks=tuple(chunks),
                     global_shape=item.global_shape, global_offset=item.global_offset).to_json()
-        doc = {"format_version": FORMAT_VERSION, "rank": rank, "files": files, "tensors": records,
-               "skeleton": skeleton, **(extra or {})}
-        data = seal(doc)
+        data = seal(rank_index_doc(rank, files, records, skeleton))
         index_name = rank_index_name(rank)
         path = storage.join(directory, index_name)
         # the check and the write run at once: nothing is published before both succeeded
