@@ -23,10 +23,10 @@ from typing import Callable
 import torch
 
 from .codec import ChunkCodec
-from .commit import CommitCoordinator, DistContext, orphan_reason
+from .commit import CommitCoordinator, DistContext, orphan_reason, raise_for_rank
 from .config import Config
 from .commit import BUSY
-from .errors import CheckpointError, ConfigError, TagExistsError, WriteError
+from .errors import CheckpointError, CommitError, ConfigError, TagExistsError
 from .format import MANIFEST, checksum, validate_tag
 from .future import SaveFuture, raise_first_unobserved
 from .io_types import FlatState, RankOutcome, SaveJob, SaveResult, StageItem
@@ -343,10 +343,8 @@ class SaveEngine:
         try:
             prepared = await loop.run_in_executor(self._commit_thread, self.coordinator.prepare, job.save_dir,
                                                   job.tag, job.reason, self._spec(job))
-        except CheckpointError as exc:  # one rank: could not create the partial directory (permission denied...)
-            if not ctx.distributed and isinstance(exc.__cause__, OSError):
-                raise WriteError(f"cannot start checkpoint {job.tag!r} in {job.save_dir}: {exc.__cause__}") from exc.__cause__
-            raise
+        except CommitError as exc:  # this rank could not create the partial directory (permission denied...)?
+            raise_for_rank(exc, ctx.rank, f"starting checkpoint {job.tag!r} in {job.save_dir}")
         phases["prepare"] = time.perf_counter() - t
         if prepared is None:  # some rank had no free slot (on_busy=skip): every rank skips this save
             return self._skipped(job.tag)
@@ -379,16 +377,9 @@ class SaveEngine:
             info = await loop.run_in_executor(self._commit_thread, self.coordinator.commit, job.save_dir, tag,
                                               outcome, job.save_latest, job.meta, prepared.save_id, job.t_start,
                                               replicated_sums)
-        except CheckpointError as exc:
-            if write_error is not None:
-                if not ctx.distributed and write_error is torn:  # the snapshot's own error names the tensors
-                    raise torn from exc
-                if not ctx.distributed:  # one rank: the write error itself is the clearest thing to raise
-                    raise WriteError(f"writing checkpoint {tag!r} to {job.save_dir} failed: {write_error}") from write_error
-                raise exc from write_error
-            if not ctx.distributed and isinstance(exc.__cause__, OSError):  # publishing: manifest, rename, latest
-                raise WriteError(f"publishing checkpoint {tag!r} in {job.save_dir} failed: {exc.__cause__}") from exc.__cause__
-            raise
+        except CommitError as exc:  # the rank at fault raises its own error, the others this one (README)
+            step = f"{'writing' if write_error else 'publishing'} checkpoint {tag!r} in {job.save_dir}"
+            raise_for_rank(exc, ctx.rank, step, write_error)
         phases.update(info.phases)
         durable = time.perf_counter() - job.t_start
         if self.config.keep_last:  # deleting old tags is not part of making this one durable
