@@ -113,7 +113,7 @@ class SaveEngine:
             flat, replicated_fp, checked = self._own_share(flat, pinned)
             written = {id(i) for i in flat.items}
             self.pool.check_budget(flat.nbytes + sum(i.nbytes for i in checked if id(i) not in written))
-            slot = self.pool.acquire(self.config.on_busy, timeout=self.config.commit_timeout_s)
+            slot = self.pool.acquire(self.config.on_busy, timeout=self.config.slot_wait_s)
         except BaseException as exc:
             self._placeholder(save_dir, tag, _exc_text(exc))
             raise
