@@ -1,10 +1,10 @@
 """The save engine: from staged state to a published checkpoint.
 
 The training thread calls :meth:`SaveEngine.save`: it takes a staging slot (backpressure per ``on_busy``),
-copies the tensors into it, hands a :class:`SaveJob` to the I/O loop and returns a :class:`SaveFuture`.
-On the I/O loop, jobs run one after another in submission order (so every rank issues its coordination
-collectives in the same order): wait for the copy → prepare (coordinator) → write files (writer pool) →
-commit (coordinator) → release the slot → resolve the future.
+copies the tensors into it, hands a :class:`SaveJob` to the engine's event loop thread and returns a
+:class:`SaveFuture`. On that loop, jobs run one after another in submission order (so every rank issues its
+coordination collectives in the same order): wait for the copy → prepare (coordinator) → write files (writer
+pool) → commit (coordinator) → release the slot → resolve the future.
 
 Saves accepted before the interpreter exits are finished first (see :func:`_drain_at_exit`): a script that
 saves and then simply ends must not lose its last checkpoint.
@@ -35,7 +35,7 @@ from .service.client import ServiceClient
 from .staging import LazyStaging, Slot, Snapshot, StagingPool, ready_now
 from .storage import MARKER, Storage, is_url, open_storage
 from .writer import WriterPool, lower_thread_priority
-from .threads import at_shutdown, started_pool
+from .threads import EventLoopThread, at_shutdown, started_pool
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ def _default_threads() -> int:
 
 
 class SaveEngine:
-    """Owns the staging pool, the writer pool and the commit coordinator of one saver."""
+    """Owns the staging pool, the event loop thread that runs the saves, the writer pool and the commit
+    coordinator of one saver."""
 
     def __init__(self, config: Config, ctx: DistContext | None = None):
         self.config = config
@@ -73,7 +74,8 @@ class SaveEngine:
         lower = (lambda: lower_thread_priority(w.nice, w.ionice_idle))
         self._commit_thread = started_pool(1, "asyncckpt-commit", initializer=lower)
         self._retain_thread = started_pool(1, "asyncckpt-retain", initializer=lower)
-        self._order = self.writer.submit(_make_lock()).result()
+        self.loop = EventLoopThread("asyncckpt", initializer=lower)  # runs every save's pipeline, in order
+        self._order = self.loop.submit(_make_lock()).result()
         self._futures: list[SaveFuture] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -148,7 +150,7 @@ class SaveEngine:
         if self.service is not None:  # handed over to the node's writer service
             fut = SaveFuture(self.service.submit(job, stage_s, self._spec(job), self.pool.release), job.tag)
         else:
-            fut = SaveFuture(self.writer.submit(self._run(job, stage_s, checks, snapshot)), job.tag)
+            fut = SaveFuture(self.loop.submit(self._run(job, stage_s, checks, snapshot)), job.tag)
         with self._lock:
             self._futures = [f for f in self._futures if not f.done() or f.unobserved_error() is not None]
             self._futures.append(fut)
@@ -251,7 +253,7 @@ class SaveEngine:
             async with self._order:
                 return await asyncio.get_running_loop().run_in_executor(self._commit_thread, fn, *args)
 
-        return self.writer.submit(run()).result()
+        return self.loop.submit(run()).result()
 
     def raise_unobserved(self) -> None:
         """Raise the oldest background failure nobody has looked at yet."""
@@ -278,7 +280,7 @@ class SaveEngine:
     def close(self, timeout: float | None = None) -> None:
         """Drain in-flight saves, then stop the background threads. Raises an unobserved failure. When
         ``timeout`` expires first, raises TimeoutError and stays open, so that the saves still in flight finish
-        (stopping the I/O loop under them would leave their futures pending forever): call close() again.
+        (stopping the event loop under them would leave their futures pending forever): call close() again.
         At interpreter exit a saver nobody closed is closed with ``timeout=commit_timeout_s``."""
         if self._closed:
             return
@@ -290,6 +292,7 @@ class SaveEngine:
                 _live_engines.discard(self)
                 self._commit_thread.shutdown(wait=True)
                 self._retain_thread.shutdown(wait=True)
+                self.loop.close()
                 self.writer.close()
                 if self.service is not None:
                     self.service.close()

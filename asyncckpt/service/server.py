@@ -277,7 +277,7 @@ class Attachment:
         t = time.perf_counter()
         try:
             st = group.storage_for(save_dir)
-            files = group.writer.submit(group.writer.write_rank(
+            files = group.loop.submit(group.writer.write_rank(
                 directory=st.staging_dir(save_dir, tag), rank=self.rank, flat=flat, slot=slot,
                 skeleton=flat.skeleton, storage=st)).result()
             outcome = RankOutcome(self.rank, True, index_name=files.index_name, index_xxh3=files.index_xxh3,
