@@ -774,15 +774,15 @@ def raise_for_rank(exc: CommitError, rank: int, step: str, own: BaseException | 
     failed write (a CheckpointError, such as a torn snapshot or a state a load would refuse, is raised as it
     is; any other error as a WriteError chaining it), or else the OS error that stopped this rank's prepare or
     publish step (``exc.__cause__``; a WriteError chaining it). ``step`` says what failed, with the tag and the
-    directory ("writing checkpoint 't' to /dir"). When other ranks failed too, the WriteError's text ends with
-    ``exc``'s. Called in the handler of ``exc``, which becomes the ``__context__`` of what is raised."""
+    directory ("writing checkpoint 't' in /dir"). The WriteError's text ends with ``exc``'s (whether the
+    checkpoint was published anywhere, which other ranks failed). Called in the handler of ``exc``, which
+    becomes the ``__context__`` of what is raised."""
     cause = own if own is not None else exc.__cause__
     if own is None and (isinstance(exc, CommitTimeoutError) or not isinstance(cause, OSError)):
         raise exc  # not this rank's own fault: a peer's, a timeout, a refused save
     if isinstance(cause, CheckpointError):
         raise cause from exc
-    also = f"\n{exc}" if any(r != rank for r in exc.failures) else ""
-    raise WriteError(f"{step} failed on rank {rank}: {cause}{also}") from cause
+    raise WriteError(f"{step} failed on rank {rank}: {cause}\n{exc}") from cause
 
 
 def _describe(head: str, failures: dict[int, str]) -> str:
