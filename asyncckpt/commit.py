@@ -48,14 +48,13 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import torch.distributed as dist
 
-from . import __version__
 from .collectives import ROOT, Collectives, GlooCollectives
-from .errors import CheckpointError, CommitError, CommitTimeoutError, ConfigError
-from .format import FORMAT_NAME, FORMAT_VERSION, LATEST, MANIFEST, checksum, partial_dir_name, seal
+from .errors import CheckpointError, CommitError, CommitTimeoutError, ConfigError, WriteError
+from .format import LATEST, MANIFEST, checksum, manifest_doc, partial_dir_name, seal
 from .agreement import created, describe_views, rank_ranges, read_manifest, spec_mismatches
 from .io_types import RankOutcome
 from .nodes import check_nodes, other_nodes_here, remove_probe, this_node, write_probe
@@ -526,15 +525,12 @@ class CommitCoordinator:
         partial = st.staging_dir(save_dir, tag)
         final = st.join(save_dir, tag)
         mine = {o.rank for o in outcomes}  # the ranks whose files this publisher covers
-        manifest = {
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "library_version": __version__,
-            "tag": tag, "world_size": self.ctx.world_size, "created_unix": time.time(),
-            "node_local": self.node_local, "save_latest": bool(save_latest),
-            **extra,
-        }
+        created_unix = time.time()
         try:
-            manifest.update(write_tables(partial, [(o.rank, o.index_name, o.index_xxh3, o.bytes_written)
-                                                   for o in outcomes if o.rank in mine], self.fsync, storage=st))
+            tables = write_tables(partial, [(o.rank, o.index_name, o.index_xxh3, o.bytes_written)
+                                            for o in outcomes if o.rank in mine], self.fsync, storage=st)
+            manifest = manifest_doc(tag=tag, world_size=self.ctx.world_size, created_unix=created_unix,
+                                    node_local=self.node_local, save_latest=save_latest, tables=tables, extra=extra)
             if st.strategy == MARKER:
                 marker.publish(st, save_dir, tag, seal(manifest))
                 state.published = True
@@ -769,6 +765,24 @@ def save_dir_lock(save_dir: str, timeout_s: float):
 
 _LOCK_POLL_S = 0.01
 _NO_DIR_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL, errno.EBADF)
+
+
+def raise_for_rank(exc: CommitError, rank: int, step: str, own: BaseException | None = None) -> NoReturn:
+    """Raise the error this rank raises for a save that failed with ``exc`` (the CommitError every rank holds),
+    by one rule for every world size: the rank whose own step failed raises the error of that fault; every
+    other rank raises ``exc``, whose ``failures`` name the ranks at fault. The fault is ``own``, this rank's
+    failed write (a CheckpointError, such as a torn snapshot or a state a load would refuse, is raised as it
+    is; any other error as a WriteError chaining it), or else the OS error that stopped this rank's prepare or
+    publish step (``exc.__cause__``; a WriteError chaining it). ``step`` says what failed, with the tag and the
+    directory ("writing checkpoint 't' in /dir"). The WriteError's text ends with ``exc``'s (whether the
+    checkpoint was published anywhere, which other ranks failed). Called in the handler of ``exc``, which
+    becomes the ``__context__`` of what is raised."""
+    cause = own if own is not None else exc.__cause__
+    if own is None and (isinstance(exc, CommitTimeoutError) or not isinstance(cause, OSError)):
+        raise exc  # not this rank's own fault: a peer's, a timeout, a refused save
+    if isinstance(cause, CheckpointError):
+        raise cause from exc
+    raise WriteError(f"{step} failed on rank {rank}: {cause}\n{exc}") from cause
 
 
 def _describe(head: str, failures: dict[int, str]) -> str:

@@ -126,6 +126,7 @@ class Config(_Section):
 
     max_inflight: int = 1  # saves staged or being written at once; each holds one set of host buffers
     on_busy: str = "wait"  # when max_inflight saves are in flight: wait | skip | error
+    busy_wait_s: float = 0.0  # on_busy wait: the longest a save waits for a free staging slot; 0 = commit_timeout_s
     overwrite: bool = False  # allow saving over an existing tag
     allow_pickle: bool = False  # allow non-JSON Python objects (pickled) in saved and loaded state
     verify_on_load: bool = True  # check every chunk's checksum while loading
@@ -147,6 +148,8 @@ class Config(_Section):
         """Range checks of the top-level keys (the sections checked their own when they were built)."""
         _check(1 <= self.max_inflight <= 64, "max_inflight", self.max_inflight, "an integer in 1..64")
         _check(self.on_busy in ON_BUSY, "on_busy", self.on_busy, " | ".join(ON_BUSY))
+        _check(0 <= self.busy_wait_s <= MAX_TIMEOUT_S, "busy_wait_s", self.busy_wait_s,
+               f"a number >= 0 (0 = commit_timeout_s) and at most {MAX_TIMEOUT_S:.0f}")
         _check(self.pin_memory in PIN_MEMORY, "pin_memory", self.pin_memory, " | ".join(PIN_MEMORY))
         _check(0 <= self.keep_last <= MAX_KEEP_LAST, "keep_last", self.keep_last, f"an integer in 0..{MAX_KEEP_LAST}")
         _check(0 < self.commit_timeout_s <= MAX_TIMEOUT_S, "commit_timeout_s", self.commit_timeout_s,
@@ -155,6 +158,11 @@ class Config(_Section):
                f"a number >= 0 (0 = no deadline) and at most {MAX_TIMEOUT_S:.0f}")
         _check(self.snapshot in SNAPSHOT, "snapshot", self.snapshot, " | ".join(SNAPSHOT))
         _check(self.tag_validation in TAG_VALIDATION, "tag_validation", self.tag_validation, " | ".join(TAG_VALIDATION))
+
+    @property
+    def slot_wait_s(self) -> float:
+        """How long ``on_busy: wait`` waits for a free staging slot (``busy_wait_s``, else ``commit_timeout_s``)."""
+        return self.busy_wait_s or self.commit_timeout_s
 
     # ----------------------------------------------------------------- construction
     @classmethod

@@ -1,10 +1,10 @@
 """The save engine: from staged state to a published checkpoint.
 
 The training thread calls :meth:`SaveEngine.save`: it takes a staging slot (backpressure per ``on_busy``),
-copies the tensors into it, hands a :class:`SaveJob` to the I/O loop and returns a :class:`SaveFuture`.
-On the I/O loop, jobs run one after another in submission order (so every rank issues its coordination
-collectives in the same order): wait for the copy → prepare (coordinator) → write files (writer pool) →
-commit (coordinator) → release the slot → resolve the future.
+copies the tensors into it, hands a :class:`SaveJob` to the engine's event loop thread and returns a
+:class:`SaveFuture`. On that loop, jobs run one after another in submission order (so every rank issues its
+coordination collectives in the same order): wait for the copy → prepare (coordinator) → write files (writer
+pool) → commit (coordinator) → release the slot → resolve the future.
 
 Saves accepted before the interpreter exits are finished first (see :func:`_drain_at_exit`): a script that
 saves and then simply ends must not lose its last checkpoint.
@@ -23,10 +23,10 @@ from typing import Callable
 import torch
 
 from .codec import ChunkCodec
-from .commit import CommitCoordinator, DistContext, orphan_reason
+from .commit import CommitCoordinator, DistContext, orphan_reason, raise_for_rank
 from .config import Config
 from .commit import BUSY
-from .errors import CheckpointError, ConfigError, TagExistsError, WriteError
+from .errors import CheckpointError, CommitError, ConfigError, TagExistsError
 from .format import MANIFEST, checksum, validate_tag
 from .future import SaveFuture, raise_first_unobserved
 from .io_types import FlatState, RankOutcome, SaveJob, SaveResult, StageItem
@@ -35,7 +35,7 @@ from .service.client import ServiceClient
 from .staging import LazyStaging, Slot, Snapshot, StagingPool, ready_now
 from .storage import MARKER, Storage, is_url, open_storage
 from .writer import WriterPool, lower_thread_priority
-from .threads import at_shutdown, started_pool
+from .threads import EventLoopThread, at_shutdown, started_pool
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ def _default_threads() -> int:
 
 
 class SaveEngine:
-    """Owns the staging pool, the writer pool and the commit coordinator of one saver."""
+    """Owns the staging pool, the event loop thread that runs the saves, the writer pool and the commit
+    coordinator of one saver."""
 
     def __init__(self, config: Config, ctx: DistContext | None = None):
         self.config = config
@@ -73,7 +74,8 @@ class SaveEngine:
         lower = (lambda: lower_thread_priority(w.nice, w.ionice_idle))
         self._commit_thread = started_pool(1, "asyncckpt-commit", initializer=lower)
         self._retain_thread = started_pool(1, "asyncckpt-retain", initializer=lower)
-        self._order = self.writer.submit(_make_lock()).result()
+        self.loop = EventLoopThread("asyncckpt", initializer=lower)  # runs every save's pipeline, in order
+        self._order = self.loop.submit(_make_lock()).result()
         self._futures: list[SaveFuture] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -113,7 +115,7 @@ class SaveEngine:
             flat, replicated_fp, checked = self._own_share(flat, pinned)
             written = {id(i) for i in flat.items}
             self.pool.check_budget(flat.nbytes + sum(i.nbytes for i in checked if id(i) not in written))
-            slot = self.pool.acquire(self.config.on_busy, timeout=self.config.commit_timeout_s)
+            slot = self.pool.acquire(self.config.on_busy, timeout=self.config.slot_wait_s)
         except BaseException as exc:
             self._placeholder(save_dir, tag, _exc_text(exc))
             raise
@@ -148,7 +150,7 @@ class SaveEngine:
         if self.service is not None:  # handed over to the node's writer service
             fut = SaveFuture(self.service.submit(job, stage_s, self._spec(job), self.pool.release), job.tag)
         else:
-            fut = SaveFuture(self.writer.submit(self._run(job, stage_s, checks, snapshot)), job.tag)
+            fut = SaveFuture(self.loop.submit(self._run(job, stage_s, checks, snapshot)), job.tag)
         with self._lock:
             self._futures = [f for f in self._futures if not f.done() or f.unobserved_error() is not None]
             self._futures.append(fut)
@@ -251,7 +253,7 @@ class SaveEngine:
             async with self._order:
                 return await asyncio.get_running_loop().run_in_executor(self._commit_thread, fn, *args)
 
-        return self.writer.submit(run()).result()
+        return self.loop.submit(run()).result()
 
     def raise_unobserved(self) -> None:
         """Raise the oldest background failure nobody has looked at yet."""
@@ -278,7 +280,7 @@ class SaveEngine:
     def close(self, timeout: float | None = None) -> None:
         """Drain in-flight saves, then stop the background threads. Raises an unobserved failure. When
         ``timeout`` expires first, raises TimeoutError and stays open, so that the saves still in flight finish
-        (stopping the I/O loop under them would leave their futures pending forever): call close() again.
+        (stopping the event loop under them would leave their futures pending forever): call close() again.
         At interpreter exit a saver nobody closed is closed with ``timeout=commit_timeout_s``."""
         if self._closed:
             return
@@ -290,6 +292,7 @@ class SaveEngine:
                 _live_engines.discard(self)
                 self._commit_thread.shutdown(wait=True)
                 self._retain_thread.shutdown(wait=True)
+                self.loop.close()
                 self.writer.close()
                 if self.service is not None:
                     self.service.close()
@@ -343,10 +346,8 @@ class SaveEngine:
         try:
             prepared = await loop.run_in_executor(self._commit_thread, self.coordinator.prepare, job.save_dir,
                                                   job.tag, job.reason, self._spec(job))
-        except CheckpointError as exc:  # one rank: could not create the partial directory (permission denied...)
-            if not ctx.distributed and isinstance(exc.__cause__, OSError):
-                raise WriteError(f"cannot start checkpoint {job.tag!r} in {job.save_dir}: {exc.__cause__}") from exc.__cause__
-            raise
+        except CommitError as exc:  # this rank could not create the partial directory (permission denied...)?
+            raise_for_rank(exc, ctx.rank, f"starting checkpoint {job.tag!r} in {job.save_dir}")
         phases["prepare"] = time.perf_counter() - t
         if prepared is None:  # some rank had no free slot (on_busy=skip): every rank skips this save
             return self._skipped(job.tag)
@@ -379,16 +380,9 @@ class SaveEngine:
             info = await loop.run_in_executor(self._commit_thread, self.coordinator.commit, job.save_dir, tag,
                                               outcome, job.save_latest, job.meta, prepared.save_id, job.t_start,
                                               replicated_sums)
-        except CheckpointError as exc:
-            if write_error is not None:
-                if not ctx.distributed and write_error is torn:  # the snapshot's own error names the tensors
-                    raise torn from exc
-                if not ctx.distributed:  # one rank: the write error itself is the clearest thing to raise
-                    raise WriteError(f"writing checkpoint {tag!r} to {job.save_dir} failed: {write_error}") from write_error
-                raise exc from write_error
-            if not ctx.distributed and isinstance(exc.__cause__, OSError):  # publishing: manifest, rename, latest
-                raise WriteError(f"publishing checkpoint {tag!r} in {job.save_dir} failed: {exc.__cause__}") from exc.__cause__
-            raise
+        except CommitError as exc:  # the rank at fault raises its own error, the others this one (README)
+            step = f"{'writing' if write_error else 'publishing'} checkpoint {tag!r} in {job.save_dir}"
+            raise_for_rank(exc, ctx.rank, step, write_error)
         phases.update(info.phases)
         durable = time.perf_counter() - job.t_start
         if self.config.keep_last:  # deleting old tags is not part of making this one durable

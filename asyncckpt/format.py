@@ -1,5 +1,6 @@
-"""The on-disk contract (format v2; v1 is still read): names, dtypes, device strings, sealed JSON documents,
-and validation of untrusted manifests and rank indices. See docs/FORMAT.md.
+"""The on-disk contract (format v3; v1 and v2 are still read): names, dtypes, device strings, sealed JSON
+documents, the manifest and rank index every writer builds (:func:`manifest_doc`, :func:`rank_index_doc`), and
+validation of untrusted manifests and rank indices. See docs/FORMAT.md.
 
 Everything read from disk goes through :func:`parse_rank_index` / :func:`parse_manifest`, which check names,
 dtypes, shapes and offsets *before* anything is allocated or any file is opened.
@@ -15,6 +16,7 @@ from typing import Any, Callable
 import torch
 import xxhash
 
+from . import __version__  # defined by the package before it imports any module
 from .errors import CorruptCheckpointError, InvalidTagError, UnsafeCheckpointError, UnsupportedStateError
 
 FORMAT_NAME = "asyncckpt"
@@ -380,6 +382,18 @@ def _version(doc: dict, where: str) -> int:
     return version
 
 
+def manifest_doc(*, tag: str, world_size: int, created_unix: float, node_local: bool, save_latest: bool,
+                 tables: dict, extra: dict) -> dict:
+    """The manifest a publisher writes (docs/FORMAT.md section 3; :func:`parse_manifest` reads it back):
+    ``tables`` are the fields describing the rank and owner tables (:func:`owners.write_tables`), ``extra``
+    the optional fields (``save_id``, the caller's ``global_steps``)."""
+    doc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "library_version": __version__, "tag": tag,
+           "world_size": world_size, "created_unix": created_unix, "node_local": node_local,
+           "save_latest": bool(save_latest), **extra}
+    doc.update(tables)
+    return doc
+
+
 def parse_manifest(data: bytes, where: str) -> dict:
     """Validate a manifest: its seal, version, world size, and every rank entry (each rank once, its index named
     after it, an index checksum and a byte count) before any rank index is opened."""
@@ -460,6 +474,12 @@ def parse_owner_keys(data: bytes, where: str, rows_bytes: int) -> dict[str, dict
     spans.sort()
     _need(all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), where, "blocks of rows overlap")
     return keys
+
+
+def rank_index_doc(rank: int, files: dict[str, int], tensors: dict[str, dict], skeleton: Any) -> dict:
+    """The index one rank writes (docs/FORMAT.md section 4; :func:`parse_rank_index` reads it back): its data
+    files and their sizes, its tensor records (:meth:`TensorRecord.to_json`) and its skeleton."""
+    return {"format_version": FORMAT_VERSION, "rank": rank, "files": files, "tensors": tensors, "skeleton": skeleton}
 
 
 def parse_rank_index(data: bytes, where: str, file_sizes: dict[str, int] | None = None, *,

@@ -1,4 +1,5 @@
-"""Thread pools whose threads all exist from the start.
+"""Threads a saver starts when it is built: thread pools whose threads all exist from the start, and the
+event loop thread that runs a saver's pipeline (:class:`EventLoopThread`).
 
 Python 3.12 refuses to start a thread once interpreter shutdown has begun ("can't create new thread at
 interpreter shutdown"), and ``ThreadPoolExecutor`` starts its threads lazily, one per submission that finds
@@ -6,11 +7,12 @@ none idle. The exit drain (saves accepted before the interpreter exits are finis
 shutdown, so every pool a save may use is started whole when its saver is built."""
 from __future__ import annotations
 
+import asyncio
 import atexit
 import concurrent.futures
 import concurrent.futures.thread  # noqa: F401  (registers its exit hook first, so those of at_shutdown run before it)
 import threading
-from typing import Callable
+from typing import Callable, Coroutine
 
 _START_TIMEOUT_S = 60.0
 
@@ -34,3 +36,35 @@ def at_shutdown(fn: Callable[[], None]) -> None:
         threading._register_atexit(fn)
     except AttributeError:  # pragma: no cover - Python without threading._register_atexit
         atexit.register(fn)
+
+
+class EventLoopThread:
+    """An asyncio event loop running in a daemon thread of its own, with a started pool of ``helpers`` threads
+    as its default executor (for blocking waits of the coroutines it runs). The engine runs every save's
+    pipeline on one, the writer service one per group; what runs on it hands encoding and file I/O to the
+    writer's pools."""
+
+    def __init__(self, name: str, helpers: int = 2, initializer: Callable[[], None] | None = None):
+        self._helpers = started_pool(helpers, f"{name}-wait", initializer=initializer)
+        self._loop = asyncio.new_event_loop()
+        self._loop.set_default_executor(self._helpers)
+        self._thread = threading.Thread(target=self._run, name=f"{name}-io", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    def submit(self, coro: Coroutine) -> concurrent.futures.Future:
+        """Run a coroutine on the loop; returns a thread-safe future."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def close(self) -> None:
+        """Stop the loop (what still runs on it is abandoned: close after the work drained) and its helpers."""
+        if self._loop.is_closed():
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+        if not self._thread.is_alive():
+            self._loop.close()
+        self._helpers.shutdown(wait=True, cancel_futures=True)

@@ -1,6 +1,7 @@
-"""The writer pool: one asyncio event loop in an I/O thread, chunk encoding in a thread pool, file writes
-through the save's storage object (:mod:`asyncckpt.storage`) in file threads, and fsync (an object store:
-the completed upload) before anything is reported durable.
+"""The writer pool: chunk encoding in a thread pool, file writes through the save's storage object
+(:mod:`asyncckpt.storage`) in file threads, and fsync (an object store: the completed upload) before anything
+is reported durable. :meth:`WriterPool.write_rank` is a coroutine: it runs on its caller's event loop (the
+engine's, :class:`~asyncckpt.threads.EventLoopThread`) and only encodes and writes.
 
 For each rank file the writer keeps a bounded window of chunks being encoded ahead of the disk, and writes
 encoded chunks in order, so the disk and the encoders work at the same time and memory stays bounded.
@@ -11,20 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import ctypes
 import logging
 import os
 import platform
 import threading
 from dataclasses import dataclass
-from typing import Any, Coroutine
+from typing import Any
 
 import torch
 
 from .codec import ChunkCodec, Throughput
 from .errors import CheckpointError
-from .format import (FORMAT_VERSION, TensorRecord, checksum, contiguous_stride, data_file_name, parse_rank_index,
+from .format import (TensorRecord, checksum, contiguous_stride, data_file_name, parse_rank_index, rank_index_doc,
                      rank_index_name, seal)
 from .io_types import FlatState
 from .packing import Pack, Packer, pack_key
@@ -79,36 +79,14 @@ class WriterPool:
         init = (lambda: lower_thread_priority(nice, ionice_idle))
         self._encoders = started_pool(self.threads, f"{name}-encode", initializer=init)
         self._files = started_pool(max(2, files_per_rank), f"{name}-file", initializer=init)
-        self._loop = asyncio.new_event_loop()
-        self._loop.set_default_executor(self._files)
-        self._thread = threading.Thread(target=self._run_loop, name=f"{name}-io", daemon=True)
-        self._thread.start()
-
-    def _run_loop(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_forever()
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop
-
-    def submit(self, coro: Coroutine) -> concurrent.futures.Future:
-        """Run a coroutine on the I/O loop; returns a thread-safe future."""
-        return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def close(self) -> None:
-        if self._loop.is_closed():
-            return
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=30)
-        if not self._thread.is_alive():
-            self._loop.close()
         self._encoders.shutdown(wait=True, cancel_futures=True)
         self._files.shutdown(wait=True, cancel_futures=True)
 
     # ----------------------------------------------------------------------------------------- writing
     async def write_rank(self, *, directory: str, rank: int, flat: FlatState, slot: Any, skeleton: Any,
-                         extra: dict | None = None, storage: Storage = POSIX) -> RankFiles:
+                         storage: Storage = POSIX) -> RankFiles:
         """Encode and write this rank's staged tensors into ``directory``, then its index; fsync all.
         Small tensors are written in packs (:mod:`asyncckpt.packing`). The index is validated as a reader
         would see it before it is written: a save that load would refuse fails here, before publishing."""
@@ -140,26 +118,25 @@ class WriterPool:
                 records[item.key] = TensorRecord(
                     item.key, item.dtype, item.shape, item.device, file=name, chunks=tuple(chunks),
                     global_shape=item.global_shape, global_offset=item.global_offset).to_json()
-        doc = {"format_version": FORMAT_VERSION, "rank": rank, "files": files, "tensors": records,
-               "skeleton": skeleton, **(extra or {})}
-        data = seal(doc)
+        data = seal(rank_index_doc(rank, files, records, skeleton))
         index_name = rank_index_name(rank)
         path = storage.join(directory, index_name)
         # the check and the write run at once: nothing is published before both succeeded
+        loop = asyncio.get_running_loop()
         outcomes = await asyncio.gather(
-            self._loop.run_in_executor(self._encoders, check_index, data, path, skeleton, flat.elsewhere),
-            self._loop.run_in_executor(self._files, storage.write_durable, path, data, self.fsync),
+            loop.run_in_executor(self._encoders, check_index, data, path, skeleton, flat.elsewhere),
+            loop.run_in_executor(self._files, storage.write_durable, path, data, self.fsync),
             return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
         if self.fsync:
-            await self._loop.run_in_executor(self._files, storage.fsync_dir, directory)
+            await loop.run_in_executor(self._files, storage.fsync_dir, directory)
         return RankFiles(index_name, checksum(data), sum(files.values()) + len(data), sum(i.nbytes for i in items))
 
     async def _write_file(self, storage: Storage, path: str, slot: Any, entries: list, items: list,
                           layout: Any) -> tuple[int, list]:
-        loop = self._loop
+        loop = asyncio.get_running_loop()
         files = self._files
         tp = self.codec.throughput  # compression: auto follows the write rate measured here
         chunk = self.chunk_bytes

@@ -4,7 +4,6 @@ comparison of nested states (NaN payloads included)."""
 from __future__ import annotations
 
 import asyncio
-import errno
 import collections
 import concurrent.futures
 import math
@@ -208,38 +207,3 @@ def latest():
 
 
 # ------------------------------------------------------------------------------------- failure injection
-class FailingCodec:
-    """Stands in for an engine's chunk codec: the first ``ok_chunks`` chunks encode normally, every later one
-    raises ``OSError(ENOSPC)`` (the disk filled up mid-file) until :meth:`heal`."""
-
-    def __init__(self, real, ok_chunks: int):
-        self.real = real
-        self.throughput = real.throughput  # the writer reports its write rate to the codec's estimator
-        self.ok_chunks = ok_chunks
-        self.calls = 0
-        self.failures = 0
-        self._lock = threading.Lock()
-
-    def encode(self, raw, itemsize):
-        with self._lock:
-            self.calls += 1
-            fail = self.calls > self.ok_chunks
-            self.failures += fail
-        if fail:
-            raise OSError(errno.ENOSPC, "No space left on device (injected)")
-        return self.real.encode(raw, itemsize)
-
-    def heal(self) -> None:
-        self.ok_chunks = float("inf")
-
-
-@pytest.fixture
-def failing_codec(monkeypatch):
-    """``failing_codec(engine, ok_chunks=2)`` → the installed :class:`FailingCodec`."""
-
-    def install(engine, ok_chunks: int = 2) -> FailingCodec:
-        codec = FailingCodec(engine.writer.codec, ok_chunks)
-        patch_existing(monkeypatch, engine.writer, "codec", codec)
-        return codec
-
-    return install

@@ -1,5 +1,6 @@
 """Functions run on every rank by tests/test_multirank.py (importable by spawned processes). The model and
-its training come from tests/trainer.py; faults are injected with tests/patching.patch_existing."""
+its training come from tests/trainer.py; file-system faults go through a storage wrapper
+(tests/storage_faults.py); load_state is counted with tests/patching.patch_existing."""
 from __future__ import annotations
 
 import os
@@ -8,8 +9,8 @@ import torch
 import torch.distributed as dist
 
 import asyncckpt
-import asyncckpt.codec
 from patching import patch_existing
+from storage_faults import injected
 from trainer import mlp, train
 
 CFG = {"commit_timeout_s": 30, "writer": {"threads_per_node": 2}, "codec": {"chunk_mib": 0.25}}
@@ -124,19 +125,19 @@ def write_failure(rank: int, world: int, save_dir: str) -> dict:
     with asyncckpt.AsyncCheckpointer(model, opt, config=CFG) as saver:
         train(model, opt, 1, seed=0)
         saver.save_checkpoint(save_dir, tag="good").result(60)
-        if rank == 1:
-            def boom(self, raw, itemsize):
-                raise OSError(28, "No space left on device (injected)")
-
-            patch_existing(None, asyncckpt.codec.ChunkCodec, "encode", boom)
-        fut = saver.save_checkpoint(save_dir, tag="bad")
-        err = fut.exception(60)
-        assert isinstance(err, asyncckpt.CommitError), repr(err)
-        assert 1 in err.failures and "No space left" in err.failures[1], err.failures
+        with injected() as faults:
+            if rank == 1:
+                faults.fail("write", ".bin", OSError(28, "No space left on device (injected)"))
+            err = saver.save_checkpoint(save_dir, tag="bad").exception(60)
+        if rank == 1:  # the rank at fault raises its own error; the others a CommitError naming it
+            assert isinstance(err, asyncckpt.WriteError) and "No space left" in str(err), repr(err)
+        else:
+            assert isinstance(err, asyncckpt.CommitError), repr(err)
+            assert list(err.failures) == [1] and "No space left" in err.failures[1], err.failures
         latest = open(os.path.join(save_dir, "latest")).read().strip()
         assert latest == "good", latest
         assert not os.path.exists(os.path.join(save_dir, "bad"))
-        return {"message": str(err), "failures": err.failures}
+        return {"error": type(err).__name__, "message": str(err)}
 
 
 def tag_mismatch(rank: int, world: int, save_dir: str) -> str:
@@ -155,13 +156,10 @@ def killed_rank(rank: int, world: int, save_dir: str) -> str:
     cfg = dict(CFG, commit_timeout_s=8)
     with asyncckpt.AsyncCheckpointer(model, None, config=cfg) as saver:
         saver.save_checkpoint(save_dir, tag="before").result(60)
-        if rank == world - 1:
-            def die(self, raw, itemsize):
-                os._exit(17)  # a rank killed while writing
-
-            patch_existing(None, asyncckpt.codec.ChunkCodec, "encode", die)
-        fut = saver.save_checkpoint(save_dir, tag="after")
-        err = fut.exception(60)  # well inside the harness deadline
+        with injected() as faults:
+            if rank == world - 1:
+                faults.on("write", lambda op, path: os._exit(17))  # a rank killed while writing
+            err = saver.save_checkpoint(save_dir, tag="after").exception(60)  # well inside the harness deadline
         assert isinstance(err, asyncckpt.CommitError), repr(err)
         assert open(os.path.join(save_dir, "latest")).read().strip() == "before"
         try:

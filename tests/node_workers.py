@@ -9,7 +9,7 @@ import os
 import torch
 
 import asyncckpt
-from patching import patch_existing
+from storage_faults import injected
 from trainer import mlp, train
 
 CFG = {"commit_timeout_s": 20, "writer": {"threads_per_node": 1, "fsync": False}, "codec": {"chunk_mib": 0.25}}
@@ -106,17 +106,12 @@ def publish_fails_on_one_node(rank: int, world: int, dirs: list) -> str:
     _, _, saver = _saver(rank, dict(CFG, use_node_local_storage=True))
     with saver:
         saver.save_checkpoint(dirs[rank], tag="t1").result(60)
-        if rank == 1:
-            real = os.rename
-
-            def rename(src, dst, *a, **kw):
-                if dst.endswith(os.sep + "t2"):
-                    raise OSError(5, "Input/output error (injected)")
-                return real(src, dst, *a, **kw)
-
-            patch_existing(None, os, "rename", rename)
-        err = saver.save_checkpoint(dirs[rank], tag="t2").exception(60)
-        assert isinstance(err, asyncckpt.CommitError), repr(err)
+        with injected() as faults:
+            if rank == 1:  # the rename that publishes .t2.partial as t2
+                faults.fail("rename", os.sep + ".t2.partial", OSError(5, "Input/output error (injected)"))
+            err = saver.save_checkpoint(dirs[rank], tag="t2").exception(60)
+        # the rank at fault raises its own error, the other a CommitError naming it (README, "Errors")
+        assert isinstance(err, asyncckpt.WriteError if rank == 1 else asyncckpt.CommitError), repr(err)
         return str(err)
 
 

@@ -32,7 +32,7 @@ def test_defaults_and_structure():
 
 
 def test_from_dict_round_trips_every_key():
-    data = {"max_inflight": 3, "on_busy": "skip", "overwrite": True, "allow_pickle": True, "verify_on_load": False,
+    data = {"max_inflight": 3, "on_busy": "skip", "busy_wait_s": 5, "overwrite": True, "allow_pickle": True, "verify_on_load": False,
             "pin_memory": "never", "keep_last": 2, "save_rng_state": False, "commit_timeout_s": 12, "tag_validation": "warn",
             "use_node_local_storage": True, "save_deadline_s": 30, "verify_replicated": True, "snapshot": "lazy",
             "codec": {"compression": False, "level": -3, "shuffle": False, "chunk_mib": 1, "min_saving": 0.5,
@@ -42,7 +42,7 @@ def test_from_dict_round_trips_every_key():
             "storage": {"options": {"endpoint_url": "http://127.0.0.1:9000", "client_kwargs": {"verify": False}},
                         "block_mib": 8}}
     c = Config.from_dict(data)
-    assert c.to_dict() == {**data, "commit_timeout_s": 12.0, "save_deadline_s": 30.0, "codec": {**data["codec"], "chunk_mib": 1.0},
+    assert c.to_dict() == {**data, "busy_wait_s": 5.0, "commit_timeout_s": 12.0, "save_deadline_s": 30.0, "codec": {**data["codec"], "chunk_mib": 1.0},
                            "writer": {**data["writer"], "memory_budget_mib": 512.0},
                            "storage": {**data["storage"], "block_mib": 8.0}}
     assert Config.from_dict(c.to_dict()) == c
@@ -95,6 +95,8 @@ def test_bad_types_are_named(data, key):
     ({"pin_memory": "sometimes"}, "pin_memory"),
     ({"keep_last": -1}, "keep_last"),
     ({"commit_timeout_s": 0}, "commit_timeout_s"),
+    ({"busy_wait_s": -1}, "busy_wait_s"),
+    ({"busy_wait_s": 1e8}, "busy_wait_s"),
     ({"tag_validation": "strict"}, "tag_validation"),
     ({"codec": {"level": 23}}, "codec.level"),
     ({"codec": {"level": -8}}, "codec.level"),
@@ -211,6 +213,26 @@ def test_example_yaml_documents_every_key():
             assert lines[i - 1].strip().startswith("#"), f"key without a comment above it: {line!r}"
 
 
+def test_busy_wait_s_is_the_slot_wait_and_defaults_to_commit_timeout_s():
+    assert Config().busy_wait_s == 0.0 and Config().slot_wait_s == Config().commit_timeout_s == 600.0
+    assert Config(commit_timeout_s=7).slot_wait_s == 7.0  # unchanged behaviour when busy_wait_s is not set
+    assert Config(commit_timeout_s=7, busy_wait_s=2).slot_wait_s == 2.0
+
+
+def test_busy_wait_s_bounds_the_wait_for_a_staging_slot(save_dir, writer_gate):
+    """on_busy wait with a long commit_timeout_s: a save that finds no free slot fails after busy_wait_s."""
+    cfg = {"max_inflight": 1, "on_busy": "wait", "busy_wait_s": 0.2, "commit_timeout_s": 600,
+           "writer": {"threads_per_node": 1, "nice": 0, "fsync": False}}
+    with asyncckpt.AsyncCheckpointer(torch.nn.Linear(4, 4), config=cfg) as saver:
+        gate = writer_gate(saver.engine)
+        first = saver.save_checkpoint(save_dir, tag="first")
+        assert gate.entered.wait(30)
+        with pytest.raises(asyncckpt.SaverBusyError, match=r"within 0\.2s"):
+            saver.save_checkpoint(save_dir, tag="second")
+        gate.open()
+        assert first.result(timeout=30).tag == "first"
+
+
 def test_pin_memory_always_needs_cuda():
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
@@ -284,7 +306,7 @@ def refused_everywhere(tmp_path, key: str, value, scalar: str | None, expected: 
 
 
 def test_the_key_lists_cover_every_field():
-    assert len(FLOAT_KEYS) == 6 and len(INT_KEYS) == 7 and len(BOOL_KEYS) == 10 and len(STR_KEYS) == 5
+    assert len(FLOAT_KEYS) == 7 and len(INT_KEYS) == 7 and len(BOOL_KEYS) == 10 and len(STR_KEYS) == 5
     assert DICT_KEYS == ["storage.options"]
     everything = {f.name for f in dataclasses.fields(Config)} - {"codec", "writer", "storage"}
     everything |= {f"codec.{f.name}" for f in dataclasses.fields(CodecConfig)}

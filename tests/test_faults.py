@@ -5,7 +5,10 @@ fails with a CheckpointError carrying the cause, the partial directory is remove
 stays latest and loads exactly, training goes on, and the next save works. A failure nobody observed is
 raised by the next ``save_checkpoint`` / ``wait`` / ``close``.
 
-Every fault is injected with tests/patching.patch_existing, which fails the test if the hook point is gone.
+File-system faults go through a faulty or slow storage wrapper (asyncckpt.storage.faults, tests/storage_faults.py).
+What lies below the storage seam (the fsync and rename system calls the POSIX storage itself makes, in
+test_fsync_before_publish) is patched with tests/patching.patch_existing, which fails the test if the hook point
+is gone.
 """
 from __future__ import annotations
 
@@ -18,7 +21,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import types
 
 import pytest
 import torch
@@ -242,21 +244,21 @@ def test_disk_full_real_enospc_at_every_fill_level(tmp_path):
 
 @QUICK
 @pytest.mark.parametrize("fsync", [False, True])
-def test_disk_full_in_the_writer(fsync, save_dir, trained, make_saver, failing_codec, leftovers, latest, same):
+def test_disk_full_in_the_writer(fsync, save_dir, trained, make_saver, leftovers, latest, same):
     saver = make_saver(trained, writer={"fsync": fsync, "threads_per_node": 2})
     expected = good_then(save_dir, trained, saver)
-    codec = failing_codec(saver.engine, ok_chunks=3)  # a few chunks reach the file first
-    fut = saver.save_checkpoint(save_dir, tag="bad")
-    exc = fut.exception(timeout=30)
+    with injected() as faults:  # a few chunks reach the file first
+        faults.fail("write", ".bin", OSError(errno.ENOSPC, "No space left on device (injected)"), after=3)
+        fut = saver.save_checkpoint(save_dir, tag="bad")
+        exc = fut.exception(timeout=30)
     assert isinstance(exc, WriteError) and isinstance(exc, CheckpointError) and isinstance(exc, OSError)
     assert isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.ENOSPC
     assert "No space left" in str(exc) and "'bad'" in str(exc)
     with pytest.raises(WriteError):
         fut.result(timeout=0)
-    assert codec.calls > 3 and codec.failures >= 1
+    assert len([op for op, p in faults.log if op == "write" and p.endswith(".bin")]) > 3
     assert not os.path.exists(os.path.join(save_dir, "bad"))
     assert_previous_intact(save_dir, expected, leftovers, latest, same)
-    codec.heal()
     assert_next_save_works(save_dir, saver, latest)
     saver.close()  # the failure was observed: nothing left to raise
 
@@ -504,18 +506,18 @@ def test_back_to_back_saves_on_a_slow_disk(fast_dir, faults, max_inflight, on_bu
 
 
 # ------------------------------------------------------------------------------ unobserved failures
-def _fail_once(save_dir, saver, failing_codec, wait_resolved, tag="bad"):
-    codec = failing_codec(saver.engine, ok_chunks=0)
-    fut = saver.save_checkpoint(save_dir, tag=tag)
-    wait_resolved(fut)  # resolved, but nobody looked at the outcome
-    codec.heal()
+def _fail_once(save_dir, saver, wait_resolved, tag="bad"):
+    with injected() as faults:  # the disk is full for this save only
+        faults.fail("write", ".bin", OSError(errno.ENOSPC, "No space left on device (injected)"))
+        fut = saver.save_checkpoint(save_dir, tag=tag)
+        wait_resolved(fut)  # resolved, but nobody looked at the outcome
     return fut
 
 
 @QUICK
-def test_unobserved_failure_raised_by_next_save(save_dir, trained, make_saver, failing_codec, wait_resolved, latest):
+def test_unobserved_failure_raised_by_next_save(save_dir, trained, make_saver, wait_resolved, latest):
     saver = make_saver(trained)
-    fut = _fail_once(save_dir, saver, failing_codec, wait_resolved)
+    fut = _fail_once(save_dir, saver, wait_resolved)
     with pytest.raises(WriteError) as ei:
         saver.save_checkpoint(save_dir, tag="next")
     assert ei.value is fut.exception()
@@ -526,9 +528,9 @@ def test_unobserved_failure_raised_by_next_save(save_dir, trained, make_saver, f
 
 
 @QUICK
-def test_unobserved_failure_raised_by_wait(save_dir, trained, make_saver, failing_codec, wait_resolved):
+def test_unobserved_failure_raised_by_wait(save_dir, trained, make_saver, wait_resolved):
     saver = make_saver(trained)
-    fut = _fail_once(save_dir, saver, failing_codec, wait_resolved)
+    fut = _fail_once(save_dir, saver, wait_resolved)
     with pytest.raises(WriteError) as ei:
         saver.wait(timeout=30)
     assert ei.value.__cause__.errno == errno.ENOSPC
@@ -537,9 +539,9 @@ def test_unobserved_failure_raised_by_wait(save_dir, trained, make_saver, failin
 
 
 @QUICK
-def test_unobserved_failure_raised_by_close(save_dir, trained, make_saver, failing_codec, wait_resolved):
+def test_unobserved_failure_raised_by_close(save_dir, trained, make_saver, wait_resolved):
     saver = make_saver(trained)
-    _fail_once(save_dir, saver, failing_codec, wait_resolved)
+    _fail_once(save_dir, saver, wait_resolved)
     with pytest.raises(WriteError):
         saver.close(timeout=30)
     with pytest.raises(CheckpointError, match="closed"):  # closed all the same
@@ -548,25 +550,25 @@ def test_unobserved_failure_raised_by_close(save_dir, trained, make_saver, faili
 
 
 @QUICK
-def test_unobserved_failure_raised_by_context_exit(save_dir, trained, fast_config, failing_codec, wait_resolved):
+def test_unobserved_failure_raised_by_context_exit(save_dir, trained, fast_config, wait_resolved):
     with pytest.raises(WriteError):
         with asyncckpt.AsyncCheckpointer(trained.model, trained.optimizer, config=fast_config()) as saver:
-            _fail_once(save_dir, saver, failing_codec, wait_resolved)
+            _fail_once(save_dir, saver, wait_resolved)
     assert saver.engine._closed
 
 
 @QUICK
-def test_context_exit_keeps_the_user_exception(save_dir, trained, fast_config, failing_codec, wait_resolved):
+def test_context_exit_keeps_the_user_exception(save_dir, trained, fast_config, wait_resolved):
     with pytest.raises(KeyError, match="mine"):
         with asyncckpt.AsyncCheckpointer(trained.model, trained.optimizer, config=fast_config()) as saver:
-            _fail_once(save_dir, saver, failing_codec, wait_resolved)
+            _fail_once(save_dir, saver, wait_resolved)
             raise KeyError("mine")  # not hidden behind the background failure
 
 
 @QUICK
-def test_observed_failure_is_not_raised_again(save_dir, trained, make_saver, failing_codec, wait_resolved):
+def test_observed_failure_is_not_raised_again(save_dir, trained, make_saver, wait_resolved):
     saver = make_saver(trained)
-    fut = _fail_once(save_dir, saver, failing_codec, wait_resolved)
+    fut = _fail_once(save_dir, saver, wait_resolved)
     assert isinstance(fut.exception(), WriteError)
     assert saver.save_checkpoint(save_dir, tag="ok").result(timeout=30).tag == "ok"
     assert [r.tag for r in saver.wait(timeout=30)] == ["ok"]
@@ -585,18 +587,14 @@ def test_failure_while_collecting_state_releases_the_slot(save_dir, trained, mak
 
 
 @QUICK
-def test_functional_save_failure(save_dir, fast_config, monkeypatch, leftovers):
-    from asyncckpt import api
-
+def test_functional_save_failure(save_dir, fast_config, leftovers):
     cfg = fast_config(codec={"level": 2})  # its own engine
     asyncckpt.save({"w": torch.ones(5)}, save_dir, "good", config=cfg).result(timeout=30)
-    engine = api._engine(cfg)
-    patch_existing(monkeypatch, engine.writer, "codec", types.SimpleNamespace(
-        throughput=engine.writer.codec.throughput, encode=lambda raw, itemsize: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error (injected)"))))
-    fut = asyncckpt.save({"w": torch.zeros(5)}, save_dir, "bad", config=cfg)
-    with pytest.raises(WriteError, match="Input/output error"):
-        fut.result(timeout=30)
-    monkeypatch.undo()
+    with injected() as faults:
+        faults.fail("write", ".bin", OSError(errno.EIO, "Input/output error (injected)"))
+        fut = asyncckpt.save({"w": torch.zeros(5)}, save_dir, "bad", config=cfg)
+        with pytest.raises(WriteError, match="Input/output error"):
+            fut.result(timeout=30)
     assert leftovers(save_dir) == [] and asyncckpt.list_tags(save_dir) == ["good"]
     assert torch.equal(asyncckpt.load(save_dir)["w"], torch.ones(5))
     asyncckpt.save({"w": torch.full((5,), 2.0)}, save_dir, "again", config=cfg).result(timeout=30)

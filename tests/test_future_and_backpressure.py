@@ -4,6 +4,7 @@ gate the test opens, so nothing here depends on timing or sleeps."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import threading
 
@@ -12,6 +13,7 @@ import torch
 
 import asyncckpt
 from asyncckpt import SaveFuture, SaveResult, SaverBusyError
+from storage_faults import injected
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -135,12 +137,13 @@ async def test_await_does_not_block_the_event_loop(save_dir, trainer, make_saver
 
 
 @pytest.mark.asyncio
-async def test_await_failed_future_raises(save_dir, trainer, make_saver, failing_codec):
+async def test_await_failed_future_raises(save_dir, trainer, make_saver):
     saver = make_saver(trainer)
-    failing_codec(saver.engine, ok_chunks=0)
-    fut = saver.save_checkpoint(save_dir, tag="bad")
-    with pytest.raises(asyncckpt.WriteError):
-        await asyncio.wait_for(fut, timeout=30)
+    with injected() as faults:
+        faults.fail("write", ".bin", OSError(errno.ENOSPC, "No space left on device (injected)"))
+        fut = saver.save_checkpoint(save_dir, tag="bad")
+        with pytest.raises(asyncckpt.WriteError):
+            await asyncio.wait_for(fut, timeout=30)
     saver.wait(timeout=30)  # awaited = observed: not raised again
 
 

@@ -24,6 +24,7 @@ from asyncckpt.engine import SaveEngine
 from asyncckpt.io_types import FlatState, StageItem
 from conftest import FAST, merge
 from dist_helpers import assert_all_ok, run_ranks
+from storage_faults import faults_fixture  # noqa: F401 - the `faults` fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRAIN_LINE = "waiting for {n} checkpoint save(s) in flight before exit"
@@ -35,6 +36,8 @@ DRAIN_LINE = "waiting for {n} checkpoint save(s) in flight before exit"
 PRELUDE = """
 import json, logging, os, sys, threading, time
 import torch, asyncckpt
+from asyncckpt.storage import add_wrapper
+from asyncckpt.storage.faults import Faults
 SAVE_DIR = sys.argv[1]
 CONFIG = json.loads(sys.argv[2])
 DRAINING = threading.Event()
@@ -46,25 +49,19 @@ class OpenAtDrain(logging.Filter):
         return True
 
 logging.lastResort.addFilter(OpenAtDrain())
-_real_fsync = os.fsync
 
-def held_fsync(fd):
-    if not DRAINING.wait(30):
-        raise TimeoutError("the drain at exit never began")
-    return _real_fsync(fd)
-
-class SlowCodec:
-    '''Waits for the drain, then takes `delay` seconds per chunk (a slow disk).'''
-    def __init__(self, real, delay):
-        self.real, self.delay = real, delay
-        self.throughput = real.throughput
+class SlowDisk:
+    '''From now on, the storage operations `op` of every save wait for the drain at exit, then take `delay`
+    seconds each (a slow disk): a storage wrapper (asyncckpt.storage.faults), no patched private name.'''
+    def __init__(self, op, delay=0.0):
+        self.delay = delay
         self.entered = threading.Event()
-    def encode(self, raw, itemsize):
+        add_wrapper(Faults().on(op, self.hold).wrap)
+    def hold(self, op, path):
         self.entered.set()
         if not DRAINING.wait(30):
             raise TimeoutError("the drain at exit never began")
         time.sleep(self.delay)
-        return self.real.encode(raw, itemsize)
 
 def model(seed):
     torch.manual_seed(seed)
@@ -73,16 +70,16 @@ def model(seed):
 
 SCRIPTS = {
     "functional save": """
-        os.fsync = held_fsync
+        SlowDisk("open_write")
         asyncckpt.save({"w": torch.arange(5000, dtype=torch.float32), "step": 1}, SAVE_DIR, "t1", config=CONFIG)
     """,
     "saver": """
-        os.fsync = held_fsync
+        SlowDisk("open_write")
         saver = asyncckpt.AsyncCheckpointer(model(1), config=CONFIG)
         saver.save_checkpoint(SAVE_DIR, tag="t1")
     """,
     "saver, 3 saves in flight": """
-        os.fsync = held_fsync
+        SlowDisk("open_write")
         saver = asyncckpt.AsyncCheckpointer(model(1), config=dict(CONFIG, max_inflight=3))
         for i in (1, 2, 3):
             saver.module.load_state_dict(model(i).state_dict())
@@ -90,7 +87,7 @@ SCRIPTS = {
     """,
     "saver, slow writer": """
         saver = asyncckpt.AsyncCheckpointer(model(1), config=CONFIG)
-        saver.engine.writer.codec = SlowCodec(saver.engine.writer.codec, 0.05)
+        SlowDisk("write", 0.05)
         saver.save_checkpoint(SAVE_DIR, tag="t1")
     """,
 }
@@ -144,7 +141,7 @@ def test_exit_waits_at_most_commit_timeout_then_the_next_save_cleans_up(tmp_path
     body = """
         saver = asyncckpt.AsyncCheckpointer(model(1), config=dict(CONFIG, commit_timeout_s=1))
         saver.save_checkpoint(SAVE_DIR, tag="before").result(30)
-        saver.engine.writer.codec = SlowCodec(saver.engine.writer.codec, 0.2)  # 1024 chunks: ~100 s for this save
+        SlowDisk("write", 0.2)  # 1024 chunks: ~100 s for this save
         saver.save_checkpoint(SAVE_DIR, tag="never", client_state={"big": torch.zeros(1 << 22)})
     """
     proc = run_script(body, save_dir, merge(FAST, {"codec": {"compression": False}}), timeout=90)
@@ -224,9 +221,9 @@ def test_same_tag_from_two_savers_is_refused(save_dir, make_trainer, make_saver,
 
 KILLED_OWNER = """
     saver = asyncckpt.AsyncCheckpointer(model(1), config=CONFIG)
-    codec = saver.engine.writer.codec = SlowCodec(saver.engine.writer.codec, 0)
+    disk = SlowDisk("write")
     saver.save_checkpoint(SAVE_DIR, tag="dead")
-    assert codec.entered.wait(30)  # the partial directory exists and is being written
+    assert disk.entered.wait(30)  # the partial directory exists and is being written
     if sys.argv[3] == "forked":  # a child inherits the lock's descriptor and outlives its parent
         child = os.fork()
         if child == 0:  # off the pipes the test reads to the end
@@ -348,31 +345,26 @@ def test_interrupt_on_one_rank_keeps_ranks_in_step(tmp_path, where):
 
 # ----------------------------------------------------------------------------------- relative save_dir
 @pytest.mark.parametrize("api", ["saver", "functional"])
-def test_relative_save_dir_is_resolved_at_call_time(tmp_path, monkeypatch, make_trainer, make_saver, fast_config, api):
+def test_relative_save_dir_is_resolved_at_call_time(tmp_path, monkeypatch, make_trainer, make_saver, fast_config, api,
+                                                    faults):
     """A save to a relative directory lands where the current directory was when save was called, even when
     the script changes directory while the save is still queued behind another."""
     here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
     here.mkdir()
     elsewhere.mkdir()
-    opened = threading.Event()
-    real_fsync = os.fsync
-
-    def held_fsync(fd):
-        assert opened.wait(30), "never opened"
-        return real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", held_fsync)  # holds the first save, the second one queues behind it
+    gate = faults.gate("open_write", ".first.partial")  # holds the first save, the second one queues behind it
     monkeypatch.chdir(here)
     if api == "saver":
-        saver = make_saver(make_trainer(), max_inflight=2, writer={"fsync": True})
+        saver = make_saver(make_trainer(), max_inflight=2)
         first = saver.save_checkpoint(str(tmp_path / "abs"), tag="first")
         fut = saver.save_checkpoint("ckpt", tag="rel")
     else:
-        cfg = fast_config(max_inflight=2, writer={"fsync": True}, codec={"level": 5})
+        cfg = fast_config(max_inflight=2, codec={"level": 5})
         first = asyncckpt.save({"a": torch.ones(3)}, tmp_path / "abs", "first", config=cfg)
         fut = asyncckpt.save({"a": torch.zeros(3)}, "ckpt", "rel", config=cfg)
+    assert gate.entered.wait(30)
     os.chdir(elsewhere)
-    opened.set()
+    gate.open()
     assert first.result(timeout=30).tag == "first"
     res = fut.result(timeout=30)
     assert res.path == str(here / "ckpt" / "rel")

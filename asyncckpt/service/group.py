@@ -14,7 +14,7 @@ from ..collectives import ROOT
 from ..commit import CommitCoordinator, DistContext
 from ..config import Config
 from ..storage import Storage, open_storage
-from ..threads import started_pool
+from ..threads import EventLoopThread, started_pool
 from ..writer import WriterPool
 
 _MISSING = object()
@@ -99,7 +99,8 @@ class ExchangeCollectives:
 
 class Group:
     """One saver's ranks: their configuration, the node's writer pool (the whole ``writer.threads_per_node``
-    budget), one commit coordinator per rank and a thread for ``keep_last`` removals."""
+    budget) and the event loop thread its writes run on, one commit coordinator per rank and a thread for
+    ``keep_last`` removals."""
 
     def __init__(self, name: str, config: Config, world: int):
         self.name = name
@@ -113,6 +114,7 @@ class Group:
                                  chunk_bytes=config.codec.chunk_bytes, files_per_rank=w.files_per_rank,
                                  inflight_chunks=w.inflight_chunks, fsync=w.fsync, nice=0,
                                  ionice_idle=w.ionice_idle, name="asyncckpt-service")
+        self.loop = EventLoopThread("asyncckpt-service")  # runs the writer's coroutines
         self.retainer = started_pool(1, "asyncckpt-service-retain")
         self.coordinators: dict[int, CommitCoordinator] = {}
         self.attached: set[int] = set()
@@ -149,6 +151,7 @@ class Group:
 
     def close(self) -> None:
         self.retainer.shutdown(wait=True)
+        self.loop.close()
         self.writer.close()
 
     def retain(self, rank: int, save_dir: str, tag: str) -> concurrent.futures.Future:

@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from ..commit import CommitCoordinator
+from ..commit import CommitCoordinator, raise_for_rank
 from ..config import Config
-from ..errors import CheckpointError, WriteError
+from ..errors import CheckpointError, CommitError
 from ..io_types import FlatState, RankOutcome, StageItem
 from ..staging import Layout
 from ..writer import lower_thread_priority
@@ -253,7 +253,6 @@ class Attachment:
     def _save(self, desc: dict, slot: MappedSlot | None) -> None:
         seq, tag, save_dir = desc["seq"], desc["tag"], desc["save_dir"]
         coordinator, group = self.coordinator, self.group
-        distributed = group.world > 1
         flat = FlatState(None, [])
         if slot is not None:
             items = [StageItem(key, slot.buffer[off: off + n], dtype, shape, device, gshape, goff, repl)
@@ -264,10 +263,8 @@ class Attachment:
         t = time.perf_counter()
         try:
             prepared = coordinator.prepare(save_dir, tag, desc["reason"], desc["spec"])
-        except CheckpointError as exc:
-            if not distributed and isinstance(exc.__cause__, OSError):
-                raise WriteError(f"cannot start checkpoint {tag!r} in {save_dir}: {exc.__cause__}") from exc.__cause__
-            raise
+        except CommitError as exc:
+            raise_for_rank(exc, self.rank, f"starting checkpoint {tag!r} in {save_dir}")
         phases["prepare"] = time.perf_counter() - t
         if prepared is None:
             self.reply({"op": "done", "seq": seq, "skipped": True})
@@ -277,7 +274,7 @@ class Attachment:
         t = time.perf_counter()
         try:
             st = group.storage_for(save_dir)
-            files = group.writer.submit(group.writer.write_rank(
+            files = group.loop.submit(group.writer.write_rank(
                 directory=st.staging_dir(save_dir, tag), rank=self.rank, flat=flat, slot=slot,
                 skeleton=flat.skeleton, storage=st)).result()
             outcome = RankOutcome(self.rank, True, index_name=files.index_name, index_xxh3=files.index_xxh3,
@@ -295,14 +292,9 @@ class Attachment:
         try:
             info = coordinator.commit(save_dir, tag, outcome, desc["save_latest"], desc["meta"], prepared.save_id,
                                       desc["t_start"])
-        except CheckpointError as exc:
-            if write_error is not None:
-                if not distributed:
-                    raise WriteError(f"writing checkpoint {tag!r} to {save_dir} failed: {write_error}") from write_error
-                raise exc from write_error
-            if not distributed and isinstance(exc.__cause__, OSError):
-                raise WriteError(f"publishing checkpoint {tag!r} in {save_dir} failed: {exc.__cause__}") from exc.__cause__
-            raise
+        except CommitError as exc:
+            raise_for_rank(exc, self.rank, f"{'writing' if write_error else 'publishing'} checkpoint {tag!r} in "
+                                           f"{save_dir}", write_error)
         phases.update(info.phases)
         self.reply({"op": "done", "seq": seq, "tag": tag, "path": info.path, "bytes_written": files.bytes_written,
                     "total_bytes_written": info.total_bytes_written, "phases": phases})
