@@ -128,9 +128,11 @@ class AsyncCheckpointIO(CheckpointIO):
         with self._lock:
             self._generation[key] = self._generation.get(key, 0) + 1
             self._pending = {p: f for p, f in self._pending.items() if not f.done()}
-        lazy = LazyStaging(lambda key: groups.get(key, -1), 2) if self.config.snapshot == "lazy" else None
+        groups: dict[str, int] = {}  # lazy: key path -> copy group, known once the state is flattened
+        lazy = LazyStaging(lambda k: groups.get(k, -1), 2) if self.config.snapshot == "lazy" else None
         flat = flatten(checkpoint, allow_pickle=self.config.allow_pickle, leaves=None if lazy is None else lazy.leaves)
-        groups = {} if lazy is None else self._guard.groups(lazy.leaves, flat)
+        if lazy is not None:
+            groups.update(self._guard.groups(lazy.leaves, flat))
         fut = self._engine.save(flat, save_dir, tag, save_latest=True, lazy=lazy)  # raises an earlier failure
         if lazy is not None:
             self._guard.add(lazy.snapshot)
