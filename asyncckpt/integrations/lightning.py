@@ -12,6 +12,9 @@ With several ranks, only rank 0 waits for its saves in ``teardown`` (the end of 
 return from ``fit`` while the last checkpoint is still being written. Lightning's next stage (``fit``,
 ``validate``, ``test``) starts with a barrier, so its ``ckpt_path`` is always complete; code of your own that
 reads checkpoints on other ranks right after ``fit`` calls ``trainer.strategy.barrier()`` first.
+
+With ``snapshot: lazy`` the copy into host buffers runs in the background after ``save_checkpoint`` returns
+(:class:`~asyncckpt.staging.Snapshot`); see :class:`_SnapshotGuard` for where training waits for it.
 """
 from __future__ import annotations
 
@@ -21,9 +24,12 @@ import logging
 import os
 import threading
 import uuid
+import weakref
 from typing import Any, Mapping
 
 import torch
+from torch.nn.modules.module import register_module_forward_pre_hook
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 try:
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
@@ -39,8 +45,10 @@ from ..engine import SaveEngine
 from ..errors import CheckpointError, CheckpointNotFoundError
 from ..format import MANIFEST
 from ..future import SaveFuture
+from ..checkpointer import _is_torch_code
 from ..loader import load, read_latest
-from ..state import flatten
+from ..staging import LazyStaging, Snapshot
+from ..state import FlatState, flatten
 from ..threads import started_pool
 from ._common import drain_at_exit, framework_config
 
@@ -63,6 +71,9 @@ class AsyncCheckpointIO(CheckpointIO):
       never published, because the run died first, loads the newest published checkpoint of the directory,
       which its ``latest`` file names, with a warning), a checkpoint directory (→ its ``latest``), or a
       ``torch.save`` file of an earlier run.
+    * With ``snapshot: lazy``, ``save_checkpoint`` returns before the copy; training waits for it only where
+      saved state is about to change (see :class:`_SnapshotGuard`); state changed anywhere else before the copy
+      is complete fails that save (nothing is published): call :meth:`wait_snapshot` before such code.
     * A hidden name (``.temp.ckpt``, which ``ddp_spawn`` uses to hand the final weights to the main process
       after ``teardown``) is written synchronously with ``torch.save``; any other name must be a valid tag.
 
@@ -85,6 +96,7 @@ class AsyncCheckpointIO(CheckpointIO):
         self._generation: dict[str, int] = {}  # absolute path -> number of saves requested for it
         self._cleaned: set[str] = set()  # directories whose leftover removals were deleted
         self._lock = threading.Lock()
+        self._guard = _SnapshotGuard()
 
     # Lightning pickles its plugins into ddp_spawn workers: only the configuration travels.
     def __getstate__(self) -> dict:
@@ -116,8 +128,14 @@ class AsyncCheckpointIO(CheckpointIO):
         with self._lock:
             self._generation[key] = self._generation.get(key, 0) + 1
             self._pending = {p: f for p, f in self._pending.items() if not f.done()}
-        flat = flatten(checkpoint, allow_pickle=self.config.allow_pickle)
-        fut = self._engine.save(flat, save_dir, tag, save_latest=True)  # raises an earlier background failure
+        groups: dict[str, int] = {}  # lazy: key path -> copy group, known once the state is flattened
+        lazy = LazyStaging(lambda k: groups.get(k, -1), 2) if self.config.snapshot == "lazy" else None
+        flat = flatten(checkpoint, allow_pickle=self.config.allow_pickle, leaves=None if lazy is None else lazy.leaves)
+        if lazy is not None:
+            groups.update(self._guard.groups(lazy.leaves, flat))
+        fut = self._engine.save(flat, save_dir, tag, save_latest=True, lazy=lazy)  # raises an earlier failure
+        if lazy is not None:
+            self._guard.add(lazy.snapshot)
         with self._lock:
             self._pending[key] = fut
 
@@ -172,6 +190,7 @@ class AsyncCheckpointIO(CheckpointIO):
     # --------------------------------------------------------------------------------------------- load
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         key = _local_path(path)
+        self.wait_snapshot()  # what is loaded is then copied into the live state
         with self._lock:
             fut = self._pending.get(key)
         if fut is not None:
@@ -206,6 +225,12 @@ class AsyncCheckpointIO(CheckpointIO):
         return os.path.split(key)
 
     # ----------------------------------------------------------------------------------------- teardown
+    def wait_snapshot(self, timeout: float | None = None) -> None:
+        """With ``snapshot: lazy``: block until the state of every save so far is copied. Call it before changing
+        saved state anywhere but in an optimizer's ``step()`` or a module's forward (see the class docstring).
+        A no-op with ``snapshot: eager`` or when no copy is pending; ``TimeoutError`` if ``timeout`` expires."""
+        self._guard.wait(timeout)
+
     def wait(self, timeout: float | None = None) -> None:
         """Block until every save and removal so far is done; raise the first background save failure."""
         if self._engine is not None:
@@ -219,12 +244,118 @@ class AsyncCheckpointIO(CheckpointIO):
         remover, self._remover = self._remover, None
         try:
             if engine is not None:
-                engine.close()
+                engine.close()  # waits for the snapshots' copies; a state torn meanwhile fails its save here
         finally:
+            self._guard.drop()
             if remover is not None:
                 remover.shutdown(wait=True)
             self._removals = []
             self._pending = {}
+
+
+class _SnapshotGuard:
+    """Where training waits for the lazy snapshots of the saves in flight (``snapshot: lazy``).
+
+    Lightning gives a ``CheckpointIO`` no reference to the trainer or the model, so the guard hooks into what
+    every training step goes through, process-wide, and only while a copy is pending (no cost otherwise):
+
+    * a global module forward pre-hook: before any forward, the copy of group 0 (the model state that is not
+      a parameter of an optimizer: buffers such as BatchNorm running statistics, which change in forward);
+    * a global optimizer step pre-hook: before any optimizer's update, the whole copy (parameters and
+      optimizer state). Lightning runs ``training_step`` and ``backward`` inside ``optimizer.step(closure)``;
+      for torch's own optimizers, which evaluate the closure before they update anything, the hook makes the
+      closure wait after it returns, so forward and backward overlap the copy. Any other optimizer waits
+      before its step begins.
+
+    The parameters are told apart from the buffers by the optimizers the step hook has seen (their parameters'
+    storages): until a step has run while a copy was pending (the first lazy save of a plugin), the whole model
+    state is group 0. A tensor changed in place where no hook sees it fails its save through its version
+    counter (see :class:`~asyncckpt.staging.Snapshot`)."""
+
+    def __init__(self):
+        self._snapshots: list[Snapshot] = []
+        self._optimizers: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+        self._forward_hook = None
+        self._step_hook = None
+
+    def groups(self, leaves: list[tuple[str, torch.Tensor]], flat: FlatState) -> dict[str, int]:
+        """The copy group of every staged key path (see :class:`~asyncckpt.staging.LazyStaging`): 0 the model
+        state no optimizer updates, 1 the parameters and the optimizer states, -1 (copied at the call) the rest
+        (loops, callbacks, LR schedulers: small, or changed where no hook sees). A storage shared by several
+        saved tensors is copied with the earliest group among them, and each of them is watched with it."""
+        params = {p.untyped_storage().data_ptr() for o in list(self._optimizers)
+                  for g in o.param_groups for p in g["params"]}
+        out = {}
+        for path, t in leaves:
+            if path.startswith("optimizer_states/"):
+                out[path] = 1
+            elif path.startswith("state_dict/"):
+                out[path] = 1 if t.untyped_storage().data_ptr() in params else 0
+            else:
+                out[path] = -1
+        for v in flat.views:
+            out[v.base] = min(out.get(v.base, 1), out[v.key])
+        for v in flat.views:
+            out[v.key] = out[v.base]
+        return out
+
+    def add(self, snapshot: Snapshot) -> None:
+        self._snapshots.append(snapshot)
+        ref = weakref.ref(self)
+        if self._forward_hook is None:
+            self._forward_hook = register_module_forward_pre_hook(lambda module, args: _call(ref, "_before_forward"))
+        if self._step_hook is None:
+            self._step_hook = register_optimizer_step_pre_hook(
+                lambda optimizer, args, kwargs: _call(ref, "_before_step", optimizer, args, kwargs))
+
+    def _before_forward(self) -> None:
+        for s in self._snapshots:
+            s.settle(0)
+        if self._forward_hook is not None:
+            self._forward_hook.remove()
+            self._forward_hook = None
+
+    def _before_step(self, optimizer, args, kwargs):
+        self._optimizers.add(optimizer)
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0] is the optimizer
+        if closure is None or not _is_torch_code(type(optimizer).step):
+            self._settle()
+            return None
+
+        def closure_then_settle():
+            try:
+                return closure()
+            finally:
+                self._settle()
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_settle}
+        return (args[0], closure_then_settle, *args[2:]), kwargs
+
+    def _settle(self) -> None:
+        snapshots, self._snapshots = self._snapshots, []
+        self.drop()
+        for s in snapshots:
+            s.settle(s.groups - 1)
+
+    def wait(self, timeout: float | None = None) -> None:
+        while self._snapshots:
+            self._snapshots[0].wait(timeout)
+            self._snapshots.pop(0)
+        self.drop()
+
+    def drop(self) -> None:
+        """Remove the hooks (and forget the snapshots: the engine's pipeline checks them once copied)."""
+        self._snapshots = []
+        for hook in (self._forward_hook, self._step_hook):
+            if hook is not None:
+                hook.remove()
+        self._forward_hook = self._step_hook = None
+
+
+def _call(ref: "weakref.ref[_SnapshotGuard]", method: str, *args):
+    guard = ref()
+    return None if guard is None else getattr(guard, method)(*args)
 
 
 def _local_path(path: Any) -> str:
