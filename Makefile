@@ -10,6 +10,8 @@ STAMP      := $(VENV)/.installed
 # The TORCH_SPEC the stamp was made with: a different one for an existing VENV reinstalls torch.
 SPEC       := $(VENV)/.spec
 PYTEST_ARGS ?=
+# `make test` spreads the test files over this many processes (pytest-xdist; each file stays in one process).
+TEST_WORKERS ?= 2
 # Optional integrations installed for the tests (their tests skip without them): `make test EXTRAS=` for none.
 EXTRAS     ?= export,lightning,transformers,deepspeed,s3,test-s3
 # The modules of tests/reliability.py's MODULES.
@@ -36,7 +38,7 @@ demo: $(STAMP)
 
 # Never writes a tracked file (docs/RELIABILITY.md is `make reliability`'s).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Runs the reliability tests and, if every one of them passed, rewrites docs/RELIABILITY.md.
 reliability: $(STAMP)
