@@ -181,11 +181,10 @@ class SaveEngine:
 
     def storage_for(self, save_dir: str) -> Storage:
         """The storage of ``save_dir`` (by its URL scheme; the config's ``storage`` group for object stores)."""
-        st = open_storage(save_dir, self.config.storage.fsspec_options())
-        if not st.local and self.config.use_node_local_storage:
+        if is_url(save_dir) and self.config.use_node_local_storage:  # before its fsspec package is imported
             raise ConfigError(f"config key 'use_node_local_storage': true needs a local save_dir, not {save_dir!r} "
                               "(an object store is one shared place)")
-        return st
+        return open_storage(save_dir, self.config.storage.fsspec_options())
 
     def _exists(self, save_dir: str, tag: str) -> bool:
         """``tag`` is published in ``save_dir`` (POSIX: unless it is an orphan a replayed run replaces)."""
