@@ -456,14 +456,10 @@ class CommitCoordinator:
         """Node-local storage: every node's publisher publishes its directory; when every node did, every
         publisher points its ``latest`` at it (two phases); when some node failed, every node withdraws its
         copy (unless it replaced an older one of that name)."""
-        two_phase = save_latest
         if self.is_publisher:
             mine.run(lambda: self._publish(save_dir, tag, verdict.outcomes, save_latest, False, extra, mine))
-        decide = (lambda states: self._after_publication(tag, states, save_latest, two_phase, withdraw=True))
-        try:
-            verdict = self._round(mine, "publication", decide)
-        except CommitTimeoutError as exc:
-            raise self._unknown(exc, tag, mine) from exc
+        decide = (lambda states: self._after_publication(tag, states, save_latest, save_latest, withdraw=True))
+        verdict = self._round_after_publishing(mine, tag, "publication", decide)
         if verdict.withdraw:
             if self.is_publisher and mine.published and not mine.replaced:
                 mine.run(lambda: self._locked(save_dir, self._withdraw, save_dir, tag, mine))
@@ -471,12 +467,16 @@ class CommitCoordinator:
             if self.is_publisher:
                 mine.run(lambda: self._locked(save_dir, self._publish_latest, save_dir, tag, mine))
             decide = (lambda states: self._after_publication(tag, states, save_latest, False, withdraw=False))
-            try:
-                verdict = self._round(mine, "updating latest on every node", decide)
-            except CommitTimeoutError as exc:
-                raise self._unknown(exc, tag, mine) from exc
+            verdict = self._round_after_publishing(mine, tag, "updating latest on every node", decide)
         if verdict.error:
             raise CommitError(verdict.error, verdict.failures) from mine.exc
+
+    def _round_after_publishing(self, mine: "_Publication", tag: str, what: str, decide: Callable) -> "_Verdict":
+        """A round once publishers may have published: a timeout leaves the outcome unknown (:meth:`_unknown`)."""
+        try:
+            return self._round(mine, what, decide)
+        except CommitTimeoutError as exc:
+            raise self._unknown(exc, tag, mine) from exc
 
     def _after_publication(self, tag: str, states: list["_Publication"], save_latest: bool, then_latest: bool,
                            withdraw: bool) -> "_Verdict":
