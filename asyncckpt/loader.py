@@ -478,7 +478,7 @@ class _StoreFiles:
         self.metadata_bytes = 0
         self._sizes: dict[str, int] | None = None
 
-    def _listing(self) -> dict[str, int]:
+    def listing(self) -> dict[str, int]:
         if self._sizes is None:
             try:
                 self._sizes = self.store.file_sizes(self.path)
@@ -491,7 +491,7 @@ class _StoreFiles:
         return None if size is None else (None, size)
 
     def size(self, name: str) -> int | None:
-        return self._listing().get(name)
+        return self.listing().get(name)
 
     @contextlib.contextmanager
     def pinned(self):
@@ -601,10 +601,7 @@ class CheckpointReader:
         (manifest, rank index, data file, table) that is anything else (a symlink, even to a file inside, a
         directory, a FIFO, a socket) makes the whole checkpoint refused."""
         if self._store is not None:
-            try:
-                return self._store.file_sizes(self.path)
-            except OSError as exc:
-                raise CorruptCheckpointError(f"{self.path}: cannot list the tag ({exc})") from exc
+            return dict(self._files.listing())  # one listing of the tag per reader
         sizes = {}
         for name in self._files.names():
             st = self._files.lstat(name)
