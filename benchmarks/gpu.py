@@ -408,10 +408,18 @@ def run(spec: GpuSpec, out_dir: str) -> dict:
             if job["floors"]:
                 doc["floors"] = res.get("floors") or {"error": res.get("error", "no result")}
             doc["systems"].update(res.get("systems", {}))
+            _write_partial(doc, out_dir)  # what is measured so far survives a run cut short
     finally:
         doc["elapsed_s"] = time.perf_counter() - t0
         shutil.rmtree(workdir, ignore_errors=True)
     return doc
+
+
+def _write_partial(doc: dict, out_dir: str) -> None:
+    dest = os.path.join(out_dir, doc["name"])
+    os.makedirs(dest, exist_ok=True)
+    with open(os.path.join(dest, "results.partial.json"), "w") as f:
+        json.dump(doc, f, indent=1, default=repr)
 
 
 # ------------------------------------------------------------------------------------------------ report
