@@ -247,7 +247,8 @@ def _issue_cuda(pairs, training_waits: bool) -> list:
             side.wait_stream(current)  # the values the training stream last wrote
             with torch.cuda.stream(side):
                 for dst, src in group:
-                    dst.copy_(src, non_blocking=True)
+                    for d, s in registered_pieces(dst, src):
+                        d.copy_(s, non_blocking=True)
                     src.record_stream(side)  # the allocator must not reuse src's memory before the copy
             event = torch.cuda.Event()
             event.record(side)
@@ -255,6 +256,26 @@ def _issue_cuda(pairs, training_waits: bool) -> list:
                 current.wait_event(event)  # the next kernels (optimizer step) run after the copy read the values
             events.append((dev, event))
     return events
+
+
+def registered_pieces(dst: torch.Tensor, src: torch.Tensor, chunk: int = RESERVE_CHUNK_BYTES) -> list:
+    """One host copy ``dst <- src`` cut where the destination crosses a boundary of its buffer's pinned
+    registrations (every ``chunk`` bytes from the start of its storage, as :class:`_HostBuffer` registers
+    them): one asynchronous CUDA copy may not span two ``cudaHostRegister`` ranges (it fails with "invalid
+    argument"). A non-contiguous source that must be cut is made contiguous first, on the current stream."""
+    size = dst.element_size()
+    nbytes = dst.numel() * size
+    start = dst.storage_offset() * size
+    if nbytes == 0 or start // chunk == (start + nbytes - 1) // chunk:
+        return [(dst, src)]
+    d = dst.reshape(-1).view(torch.uint8)
+    s = src.contiguous().reshape(-1).view(torch.uint8)
+    pieces, pos = [], 0
+    while pos < nbytes:
+        end = min(nbytes, ((start + pos) // chunk + 1) * chunk - start)
+        pieces.append((d[pos:end], s[pos:end]))
+        pos = end
+    return pieces
 
 
 def _stage_cuda(pairs) -> Callable[[], None]:

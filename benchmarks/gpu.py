@@ -113,6 +113,8 @@ def _only(data: Mapping, known: set[str], prefix: str) -> None:
 # ------------------------------------------------------------------------------------------------ adapters
 def _adapters() -> dict[str, type]:
     """kind -> System adapter (benchmarks.systems), built on first use (imports torch)."""
+    import torch
+
     from . import systems as S
 
     class AsyncCkptGpu(S.AsyncCkpt):
@@ -150,7 +152,10 @@ def _adapters() -> dict[str, type]:
             import torch.distributed.checkpoint as dcp
 
             t0 = time.perf_counter()
-            resp = dcp.async_save(self.state(), async_stager=self.stager, **self.kwargs(tag))
+            # plain tensors: DCP's stager cannot deep-copy an nn.Parameter (KeyError: <class 'type'> on torch 2.11)
+            state = {part: {k: v.detach() if isinstance(v, torch.nn.Parameter) else v for k, v in sd.items()}
+                     if part == "model" else sd for part, sd in self.state().items()}
+            resp = dcp.async_save(state, async_stager=self.stager, **self.kwargs(tag))
             staged = getattr(resp, "staging_completion", None)
             upload = getattr(resp, "upload_completion", resp)
             if staged is not None:

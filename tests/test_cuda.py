@@ -80,3 +80,22 @@ def test_bf16_and_float8_on_cuda_round_trip(tmp_path):
         assert back[k].device == v.device
         assert torch.equal(back[k].view(torch.uint8) if v.element_size() == 1 else back[k].float(),
                            v.view(torch.uint8) if v.element_size() == 1 else v.float()), k
+
+
+def test_state_larger_than_one_pinned_registration_stages_bit_exact(tmp_path):
+    """The staging buffer is pinned in chunks of RESERVE_CHUNK_BYTES (one cudaHostRegister each); tensors that
+    straddle a chunk boundary (a large one, a non-contiguous one, small ones around it) must still copy: one
+    asynchronous copy may not span two registrations."""
+    from asyncckpt.staging import RESERVE_CHUNK_BYTES
+
+    n = (RESERVE_CHUNK_BYTES + (3 << 20)) // 4  # crosses the first boundary
+    state = {"a_small": torch.arange(11, device="cuda"),
+             "b_big": torch.randn(n, device="cuda"),
+             "c_nc": torch.randn(1 << 12, 1 << 13, device="cuda").t(),  # 128 MiB, non-contiguous, crosses the next
+             "d_tail": torch.randn(5, device="cuda")}
+    with asyncckpt.AsyncCheckpointer(torch.nn.Linear(2, 2).cuda(), None) as saver:
+        saver.save_checkpoint(tmp_path, tag="t", client_state={"s": state}).result(120)
+        assert all(s.buffer.is_pinned() for s in saver.engine.pool.slots if s.buffer is not None)
+    back = asyncckpt.load(tmp_path, "t")["s"]
+    for k, v in state.items():
+        assert back[k].device == v.device and torch.equal(back[k], v), k
