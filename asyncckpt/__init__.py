@@ -11,7 +11,8 @@ from .checkpointer import AsyncCheckpointer  # noqa: E402
 from .config import CodecConfig, Config, WriterConfig  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError, CheckpointNotFoundError, CommitError, CommitTimeoutError, ConfigError,
-    CorruptCheckpointError, InvalidTagError, KeyCollisionError, PickleNotAllowedError, SaverBusyError,
+    CorruptCheckpointError, InvalidTagError, KeyCollisionError, MissingPackageError, PickleNotAllowedError,
+    SaverBusyError,
     StateMismatchError, TagExistsError, UnsafeCheckpointError, UnsupportedStateError, WriteError,
 )
 from .export import export, import_checkpoint  # noqa: E402  (the function shadows the submodule's name)
@@ -23,6 +24,6 @@ __all__ = [
     "AsyncCheckpointer", "save", "load", "wait_all", "export", "import_checkpoint", "Config", "CodecConfig", "WriterConfig", "SaveFuture",
     "SaveResult", "CheckpointReader", "list_tags", "CheckpointError", "CheckpointNotFoundError", "CommitError",
     "CommitTimeoutError", "ConfigError", "CorruptCheckpointError", "InvalidTagError", "KeyCollisionError",
-    "PickleNotAllowedError", "SaverBusyError", "StateMismatchError", "TagExistsError", "UnsafeCheckpointError",
-    "UnsupportedStateError", "WriteError",
+    "MissingPackageError", "PickleNotAllowedError", "SaverBusyError", "StateMismatchError", "TagExistsError",
+    "UnsafeCheckpointError", "UnsupportedStateError", "WriteError",
 ]

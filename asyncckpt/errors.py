@@ -57,6 +57,11 @@ class PickleNotAllowedError(CheckpointError, TypeError):
     """A value is not JSON-representable and ``allow_pickle`` is off; the message names the key path."""
 
 
+class MissingPackageError(CheckpointError, ImportError):
+    """An optional package this call needs is not installed (fsspec or s3fs for a URL ``save_dir``, ...);
+    the message names the package and the extra that installs it."""
+
+
 class SaverBusyError(CheckpointError):
     """``on_busy: error`` and ``max_inflight`` saves are already in flight."""
 

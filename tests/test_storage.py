@@ -196,3 +196,35 @@ def test_marker_strategy_save_load_overwrite_keep_last_in_memory():
     assert not fs.exists(f"{url}/d/rank00000.json") and fs.exists(f"{url}/notes/readme.txt")
     assert asyncckpt.list_tags(url) == ["c", "e"]
     assert asyncckpt.CheckpointReader(url).verify()["chunks"] > 0
+
+
+@pytest.mark.parametrize("url,kind,names", [
+    ("gcs://bucket/ckpts", "MissingPackageError", ["gcs://bucket/ckpts", "gcsfs"]),  # fsspec knows it; gcsfs absent
+    ("nosuchscheme://bucket/ckpts", "ConfigError", ["nosuchscheme://bucket/ckpts", "nosuchscheme"]),
+])
+def test_a_url_without_its_filesystem_package_is_a_checkpoint_error(tmp_path, url, kind, names):
+    pytest.importorskip("fsspec")
+    if kind == "MissingPackageError":
+        try:
+            import gcsfs  # noqa: F401
+            pytest.skip("gcsfs is installed here")
+        except ImportError:
+            pass
+    with pytest.raises(getattr(asyncckpt, kind)) as info:
+        asyncckpt.save({"w": torch.ones(2)}, url, "t")
+    assert isinstance(info.value, asyncckpt.CheckpointError)
+    for name in names:
+        assert name in str(info.value)
+    with pytest.raises(getattr(asyncckpt, kind)):
+        asyncckpt.load(url, "t")
+
+
+def test_a_url_without_fsspec_installed_names_the_extra(monkeypatch):
+    import sys
+
+    from asyncckpt.storage.fsspec_store import FsspecStorage
+
+    monkeypatch.setitem(sys.modules, "fsspec", None)  # as if fsspec were not installed: its import fails
+    with pytest.raises(asyncckpt.MissingPackageError, match=r"s3://b/c.*fsspec.*asyncckpt\[s3\]") as info:
+        FsspecStorage("s3://b/c")
+    assert isinstance(info.value, ImportError) and isinstance(info.value, asyncckpt.CheckpointError)

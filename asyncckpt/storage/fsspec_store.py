@@ -14,6 +14,7 @@ import io
 import posixpath
 from typing import Any, BinaryIO, Callable
 
+from ..errors import ConfigError, MissingPackageError
 from .base import MARKER, as_os_error
 
 DEFAULT_BLOCK_BYTES = 64 << 20  # multipart part size (S3 allows 5 MiB .. 5 GiB per part, 10,000 parts)
@@ -67,9 +68,12 @@ class FsspecStorage:
     local = False
 
     def __init__(self, url: str, options: dict | None = None):
-        import fsspec
-
         protocol = url.split("://", 1)[0].lower()
+        try:
+            import fsspec
+        except ImportError as exc:
+            raise MissingPackageError(f"save_dir {url!r} needs the fsspec package ({exc}); for S3: "
+                                      "pip install 'asyncckpt[s3]'") from exc
         opts = copy.deepcopy(dict(options or {}))
         self.block_size = int(opts.pop("block_size", DEFAULT_BLOCK_BYTES))
         if protocol in ("s3", "s3a"):
@@ -78,8 +82,10 @@ class FsspecStorage:
         try:
             self.fs = fsspec.filesystem(protocol, **opts)
         except ImportError as exc:
-            raise ImportError(f"save_dir {url!r} needs the fsspec package for {protocol}:// ({exc}); for S3: "
-                              "pip install 'asyncckpt[s3]'") from exc
+            raise MissingPackageError(f"save_dir {url!r} needs the fsspec package for {protocol}:// ({exc}); for "
+                                      "S3: pip install 'asyncckpt[s3]'") from exc
+        except ValueError as exc:  # fsspec: "Protocol not known"
+            raise ConfigError(f"save_dir {url!r}: fsspec has no filesystem for {protocol}:// ({exc})") from exc
         self.protocol = protocol
 
     # ----------------------------------------------------------------- names
