@@ -282,17 +282,17 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, to: str = "
     save_dir, named = split_path(os.fspath(checkpoint))
     if tag is not None and named is not None and str(tag) != named:
         raise ConfigError(f"tag: {tag!r} given, but {os.fspath(checkpoint)} is the checkpoint {named!r}")
-    reader = CheckpointReader(save_dir, tag if tag is not None else named)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < reader.world_size:
-        raise ConfigError(f"rank: {rank!r} is not a rank of {reader.path} (world size {reader.world_size})")
-    reader.check_structure()
-    tree = _Tree(reader, rank, model_only)
-    out = os.path.abspath(os.fspath(out))
-    result = ExportResult(reader.path, [], 0, 0, rank, reader.world_size, dict(tree.aliases))
-    if to == "torch":
-        _export_torch(tree, out, cast, overwrite, progress, result)
-    else:
-        _export_safetensors(tree, out, cast, shard_bytes, overwrite, progress, result)
+    with CheckpointReader(save_dir, tag if tag is not None else named) as reader:
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < reader.world_size:
+            raise ConfigError(f"rank: {rank!r} is not a rank of {reader.path} (world size {reader.world_size})")
+        reader.check_structure()
+        tree = _Tree(reader, rank, model_only)
+        out = os.path.abspath(os.fspath(out))
+        result = ExportResult(reader.path, [], 0, 0, rank, reader.world_size, dict(tree.aliases))
+        if to == "torch":
+            _export_torch(tree, out, cast, overwrite, progress, result)
+        else:
+            _export_safetensors(tree, out, cast, shard_bytes, overwrite, progress, result)
     return result
 
 
@@ -530,9 +530,9 @@ def import_checkpoint(source: str | os.PathLike, save_dir: str | os.PathLike, ta
     future = save(state, save_dir, tag, save_latest=save_latest, config=config)
     del state
     _wait_writing(future, os.path.join(os.fspath(save_dir), partial_dir_name(tag)), progress, tag)
-    reader = CheckpointReader(os.fspath(save_dir), tag)
-    tensors = [reader.record_for(key) for key in skeleton_tensor_refs(reader.skeleton())]
-    return ImportResult(reader.path, reader.tag, files, kind, len(tensors), sum(rec.nbytes for rec in tensors))
+    with CheckpointReader(os.fspath(save_dir), tag) as reader:
+        tensors = [reader.record_for(key) for key in skeleton_tensor_refs(reader.skeleton())]
+        return ImportResult(reader.path, reader.tag, files, kind, len(tensors), sum(rec.nbytes for rec in tensors))
 
 
 def _wait_writing(future: Any, partial: str, progress: bool, tag: str) -> None:

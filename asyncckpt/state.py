@@ -522,7 +522,10 @@ def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor], *, allow_pickle: 
             raise UnsafeCheckpointError(f"{where}: malformed skeleton node at {_where(path)}: {exc!r}") from None
         raise UnsafeCheckpointError(f"{where}: unknown skeleton node type {kind!r} at {_where(path)}")
 
-    return build(skeleton, "", 1)
+    try:
+        return build(skeleton, "", 1)
+    finally:  # build refers to itself: without this cycle's break, it (and ``tensors``) lives until the next GC
+        del build
 
 
 def _is_int_list(v: Any) -> bool:

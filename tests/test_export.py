@@ -69,6 +69,25 @@ def test_safetensors_round_trip_is_bit_exact_for_every_dtype(tmp_path, same):
     same(load_file(result.files[0]), asyncckpt.load(str(tmp_path / "ck"), "t"))
 
 
+def test_export_and_import_close_every_file_they_open(tmp_path):
+    """Readers are closed when the call returns, not when the garbage collector gets to them."""
+    import gc
+
+    src = publish({"w": torch.randn(64), "b": torch.ones(3)}, str(tmp_path / "ck"))
+    asyncckpt.export(src, tmp_path / "all.pt", to="torch")
+    asyncckpt.import_checkpoint(tmp_path / "all.pt", tmp_path / "back", "i0")  # starts the saver's threads
+    gc.collect()
+    gc.disable()
+    try:
+        before = sorted(os.listdir("/proc/self/fd"))
+        asyncckpt.export(src, tmp_path / "st")
+        asyncckpt.export(src, tmp_path / "all.pt", to="torch", overwrite=True)
+        asyncckpt.import_checkpoint(tmp_path / "all.pt", tmp_path / "back", "i1")
+        assert sorted(os.listdir("/proc/self/fd")) == before
+    finally:
+        gc.enable()
+
+
 @pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
 @pytest.mark.parametrize("dtype", NO_SAFETENSORS, ids=str)
 def test_safetensors_refuses_dtypes_it_cannot_hold_naming_the_key(tmp_path, dtype):

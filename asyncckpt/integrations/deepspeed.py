@@ -201,6 +201,7 @@ class AsyncCheckpointEngine(CheckpointEngine):
             if not in_flight:  # else (timeout) stay open so that the saves in flight finish: call close() again
                 self._closed = True
                 self._finisher.shutdown(wait=True)
+                self._drop_reader()
                 self.saver.close()
 
     # ----------------------------------------------------------------------------------------- helpers
@@ -220,8 +221,9 @@ class AsyncCheckpointEngine(CheckpointEngine):
             return result
         fsync = self.config.writer.fsync
         tag_dir = os.path.join(save_dir, tag)
-        reader = CheckpointReader(save_dir, tag)
-        for rank, doc in sorted(reader.indices.items()):
+        with CheckpointReader(save_dir, tag) as reader:
+            indices = reader.indices
+        for rank, doc in sorted(indices.items()):
             skeleton = doc.get("skeleton")
             for name in skeleton if isinstance(skeleton, dict) else ():
                 stub = (f"{STUB_MARK.decode()}\nThe DeepSpeed file {name!r} (rank {rank}) is an entry of the "
@@ -239,8 +241,14 @@ class AsyncCheckpointEngine(CheckpointEngine):
         st = os.stat(tag_dir)
         key = (os.path.abspath(tag_dir), st.st_dev, st.st_ino)  # an overwritten tag is a new directory
         if self._reader is None or self._reader[0] != key:
+            self._drop_reader()
             self._reader = (key, _reader(tag_dir))
         return self._reader[1]
+
+    def _drop_reader(self) -> None:
+        if self._reader is not None:
+            self._reader[1].close()
+            self._reader = None
 
 
 def _reader(tag_dir: str) -> CheckpointReader:
@@ -257,7 +265,15 @@ def load_file(path: str | os.PathLike, map_location: Any = None, *, _cache: Asyn
     tag_dir, name = os.path.split(path)
     if not os.path.lexists(os.path.join(tag_dir, MANIFEST)):
         return torch.load(path, map_location=map_location, weights_only=False)
-    reader = _cache._open(tag_dir) if _cache is not None else _reader(tag_dir)
+    verify = _cache is None or _cache.config.verify_on_load
+    if _cache is not None:  # the engine keeps its reader open across the files of one load
+        return _load_entry(_cache._open(tag_dir), path, name, map_location, verify)
+    with _reader(tag_dir) as reader:
+        return _load_entry(reader, path, name, map_location, verify)
+
+
+def _load_entry(reader: CheckpointReader, path: str, name: str, map_location: Any, verify: bool) -> Any:
+    tag_dir = reader.path
     for rank, doc in sorted(reader.indices.items()):
         skeleton = doc.get("skeleton")
         if isinstance(skeleton, dict) and name in skeleton:
@@ -270,8 +286,7 @@ def load_file(path: str | os.PathLike, map_location: Any = None, *, _cache: Asyn
     unflatten(node, {}, where=where, check_only=True)  # every node well-formed before any data is read
     keys = list(skeleton_tensor_refs(node, where=where))
     location = None if callable(map_location) else map_location
-    tensors = reader.read_tensors(keys, rank=rank, map_location=location, verify=_cache is None or
-                                  _cache.config.verify_on_load)
+    tensors = reader.read_tensors(keys, rank=rank, map_location=location, verify=verify)
     return unflatten(node, tensors, allow_pickle=True, where=where)
 
 
