@@ -26,13 +26,14 @@ from .codec import ChunkCodec
 from .commit import CommitCoordinator, DistContext, orphan_reason, raise_for_rank
 from .config import Config
 from .commit import BUSY
-from .errors import CheckpointError, CommitError, ConfigError, TagExistsError
+from .errors import CheckpointError, CommitError, ConfigError, SaverBusyError, TagExistsError
 from .format import MANIFEST, checksum, validate_tag
 from .future import SaveFuture, raise_first_unobserved
 from .io_types import FlatState, RankOutcome, SaveJob, SaveResult, StageItem
 from .placement import ReplicatedSplit, fingerprint
 from .service.client import ServiceClient
-from .staging import LazyStaging, Slot, Snapshot, StagingPool, ready_now
+from .packing import alone_items
+from .staging import LazyStaging, Ring, Slot, Snapshot, StagingPool, ready_now
 from .storage import MARKER, Storage, is_url, open_storage
 from .writer import WriterPool, lower_thread_priority
 from .threads import EventLoopThread, at_shutdown, started_pool
@@ -62,7 +63,8 @@ class SaveEngine:
         self.service = ServiceClient(config, self.ctx) if w.mode == "service" else None
         self.pool = StagingPool(config.max_inflight, pin=pin,
                                 budget_bytes=w.memory_budget_bytes // local if w.memory_budget_bytes else 0,
-                                allocate=self.service.allocate if self.service else None)
+                                allocate=self.service.allocate if self.service else None,
+                                chunk_bytes=0 if self.service else config.codec.chunk_bytes)  # no ring in service mode
         self.writer = WriterPool(ChunkCodec.from_config(config.codec), threads=max(1, node_threads // local),
                                  chunk_bytes=config.codec.chunk_bytes, files_per_rank=w.files_per_rank,
                                  inflight_chunks=w.inflight_chunks, fsync=w.fsync, nice=w.nice,
@@ -114,7 +116,13 @@ class SaveEngine:
             flat = flat() if callable(flat) else flat
             flat, replicated_fp, checked = self._own_share(flat, pinned)
             written = {id(i) for i in flat.items}
-            self.pool.check_budget(flat.nbytes + sum(i.nbytes for i in checked if id(i) not in written))
+            nbytes = flat.nbytes + sum(i.nbytes for i in checked if id(i) not in written)
+            self.pool.check_budget(nbytes)
+            ring_shape = self.pool.ring_for(nbytes)
+            if ring_shape is not None and checked:
+                raise SaverBusyError(
+                    f"staging {nbytes} bytes exceeds writer.memory_budget_mib, and verify_replicated needs the "
+                    "whole state staged at once: raise the budget or turn verify_replicated off")
             slot = self.pool.acquire(self.config.on_busy, timeout=self.config.slot_wait_s)
         except BaseException as exc:
             self._placeholder(save_dir, tag, _exc_text(exc))
@@ -123,10 +131,15 @@ class SaveEngine:
             log.info("skipping checkpoint %r: %d save(s) already in flight (on_busy=skip)", tag, len(self.pool.slots))
             placeholder = self._placeholder(save_dir, tag, BUSY)
             return placeholder or SaveFuture.completed(self._skipped(tag))
+        ring = None
         try:
             t_stage = time.perf_counter()
             snapshot = None
-            if lazy is None:
+            if ring_shape is not None:  # waves through the slot's ring; the writer waits segment by segment
+                ring = self._start_ring(slot, flat, ring_shape, lazy)
+                snapshot = None if lazy is None else lazy.start_ring(ring)
+                ready = ready_now
+            elif lazy is None:
                 ready = slot.stage(flat.items)
             else:
                 snapshot = lazy.start(slot, flat)
@@ -135,14 +148,54 @@ class SaveEngine:
             stage_s = time.perf_counter() - t_stage
             job = SaveJob(save_dir, tag, save_latest, flat, slot, ready, dict(manifest_extra or {}), t0)
             job.replicated_fp = replicated_fp
+            job.staging_bytes = ring.nbytes if ring is not None else slot.capacity + self._check_bytes(slot, checks)
         except BaseException as exc:
+            slot.ring = None
             self.pool.release(slot)
             self._placeholder(save_dir, tag, _exc_text(exc))
             raise
         fut = self._submit(job, stage_s, checks, snapshot)
-        job.stall_s = time.perf_counter() - t0  # everything the caller waited for, the hand-off included
-        job.returned.set()
+        try:
+            if ring is not None:  # after the submission: the writer frees the ring's slots as it goes
+                self._stage_waves(ring, lazy is not None)
+        finally:
+            job.stall_s = time.perf_counter() - t0  # everything the caller waited for, the hand-off included
+            job.returned.set()
         return fut
+
+    def _start_ring(self, slot: Slot, flat: FlatState, shape: tuple[int, int], lazy: LazyStaging | None) -> Ring:
+        """The ring of one save in ``slot`` (see :class:`~asyncckpt.staging.Ring`): a lazy save places the
+        state no hook guards first, then module buffers, then the rest."""
+        k, seg = shape
+        priority = None if lazy is None else lazy.priority(flat.items)
+        layout = slot.ring_layout(flat.items, alone_items(flat), self.config.codec.chunk_bytes, seg, priority)
+        start = {}
+        for item in flat.items:  # CUDA: the copies of every wave read the values of the call
+            if item.src.device.type == "cuda" and item.src.device.index not in start:
+                dev = item.src.device.index or 0
+                with torch.cuda.device(dev):
+                    start[dev] = torch.cuda.Event()
+                    start[dev].record(torch.cuda.current_stream())
+        slot.ring = Ring(layout, slot.ring_slots(k, seg), flat.items, self.pool.copier, self.config.commit_timeout_s,
+                         start=start)
+        return slot.ring
+
+    def _stage_waves(self, ring: Ring, lazy: bool) -> None:
+        """Eager: stage every wave before returning (each waits for the writer to free a ring slot; bounded
+        memory costs stall), then the training stream waits for the last copies. Lazy: stage the waves of the
+        state no hook guards now, the rest in the copy thread (the hooks wait for the last wave)."""
+        if not lazy:
+            ring.stage()
+            for dev, event in ring.last_events():
+                with torch.cuda.device(dev):
+                    torch.cuda.current_stream().wait_event(event)
+            return
+        ring.stage(ring.layout.eager_segments)
+        self.pool.copy_thread().submit(ring.stage)
+
+    def _check_bytes(self, slot: Slot, checks) -> int:
+        """Host bytes of the buffer paired with ``slot`` for verify_replicated's checks (0 without checks)."""
+        return 0 if checks is None else self._check_slots[slot.index].capacity
 
     def _submit(self, job: SaveJob, stage_s: float, checks: Callable[[], dict] | None = None,
                 snapshot: Snapshot | None = None) -> SaveFuture:
@@ -328,6 +381,10 @@ class SaveEngine:
                 return await self._pipeline(loop, job, stage_s, checks, snapshot)
             finally:
                 if job.slot is not None:
+                    ring, job.slot.ring = job.slot.ring, None
+                    if ring is not None:  # the stager stops before the slot is reused
+                        ring.abort(CheckpointError(f"checkpoint {job.tag!r} ended before its last wave was staged"))
+                        await loop.run_in_executor(None, ring.stopped.wait, self.config.commit_timeout_s)
                     self.pool.release(job.slot)
 
     async def _pipeline(self, loop, job: SaveJob, stage_s: float, checks: Callable[[], dict] | None,
@@ -389,7 +446,8 @@ class SaveEngine:
         if not job.returned.is_set():  # the caller is still returning from save(): its stall is not final yet
             await loop.run_in_executor(None, job.returned.wait, 60.0)
         result = SaveResult(tag, info.path, stall_s=job.stall_s, time_to_durable_s=durable,
-                            raw_bytes=job.flat.nbytes, bytes_written=files.bytes_written,
+                            raw_bytes=job.flat.nbytes, staging_peak_bytes=job.staging_bytes,
+                            bytes_written=files.bytes_written,
                             total_bytes_written=info.total_bytes_written, phases=phases, rank=ctx.rank,
                             world_size=ctx.world_size)
         if ctx.rank == 0:

@@ -36,8 +36,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from . import packing
 from .errors import CheckpointError, SaverBusyError, StateMismatchError
 from .io_types import StageItem
+from .packing import Pack
 from .threads import started_pool
 
 log = logging.getLogger(__name__)
@@ -130,6 +132,10 @@ class Slot:
         self.allocations = 0  # how many times this slot allocated host memory (tests assert steady state)
         self._reserving: threading.Event | None = None  # set while a background allocation is under way
         self._alloc_lock = threading.Lock()  # the save and the background allocation never allocate at once
+        self._ring_host: _HostBuffer | None = None  # ring mode: K segments of S bytes instead of a full buffer
+        self._ring_shape = (0, 0)
+        self._ring_key: tuple | None = None
+        self.ring: "Ring | None" = None  # the ring of the save in flight in this slot (ring mode), else None
 
     @property
     def buffer(self) -> torch.Tensor | None:
@@ -137,7 +143,36 @@ class Slot:
 
     @property
     def capacity(self) -> int:
-        return 0 if self._host is None else self._host.nbytes
+        """Host bytes this slot holds (its full-size buffer or its ring)."""
+        return sum(h.nbytes for h in (self._host, self._ring_host) if h is not None)
+
+    def ring_slots(self, k: int, s: int) -> list[torch.Tensor]:
+        """The ``k`` segments of ``s`` bytes of this slot's ring buffer: allocated once while ``(k, s)`` repeats
+        (pinned chunk by chunk on CUDA); the slot's full-size buffer, if any, is freed first."""
+        pending = self._reserving
+        if pending is not None:
+            pending.wait()
+        with self._alloc_lock:
+            if self._ring_host is None or self._ring_shape != (k, s):
+                self._drop()
+                t0 = time.perf_counter()
+                host = _HostBuffer(k * s, self.pin, allocate=None if self.pool is None else self.pool.allocate)
+                if self.pool is not None:
+                    self.pool._count(host, time.perf_counter() - t0)
+                self._ring_host, self._ring_shape = host, (k, s)
+                self.allocations += 1
+        t = self._ring_host.tensor
+        return [t[i * s: (i + 1) * s] for i in range(k)]
+
+    def ring_layout(self, items: Sequence[StageItem], alone: frozenset[int], chunk: int, segment: int,
+                    priority: Sequence[int] | None) -> "RingLayout":
+        """The ring layout of ``items`` (cached while items, packing and priorities repeat); becomes ``layout``."""
+        key = (tuple([(i.dtype, i.shape, i.src.is_contiguous()) for i in items]), alone, chunk, segment,
+               None if priority is None else tuple(priority))
+        if key != self._ring_key or not isinstance(self.layout, RingLayout):
+            self.layout = RingLayout.of(items, alone, chunk, segment, priority)
+            self._ring_key = key
+        return self.layout
 
     def _allocate(self, nbytes: int) -> None:
         """Replace the buffer with one of at least ``nbytes`` (the old one is freed first)."""
@@ -150,16 +185,18 @@ class Slot:
         self.allocations += 1
 
     def _drop(self) -> None:
-        if self._host is not None:
-            self._host.free()
+        for host in (self._host, self._ring_host):
+            if host is not None:
+                host.free()
         self._host, self._signature, self._dsts = None, None, []
+        self._ring_host, self._ring_shape, self._ring_key = None, (0, 0), None
 
     def _ensure(self, nbytes: int) -> None:
         pending = self._reserving
         if pending is not None:  # a background allocation for this slot: use it, waiting only for the rest
             pending.wait()
         with self._alloc_lock:
-            if self._host is not None and self.capacity >= nbytes:  # (a state of only empty tensors needs one too)
+            if self._host is not None and self._host.nbytes >= nbytes:  # (a state of only empty tensors needs one)
                 return
             self._allocate(nbytes)
 
@@ -233,9 +270,10 @@ def _side_stream(dev: int) -> "torch.cuda.Stream":
     return side
 
 
-def _issue_cuda(pairs, training_waits: bool) -> list:
+def _issue_cuda(pairs, training_waits: bool, after: dict | None = None) -> list:
     """Issue device-to-host copies on a side stream per device, after the values the training stream last
-    wrote; returns one recorded event per device. ``training_waits``: the training stream waits on them."""
+    wrote (or, for a device in ``after``, after that event); returns one recorded event per device.
+    ``training_waits``: the training stream waits on them."""
     by_device: dict[int, list] = {}
     for dst, src in pairs:
         by_device.setdefault(src.device.index or 0, []).append((dst, src))
@@ -244,7 +282,10 @@ def _issue_cuda(pairs, training_waits: bool) -> list:
         with torch.cuda.device(dev):
             current = torch.cuda.current_stream()
             side = _side_stream(dev)
-            side.wait_stream(current)  # the values the training stream last wrote
+            if after and dev in after:
+                side.wait_event(after[dev])  # the values the training stream had written at the save call
+            else:
+                side.wait_stream(current)  # the values the training stream last wrote
             with torch.cuda.stream(side):
                 for dst, src in group:
                     dst.copy_(src, non_blocking=True)
@@ -277,15 +318,18 @@ class Snapshot:
     naming every tensor changed in place before its group was settled."""
 
     def __init__(self, pairs: list[list[tuple]], versions: list[list[tuple]], copier: Copier, thread,
-                 eager_ready: Callable[[], None] = ready_now):
+                 eager_ready: Callable[[], None] = ready_now, ring: "Ring | None" = None):
         self._eager_ready = eager_ready  # the copies made at the call (CUDA: their events)
         self._versions = versions
         self._settled = [False] * len(pairs)
         self._lock = threading.Lock()
         self._changed: list[str] = []
         self._error: BaseException | None = None
-        self._host_done = [threading.Event() for _ in pairs]
+        self._ring = ring  # ring mode: every group is complete once the ring's last wave is staged
+        self._host_done = [threading.Event() if ring is None else ring.done for _ in pairs]
         self._cuda_events: list[list] = [[] for _ in pairs]
+        if ring is not None:
+            return
         host = []
         for g, group in enumerate(pairs):
             cuda = [(d, s) for d, s in group if s.device.type == "cuda"]
@@ -323,7 +367,7 @@ class Snapshot:
                 continue
             if not self._host_done[g].wait(timeout):
                 raise TimeoutError(f"the checkpoint snapshot did not finish copying within {timeout}s")
-            for dev, event in self._cuda_events[g]:
+            for dev, event in self._events(g):
                 with torch.cuda.device(dev):
                     torch.cuda.current_stream().wait_event(event)
             self._check(g)
@@ -335,7 +379,7 @@ class Snapshot:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not self._host_done[g].wait(left):
                 raise TimeoutError(f"the checkpoint snapshot did not finish copying within {timeout}s")
-            for _, event in self._cuda_events[g]:
+            for _, event in self._events(g):
                 _wait_event(event, deadline, timeout)
         self.settle(self.groups - 1, timeout=0)
 
@@ -344,8 +388,12 @@ class Snapshot:
         self._eager_ready()
         for g in range(self.groups):
             self._host_done[g].wait()
-            for _, event in self._cuda_events[g]:
+            for _, event in self._events(g):
                 event.synchronize()
+
+    def _events(self, g: int) -> list:
+        """``(device, event)`` recorded after group ``g``'s device-to-host copies."""
+        return self._cuda_events[g] if self._ring is None else self._ring.last_events()
 
     def failure(self) -> CheckpointError | None:
         """The reason this snapshot cannot be published, as far as known now."""
@@ -401,14 +449,28 @@ class LazyStaging:
         self.snapshot: Snapshot | None = None
 
     def start(self, slot: Slot, flat) -> Snapshot:
+        self.snapshot = slot.snapshot(flat.items, self.priority(flat.items), self._watched())
+        return self.snapshot
+
+    def start_ring(self, ring: "Ring") -> Snapshot:
+        """Ring mode: the snapshot is complete once the ring's last wave is staged (every hook waits for it)."""
+        watched = self._watched()
+        versions = [[(key, t, t._version) for key, t in w] for w in watched]
+        self.snapshot = Snapshot([[] for _ in watched], versions, copy_into, None, ring=ring)
+        return self.snapshot
+
+    def priority(self, items: Sequence[StageItem]) -> list[int]:
+        """The group of every item."""
+        return [self.group_of(i.key) for i in items]
+
+    def _watched(self) -> list[list[tuple]]:
         watched: list[list[tuple]] = [[] for _ in range(self.groups)]
         for key, t in self.leaves:
             g = self.group_of(key)
             if g >= 0:
                 watched[g].append((key, t))
         self.leaves = []
-        self.snapshot = slot.snapshot(flat.items, [self.group_of(i.key) for i in flat.items], watched)
-        return self.snapshot
+        return watched
 
 
 class StagingPool:
@@ -418,8 +480,10 @@ class StagingPool:
     another one to slow copies down or to observe them."""
 
     def __init__(self, slots: int, pin: bool, budget_bytes: int = 0, copier: Copier = copy_into,
-                 allocate: Callable[[int], torch.Tensor] | None = None):
+                 allocate: Callable[[int], torch.Tensor] | None = None, chunk_bytes: int = 0):
         self.pin = pin
+        self.chunk_bytes = chunk_bytes  # ring mode (a state over the budget) stages in waves of whole chunks;
+        #                                 0: no ring mode (such a save is refused, see check_budget)
         self.copier = copier
         self.allocate = allocate  # (nbytes) -> uint8 host tensor; default private memory; the writer service's
         #                           is shared memory (pinned here, chunk by chunk, like the default)
@@ -486,16 +550,41 @@ class StagingPool:
             self._cond.notify()
 
     def check_budget(self, nbytes: int) -> None:
-        if self.budget_bytes and nbytes * len(self.slots) > self.budget_bytes:
+        """Refuse a save of ``nbytes`` that fits neither the budget nor a ring (none without ring mode)."""
+        if self.chunk_bytes:
+            self.ring_for(nbytes)
+        elif self.budget_bytes and nbytes * len(self.slots) > self.budget_bytes:
             raise SaverBusyError(
                 f"staging {nbytes} bytes x {len(self.slots)} slot(s) exceeds writer.memory_budget_mib "
                 f"({self.budget_bytes / 2**20:.0f} MiB for this rank); lower max_inflight or raise the budget")
 
+    def ring_for(self, nbytes: int) -> tuple[int, int] | None:
+        """``(K, S)``: the ring each slot stages a save of ``nbytes`` through when full-size buffers for every
+        slot exceed the budget; None when they fit (or without ring mode). Raises SaverBusyError when not even a ring of two chunks
+        per slot fits."""
+        if not self.budget_bytes or nbytes * len(self.slots) <= self.budget_bytes or not self.chunk_bytes:
+            return None
+        per_slot = self.budget_bytes // len(self.slots)
+        chunk = self.chunk_bytes
+        k, s = ring_shape(per_slot, chunk)
+        if not k:
+            raise SaverBusyError(
+                f"writer.memory_budget_mib ({self.budget_bytes / 2**20:g} MiB for this rank, {per_slot} bytes per "
+                f"slot with max_inflight={len(self.slots)}) cannot hold even two chunks of {chunk} bytes "
+                "(codec.chunk_mib) per slot; raise the budget or lower codec.chunk_mib or max_inflight")
+        return k, s
+
     def prepare(self, items: Sequence[StageItem]) -> None:
-        """Allocate every slot for ``items`` ahead of the first save (so the first save only copies)."""
-        self.check_budget(sum(i.nbytes for i in items))
+        """Allocate every slot for ``items`` ahead of the first save (so the first save only copies); in ring
+        mode, every slot's ring."""
+        nbytes = sum(i.nbytes for i in items)
+        self.check_budget(nbytes)
+        ring = self.ring_for(nbytes)
         for s in self.slots:
-            s.plan(items)
+            if ring is None:
+                s.plan(items)
+            else:
+                s.ring_slots(*ring)
 
     def reserve(self, estimate: Callable[[], int]) -> None:
         """Allocate every slot not used yet for ``estimate()`` bytes in the background (the estimate is
@@ -543,3 +632,255 @@ class StagingPool:
             self._threads = None
         for s in self.slots:
             s._drop()
+
+
+# ------------------------------------------------------------------------------------------------ ring mode
+RING_SEGMENTS = 4  # segments of a ring when the budget allows segments of at least one chunk (else 2)
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def ring_shape(budget: int, chunk_bytes: int) -> tuple[int, int]:
+    """``(K, S)``: the ring of K segments of S bytes (a multiple of ``chunk_bytes``) that fits ``budget``
+    bytes, with 4 segments where they can hold a chunk each, else 2; ``(0, 0)`` when not even 2 chunks fit."""
+    for k in (RING_SEGMENTS, 2):
+        s = budget // k // chunk_bytes * chunk_bytes
+        if s >= chunk_bytes:
+            return k, s
+    return 0, 0
+
+
+def byte_view(src: torch.Tensor) -> torch.Tensor:
+    """The bytes of a contiguous tensor as a flat uint8 tensor (no copy)."""
+    flat = src.reshape(-1)
+    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
+@dataclass
+class RingLayout:
+    """Where a ring-mode save's items live in the *virtual* space of ``total`` bytes, cut in segments of
+    ``segment`` bytes; virtual segment ``s`` is staged into ring slot ``s % K``. Items are placed in write
+    order (``plan``: the same packs as a normal save, so the same records); an item of at least one chunk
+    starts chunk-aligned (``segment`` is a multiple of the chunk, so no chunk crosses a segment boundary), a
+    smaller item, a pack, and an item whose source is not contiguous (staged whole) never straddle one.
+    ``pieces[s]``: ``(item, first byte, end byte, whole)`` of the items overlapping segment ``s``;
+    ``units[s]``: how many chunks the writer writes from segment ``s``."""
+
+    offsets: list[int]
+    sizes: list[int]
+    total: int
+    segment: int
+    plan: "PackPlan"
+    pieces: list[list[tuple[int, int, int, bool]]]
+    units: list[int]
+    eager_segments: int  # segments holding items of priority < 0 (staged at the call by a lazy save)
+
+    @property
+    def segments(self) -> int:
+        return len(self.units)
+
+    @classmethod
+    def of(cls, items: Sequence[StageItem], alone: frozenset[int], chunk: int, segment: int,
+           priority: Sequence[int] | None = None) -> "RingLayout":
+        """``priority[i]``: items of a lower priority are placed (so staged) first (a lazy save's groups)."""
+        sizes = [i.nbytes for i in items]
+        itemsizes = [i.dtype.itemsize for i in items]
+        entries = packing.plan(sizes, itemsizes, [0] * len(items), alone, chunk).entries
+        if priority is not None:
+            first = [min(priority[m] for m in e.members) if isinstance(e, Pack) else priority[e] for e in entries]
+            entries = tuple(e for _, _, e in sorted(zip(first, range(len(entries)), entries), key=lambda t: t[:2]))
+        offsets = [0] * len(items)
+        pos = 0
+
+        def place(n: int, big: bool, whole: bool) -> int:
+            nonlocal pos
+            pos = _round_up(pos, chunk) if big else _align(pos)
+            if whole and n and pos // segment != (pos + n - 1) // segment:
+                pos = _round_up(pos, segment)
+            start, pos = pos, pos + n
+            return start
+
+        for e in entries:
+            if isinstance(e, Pack):
+                start = place(e.nbytes, False, True)
+                for m, off in zip(e.members, e.offsets):
+                    offsets[m] = start + off
+                continue
+            n, contiguous = sizes[e], items[e].src.is_contiguous()
+            if not contiguous and n > segment:
+                raise CheckpointError(
+                    f"tensor {items[e].key!r} ({n} bytes) is not contiguous and larger than a staging segment "
+                    f"({segment} bytes) of writer.memory_budget_mib: raise the budget, or save a contiguous copy")
+            offsets[e] = place(n, n >= chunk, not contiguous or n < chunk)
+        total = _align(pos)
+        n_seg = max(1, -(-total // segment))
+        pieces: list[list] = [[] for _ in range(n_seg)]
+        units = [0] * n_seg
+        eager = 0
+        for i, (off, n) in enumerate(zip(offsets, sizes)):
+            if priority is not None and priority[i] < 0 and n:
+                eager = max(eager, (off + n - 1) // segment + 1)
+            for s in range(off // segment, -(-(off + n) // segment)):
+                a, b = max(off, s * segment) - off, min(off + n, (s + 1) * segment) - off
+                pieces[s].append((i, a, b, a == 0 and b == n))
+        plan = packing.plan(sizes, itemsizes, offsets, alone, chunk)  # the same packs, at their places
+        by_key = {p.members: p for p in plan.packs}
+        entries = tuple(by_key[e.members] if isinstance(e, Pack) else e for e in entries)
+        for e in entries:
+            if isinstance(e, Pack):
+                units[e.runs[0][0] // segment] += 1 if e.runs else 0
+            else:
+                for start in range(0, sizes[e], chunk):
+                    units[(offsets[e] + start) // segment] += 1
+        return cls(offsets, sizes, total, segment, packing.PackPlan(entries), pieces, units, eager)
+
+
+class Ring:
+    """One ring-mode save's waves: segment ``s`` of the virtual layout is copied into ring slot ``s % K``
+    once the writer has written every chunk of segment ``s - K`` (:meth:`written`). The stager
+    (:meth:`stage`) runs on the training thread (eager) or in the copy thread (lazy); the writer waits for a
+    segment with :meth:`wait_staged`. :meth:`abort` (the save failed or ended) wakes both sides.
+
+    ``source``: a flat uint8 tensor holding the whole virtual layout (a device snapshot): each segment is one
+    copy out of it. Without it, each segment copies its items' byte ranges from the live tensors; CUDA copies
+    run on the side stream after ``start`` (events per device recorded on the training stream at the call)."""
+
+    def __init__(self, layout: RingLayout, slots: list[torch.Tensor], items: Sequence[StageItem], copier: Copier,
+                 timeout: float, source: torch.Tensor | None = None, start: dict | None = None):
+        self.layout = layout
+        self.slots = slots
+        self.items = items
+        self.copier = copier
+        self.timeout = timeout
+        self.source = source
+        self.start = start or {}
+        n = layout.segments
+        self._staged = [threading.Event() for _ in range(n)]
+        self._events: list[list] = [[] for _ in range(n)]
+        self._left = list(layout.units)
+        self._released = [u == 0 for u in layout.units]
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self._next = 0
+        self.done = threading.Event()  # every segment staged, or the ring aborted
+        self.stopped = threading.Event()  # done, and no stager is running: the ring slots are the writer's
+        self._running = False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.numel() for s in self.slots)
+
+    def segment_of(self, offset: int) -> int:
+        return offset // self.layout.segment
+
+    def stage(self, until: int | None = None) -> None:
+        """Stage segments up to ``until`` (exclusive; None: all), waiting for the writer to free ring slots.
+        Returns early, without raising, once the ring is aborted (the save's future carries the failure)."""
+        end = self.layout.segments if until is None else min(until, self.layout.segments)
+        with self._cond:
+            self._running = True
+        try:
+            while self._next < end:
+                s = self._next
+                if not self._wait_free(s):
+                    return
+                self._copy(s)
+                self._staged[s].set()
+                self._next += 1
+            if self._next == self.layout.segments:
+                self.done.set()
+        except BaseException as exc:
+            self.abort(exc)
+            raise
+        finally:
+            with self._cond:
+                self._running = False
+                if self.done.is_set():
+                    self.stopped.set()
+
+    def _wait_free(self, s: int) -> bool:
+        k = len(self.slots)
+        with self._cond:
+            ok = self._cond.wait_for(lambda: self._error is not None or s < k or self._released[s - k],
+                                     timeout=self.timeout)
+            if self._error is not None:
+                return False
+            if not ok:
+                self._abort_locked(CheckpointError(
+                    f"the writer freed no staging segment within {self.timeout}s (writer.memory_budget_mib ring)"))
+                return False
+        return True
+
+    def _copy(self, s: int) -> None:
+        seg = self.layout.segment
+        buf = self.slots[s % len(self.slots)]
+        base = s * seg
+        cuda = []
+        if self.source is not None:
+            n = min(seg, self.layout.total - base)
+            pairs = [(buf[:n], self.source[base: base + n])]
+        else:
+            pairs = []
+            for i, a, b, whole in self.layout.pieces[s]:
+                item, off = self.items[i], self.layout.offsets[i] + a - base
+                if whole:
+                    pairs.append((buf[off: off + b - a].view(item.dtype).view(item.shape), item.src))
+                else:
+                    pairs.append((buf[off: off + b - a], byte_view(item.src)[a:b]))
+        for dst, src in pairs:
+            if src.device.type == "cuda":
+                cuda.append((dst, src))
+            else:
+                self.copier(dst, src)
+        if cuda:
+            self._events[s] = _issue_cuda(cuda, training_waits=False, after=self.start)
+
+    def staged(self, s: int) -> bool:
+        return self._staged[s].is_set()
+
+    def wait_staged(self, s: int) -> None:
+        """Writer side: block until segment ``s`` is staged (its copies complete); raises if the ring aborted."""
+        if not self._staged[s].wait(self.timeout):
+            self.abort(CheckpointError(f"staging segment {s} did not finish within {self.timeout}s"))
+        if self._error is not None:
+            raise CheckpointError(f"staging the checkpoint failed: {self._error}") from self._error
+        for _, event in self._events[s]:
+            event.synchronize()
+
+    def array(self, s: int) -> np.ndarray:
+        """Ring slot of segment ``s`` as a uint8 numpy array (no copy)."""
+        return self.slots[s % len(self.slots)].numpy()
+
+    def written(self, s: int) -> None:
+        """Writer side: one chunk of segment ``s`` is written; the last one frees its ring slot."""
+        with self._cond:
+            self._left[s] -= 1
+            if self._left[s] == 0:
+                self._released[s] = True
+                self._cond.notify_all()
+
+    def last_events(self) -> list:
+        """The CUDA events of the last segment staged (the side stream runs in order: they cover all)."""
+        for events in reversed(self._events):
+            if events:
+                return events
+        return []
+
+    def failure(self) -> BaseException | None:
+        return self._error
+
+    def abort(self, exc: BaseException) -> None:
+        with self._cond:
+            self._abort_locked(exc)
+
+    def _abort_locked(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+        self._cond.notify_all()
+        for e in self._staged:
+            e.set()
+        self.done.set()
+        if not self._running:
+            self.stopped.set()

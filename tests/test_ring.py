@@ -1,0 +1,234 @@
+"""Bounded host memory (issue 10, item 4): a state larger than ``writer.memory_budget_mib`` is staged and
+written in waves through a ring of K fixed host segments instead of one full-size buffer. The file format is
+unchanged (the same records, chunks and packs as a normal save), the load is bit-exact, the host staging
+memory a save holds (``SaveResult.staging_peak_bytes``) stays within the budget, and the state the save
+captures is the state at the call: eager saves return after the last wave is staged, lazy saves make the
+optimizer-step and forward hooks wait for it (a mutation no hook saw fails the save, naming the tensor)."""
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import torch
+
+import asyncckpt
+from asyncckpt import CheckpointError, SaverBusyError, StateMismatchError
+from asyncckpt.format import parse_rank_index, rank_index_name
+from asyncckpt.staging import RingLayout, copy_into, ring_shape
+from asyncckpt.state import flatten
+
+pytestmark = pytest.mark.timeout(60)
+
+CHUNK = 16 << 10  # FAST's codec.chunk_mib = 1/64
+BUDGET_MIB = 0.125  # 128 KiB: 4 segments of 32 KiB (2 chunks each) per rank
+
+
+def mixed_state(seed: int = 0) -> dict:
+    """Every kind of staged item: tensors of several chunks (ending in a short chunk), exactly one chunk,
+    just under one, packs of small tensors of several element sizes, empty and 0-dim tensors, non-contiguous
+    sources (transposed, strided) both small and of several chunks, views sharing one storage, bool, bf16,
+    complex and int tensors."""
+    g = torch.Generator().manual_seed(seed)
+    big = torch.randn(70_001, generator=g)  # 280 KB: many chunks, several segments
+    base = torch.randn(3000, generator=g)
+    state = {
+        "big": big,
+        "one_chunk": torch.randn(CHUNK // 4, generator=g),
+        "under_chunk": torch.randn(CHUNK // 4 - 3, generator=g),
+        "small": {f"s{i}": torch.randn(1 + 7 * i, generator=g) for i in range(40)},
+        "halves": [torch.randn(5 + i, generator=g).to(torch.bfloat16) for i in range(20)],
+        "flags": torch.rand(333, generator=g) > 0.5,
+        "ints": torch.randint(-2**40, 2**40, (1000,), generator=g, dtype=torch.int64),
+        "complex": torch.randn(600, generator=g, dtype=torch.complex64),
+        "empty": torch.empty(0, 4),
+        "scalar": torch.tensor(3.25),
+        "transposed_small": torch.randn(40, 30, generator=g).t(),
+        "transposed_big": torch.randn(60, 120, generator=g).t(),  # 28.8 KB: two chunks, within a segment
+        "strided": torch.randn(20_000, generator=g)[::3],
+        "view_a": base[:1000], "view_b": base[500:2500],
+        "step": 7, "name": "ring",
+    }
+    return state
+
+
+def config(fast_config, **over):
+    return fast_config(writer={"memory_budget_mib": BUDGET_MIB, **over.pop("writer", {})}, **over)
+
+
+def records(save_dir: str, tag: str) -> dict:
+    path = os.path.join(save_dir, tag, rank_index_name(0))
+    with open(path, "rb") as f:
+        _, recs = parse_rank_index(f.read(), path)
+    return recs
+
+
+def raw_shape(recs: dict) -> dict:
+    """Every record as what it holds: kind, dtype, shape and the raw size of each of its chunks (not where)."""
+    return {k: (r.dtype, r.shape, r.base, r.byte_offset, r.packed, tuple(c.raw for c in r.chunks))
+            for k, r in recs.items()}
+
+
+def assert_bits_equal(a, b) -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_bits_equal(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_bits_equal(x, y)
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a.contiguous().view(-1).view(torch.uint8) if a.numel() else a,
+                           b.contiguous().view(-1).view(torch.uint8) if b.numel() else b)
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("files_per_rank", [1, 3])
+def test_a_state_over_the_budget_is_saved_in_waves_with_the_records_of_a_normal_save(fast_config, save_dir,
+                                                                                         files_per_rank):
+    state = mixed_state()
+    nbytes = flatten(state).nbytes
+    assert nbytes > 3 * BUDGET_MIB * 2**20
+    normal = asyncckpt.save(state, save_dir, "normal",
+                            config=fast_config(writer={"files_per_rank": files_per_rank})).result(30)
+    cfg = config(fast_config, writer={"files_per_rank": files_per_rank})
+    ringed = asyncckpt.save(state, save_dir, "ring", config=cfg).result(30)
+    assert ringed.staging_peak_bytes <= BUDGET_MIB * 2**20 < normal.staging_peak_bytes
+    assert normal.staging_peak_bytes >= nbytes
+    assert raw_shape(records(save_dir, "ring")) == raw_shape(records(save_dir, "normal"))
+    assert_bits_equal(asyncckpt.load(save_dir, "ring"), state)
+    engine = asyncckpt.api._engine(cfg)
+    assert engine.pool.stats()["staging_bytes"] <= BUDGET_MIB * 2**20
+
+
+def test_the_ring_is_allocated_once_and_reused_by_every_save(fast_config, save_dir):
+    engine = asyncckpt.engine.SaveEngine(config(fast_config, max_inflight=2, writer={"memory_budget_mib": 0.25}))
+    try:
+        state = mixed_state()
+        flat = flatten(state)
+        results = [engine.save(flatten(state), save_dir, "t0").result(30)]
+        allocations = engine.pool.allocations
+        results += [engine.save(flatten(state), save_dir, f"t{i}").result(30) for i in (1, 2)]
+        assert engine.pool.allocations == allocations == 1  # one ring, on first use, reused
+        assert all(r.staging_peak_bytes <= 0.25 * 2**20 / 2 for r in results)
+        stats = engine.pool.stats()
+        assert stats["staging_bytes"] <= 0.25 * 2**20 and stats["allocated_bytes"] == stats["staging_bytes"]
+        for i in range(3):
+            assert_bits_equal(asyncckpt.load(save_dir, f"t{i}"), state)
+        assert flat.nbytes * 2 > 0.25 * 2**20
+    finally:
+        engine.close(30)
+
+
+def test_an_eager_save_returns_after_the_last_wave_so_later_changes_are_not_saved(fast_config, save_dir):
+    state = mixed_state()
+    expected = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+    fut = asyncckpt.save(state, save_dir, "t", config=config(fast_config))
+    state["big"].mul_(-3)  # right after the call
+    state["strided"].add_(1)
+    fut.result(30)
+    loaded = asyncckpt.load(save_dir, "t")
+    assert torch.equal(loaded["big"], expected["big"]) and torch.equal(loaded["strided"], expected["strided"])
+
+
+def test_a_non_contiguous_tensor_larger_than_a_segment_is_refused_naming_it(fast_config, save_dir):
+    big_t = torch.randn(300, 300).t()  # 360 KB, not contiguous; segments are 32 KiB
+    with pytest.raises(CheckpointError, match="'w'.*not contiguous"):
+        asyncckpt.save({"w": big_t}, save_dir, "t", config=config(fast_config)).result(30)
+    assert not os.path.exists(os.path.join(save_dir, "t"))
+
+
+def test_a_budget_smaller_than_two_chunks_per_slot_is_refused_naming_the_key(fast_config, save_dir):
+    cfg = fast_config(writer={"memory_budget_mib": 16 / 1024})  # 16 KiB: one chunk
+    with pytest.raises(SaverBusyError, match="writer.memory_budget_mib"):
+        asyncckpt.save({"w": torch.randn(100_000)}, save_dir, "t", config=cfg).result(30)
+
+
+def test_ring_shape_fits_the_budget_with_whole_chunks():
+    for budget in (2 * CHUNK, 3 * CHUNK, 4 * CHUNK, 10 * CHUNK + 5, 1 << 30):
+        k, s = ring_shape(budget, CHUNK)
+        assert k in (2, 4) and s % CHUNK == 0 and s >= CHUNK and k * s <= budget
+    assert ring_shape(2 * CHUNK - 1, CHUNK) == (0, 0)
+
+
+def test_no_chunk_pack_or_non_contiguous_item_crosses_a_segment_boundary():
+    flat = flatten(mixed_state(1))
+    for segment in (2 * CHUNK, 5 * CHUNK):
+        layout = RingLayout.of(flat.items, frozenset(), CHUNK, segment)
+        for e in layout.plan.entries:
+            if isinstance(e, int):
+                off, n = layout.offsets[e], layout.sizes[e]
+                spans = [(off + a, min(n, a + CHUNK)) for a in range(0, n, CHUNK)] if n else []
+                spans = [(s0, off + e_) for s0, e_ in spans]
+                if not flat.items[e].src.is_contiguous():
+                    spans = [(off, off + n)] if n else []
+            else:
+                assert len(e.runs) == 1  # members adjacent: a pack is one zero-copy stretch
+                spans = [(e.runs[0][0], e.runs[0][0] + e.nbytes)]
+            for a, b in spans:
+                assert a // segment == (b - 1) // segment
+        assert sum(layout.units) == sum(len(range(0, layout.sizes[e], CHUNK)) if isinstance(e, int) else 1
+                                        for e in layout.plan.entries)
+
+
+# ------------------------------------------------------------------------------------------- lazy + ring
+class HeldCopier:
+    """Copies made off the calling thread wait until :meth:`release` (at most 30 s)."""
+
+    def __init__(self):
+        self.released = threading.Event()
+        self.caller = threading.current_thread()
+
+    def __call__(self, dst, src) -> None:
+        if threading.current_thread() is not self.caller and not self.released.wait(30):
+            raise TimeoutError("never released")
+        copy_into(dst, src)
+
+
+def big_model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.BatchNorm1d(256), torch.nn.Linear(256, 64))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(8, 64)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def snapshot_of(model, opt) -> dict:
+    import copy
+    return copy.deepcopy({"module": model.state_dict(), "optimizer": opt.state_dict()})
+
+
+def test_lazy_ring_hooks_wait_for_the_last_wave_and_the_save_is_the_state_at_the_call(make_saver, save_dir):
+    model, opt = big_model()
+    saver = make_saver(model, opt, snapshot="lazy", writer={"memory_budget_mib": BUDGET_MIB})
+    expected = snapshot_of(model, opt)
+    fut = saver.save_checkpoint(save_dir, tag="t")
+    assert saver.engine.pool.slots[0].ring is not None
+    model(torch.randn(8, 64)).sum().backward()  # forward waits for the last wave (module buffers change here)
+    opt.step()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    result = fut.result(30)
+    assert result.staging_peak_bytes <= BUDGET_MIB * 2**20
+    loaded = asyncckpt.load(save_dir, "t")
+    assert_bits_equal({"module": loaded["module"], "optimizer": loaded["optimizer"]["state"]},
+                      {"module": expected["module"], "optimizer": expected["optimizer"]["state"]})
+
+
+def test_lazy_ring_fails_a_save_whose_state_changed_where_no_hook_saw(make_saver, save_dir):
+    model, opt = big_model()
+    saver = make_saver(model, opt, snapshot="lazy", writer={"memory_budget_mib": BUDGET_MIB})
+    copier = saver.engine.pool.copier = HeldCopier()
+    fut = saver.save_checkpoint(save_dir, tag="t")
+    with torch.no_grad():
+        model[0].weight.add_(1)  # no hook sees this, before the last wave is staged
+    copier.released.set()
+    with pytest.raises(StateMismatchError, match="0.weight"):
+        fut.result(30)
+    assert not os.path.exists(os.path.join(save_dir, "t"))
+    saver.save_checkpoint(save_dir, tag="u").result(30)  # the ring is free again
