@@ -33,7 +33,7 @@ from .io_types import FlatState, RankOutcome, SaveJob, SaveResult, StageItem
 from .placement import ReplicatedSplit, fingerprint
 from .service.client import ServiceClient
 from .packing import alone_items
-from .staging import LazyStaging, Ring, Slot, Snapshot, StagingPool, ready_now
+from .staging import DEVICE_RING_BYTES, LazyStaging, Ring, Slot, Snapshot, StagingPool, ready_now, ring_shape
 from .storage import MARKER, Storage, is_url, open_storage
 from .writer import WriterPool, lower_thread_priority
 from .threads import EventLoopThread, at_shutdown, started_pool
@@ -57,6 +57,9 @@ class SaveEngine:
             raise ConfigError("config key 'pin_memory': 'always' needs CUDA, which is not available here; use auto")
         pin = config.pin_memory == "always" or (config.pin_memory == "auto" and cuda)
         w = config.writer
+        if config.snapshot_device == "always" and w.mode == "service":
+            raise ConfigError("config key 'snapshot_device': 'always' is not supported with writer.mode service "
+                              "(the writer service reads full-size shared staging buffers); use auto or never")
         local = self.ctx.local_world_size
         node_threads = w.threads_per_node or _default_threads()
         # writer.mode service: a per-node process writes and publishes (asyncckpt/service); staging is shared memory
@@ -135,7 +138,11 @@ class SaveEngine:
         try:
             t_stage = time.perf_counter()
             snapshot = None
-            if ring_shape is not None:  # waves through the slot's ring; the writer waits segment by segment
+            device = self._device_snapshot(slot, flat, lazy, bool(checked))
+            if device is not None:  # copied on the device now, drained through the slot's ring
+                ring, snapshot = self._start_device_ring(slot, flat, lazy, *device)
+                ready = ready_now
+            elif ring_shape is not None:  # waves through the slot's ring; the writer waits segment by segment
                 ring = self._start_ring(slot, flat, ring_shape, lazy)
                 snapshot = None if lazy is None else lazy.start_ring(ring)
                 ready = ready_now
@@ -156,12 +163,71 @@ class SaveEngine:
             raise
         fut = self._submit(job, stage_s, checks, snapshot)
         try:
-            if ring is not None:  # after the submission: the writer frees the ring's slots as it goes
+            if device is not None:  # the drain runs in the copy thread
+                self.pool.copy_thread().submit(ring.stage)
+            elif ring is not None:  # after the submission: the writer frees the ring's slots as it goes
                 self._stage_waves(ring, lazy is not None)
         finally:
             job.stall_s = time.perf_counter() - t0  # everything the caller waited for, the hand-off included
             job.returned.set()
         return fut
+
+    def device_ring(self) -> tuple[int, int] | None:
+        """``(K, S)``: the host ring a device snapshot drains through (at most ``DEVICE_RING_BYTES`` per slot,
+        within the budget); None when ``snapshot_device`` is never or the budget holds no ring."""
+        if self.config.snapshot_device == "never" or self.service is not None:
+            return None
+        per_slot = self.pool.budget_bytes // len(self.pool.slots) if self.pool.budget_bytes else DEVICE_RING_BYTES
+        k, seg = ring_shape(min(per_slot, DEVICE_RING_BYTES), self.config.codec.chunk_bytes)
+        return (k, seg) if k else None
+
+    def _device_snapshot(self, slot: Slot, flat: FlatState, lazy: LazyStaging | None, checked: bool):
+        """``snapshot_device``: ``(device, ring layout, (K, S))`` when this save is snapshotted on the device
+        (the state's CUDA device has room for a flat copy of it beyond ``snapshot_device_headroom_mib``, or the
+        slot's device buffer already holds one), else None; ``always`` refuses a save that cannot be."""
+        mode = self.config.snapshot_device
+        if mode == "never" or self.service is not None:
+            return None
+        memory = self.pool.device_memory
+        device = memory.device_of(flat.items)
+        why = ""
+        if device is None:
+            why = "the state has no CUDA tensor, or its CUDA tensors are on several devices"
+        elif checked:
+            why = "verify_replicated checksums the staged state on the host"
+        else:
+            k, seg = self.device_ring() or (0, 0)
+            if not k:
+                why = "writer.memory_budget_mib cannot hold a ring of two chunks per slot"
+            else:
+                priority = None if lazy is None else lazy.priority(flat.items)
+                layout = slot.ring_layout(flat.items, alone_items(flat), self.config.codec.chunk_bytes, seg, priority,
+                                          whole=True)
+                held = slot.device_bytes(device)
+                free = memory.free_bytes(device) + held - int(self.config.snapshot_device_headroom_mib * (1 << 20))
+                if layout.total <= held or layout.total <= free:
+                    return device, layout, (k, seg)
+                why = (f"a snapshot of {layout.total} bytes does not fit the {max(0, free)} bytes free on {device} "
+                       f"beyond snapshot_device_headroom_mib={self.config.snapshot_device_headroom_mib:g}")
+        if mode == "always":
+            raise ConfigError(f"config key 'snapshot_device': 'always' cannot snapshot this save on the device: {why}")
+        return None
+
+    def _start_device_ring(self, slot: Slot, flat: FlatState, lazy: LazyStaging | None, device, layout,
+                           shape: tuple[int, int]) -> tuple[Ring, Snapshot | None]:
+        """Copy the state into the slot's device buffer (eager: the training stream waits for the copy; lazy:
+        the hooks settle it) and return the ring that drains it to the host, segment by segment."""
+        buf, dsts = slot.device_views(flat.items, layout, device, self.pool.device_memory)
+        snapshot = None
+        if lazy is None:
+            slot.stage(flat.items, dsts)
+        else:
+            snapshot = lazy.start(slot, flat, dsts)
+        start = self.pool.device_memory.after_copies(device)
+        k, seg = shape
+        slot.ring = Ring(layout, slot.ring_slots(k, seg), flat.items, self.pool.copier, self.config.commit_timeout_s,
+                         source=buf, start=start)
+        return slot.ring, snapshot
 
     def _start_ring(self, slot: Slot, flat: FlatState, shape: tuple[int, int], lazy: LazyStaging | None) -> Ring:
         """The ring of one save in ``slot`` (see :class:`~asyncckpt.staging.Ring`): a lazy save places the

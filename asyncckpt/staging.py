@@ -128,14 +128,19 @@ class Slot:
         self._host: _HostBuffer | None = None
         self._signature: tuple | None = None
         self._dsts: list[torch.Tensor] = []
-        self.layout: Layout | None = None
+        self.layout: Layout | None = None  # the layout of the last normal (not ring-mode) save
+        self._plan_layout: Layout | None = None
         self.allocations = 0  # how many times this slot allocated host memory (tests assert steady state)
         self._reserving: threading.Event | None = None  # set while a background allocation is under way
         self._alloc_lock = threading.Lock()  # the save and the background allocation never allocate at once
         self._ring_host: _HostBuffer | None = None  # ring mode: K segments of S bytes instead of a full buffer
         self._ring_shape = (0, 0)
         self._ring_key: tuple | None = None
+        self._ring_layout: "RingLayout | None" = None
         self.ring: "Ring | None" = None  # the ring of the save in flight in this slot (ring mode), else None
+        self._device: torch.Tensor | None = None  # a device snapshot's flat device buffer
+        self._device_dsts: tuple | None = None  # (layout, destination views in it)
+        self.device_allocations = 0  # how many device buffers this slot allocated (tests assert reuse)
 
     @property
     def buffer(self) -> torch.Tensor | None:
@@ -154,25 +159,47 @@ class Slot:
             pending.wait()
         with self._alloc_lock:
             if self._ring_host is None or self._ring_shape != (k, s):
-                self._drop()
-                t0 = time.perf_counter()
-                host = _HostBuffer(k * s, self.pin, allocate=None if self.pool is None else self.pool.allocate)
-                if self.pool is not None:
-                    self.pool._count(host, time.perf_counter() - t0)
-                self._ring_host, self._ring_shape = host, (k, s)
-                self.allocations += 1
+                self._allocate_ring(k, s)
         t = self._ring_host.tensor
         return [t[i * s: (i + 1) * s] for i in range(k)]
 
+    def _allocate_ring(self, k: int, s: int) -> None:
+        self._drop()
+        t0 = time.perf_counter()
+        host = _HostBuffer(k * s, self.pin, allocate=None if self.pool is None else self.pool.allocate)
+        if self.pool is not None:
+            self.pool._count(host, time.perf_counter() - t0)
+        self._ring_host, self._ring_shape = host, (k, s)
+        self.allocations += 1
+
     def ring_layout(self, items: Sequence[StageItem], alone: frozenset[int], chunk: int, segment: int,
-                    priority: Sequence[int] | None) -> "RingLayout":
-        """The ring layout of ``items`` (cached while items, packing and priorities repeat); becomes ``layout``."""
-        key = (tuple([(i.dtype, i.shape, i.src.is_contiguous()) for i in items]), alone, chunk, segment,
-               None if priority is None else tuple(priority))
-        if key != self._ring_key or not isinstance(self.layout, RingLayout):
-            self.layout = RingLayout.of(items, alone, chunk, segment, priority)
+                    priority: Sequence[int] | None, whole: bool = False) -> "RingLayout":
+        """The ring layout of ``items`` (cached while items, packing and priorities repeat)."""
+        key = (tuple([(i.dtype, i.shape, whole or i.src.is_contiguous()) for i in items]), alone, chunk, segment,
+               None if priority is None else tuple(priority), whole)
+        if key != self._ring_key:
+            self._ring_layout = RingLayout.of(items, alone, chunk, segment, priority, whole)
             self._ring_key = key
-        return self.layout
+        return self._ring_layout
+
+    def device_bytes(self, device: torch.device) -> int:
+        """Bytes of this slot's device buffer on ``device`` (0: none there)."""
+        buf = self._device
+        return buf.numel() if buf is not None and buf.device == device else 0
+
+    def device_views(self, items: Sequence[StageItem], layout: "RingLayout", device: torch.device,
+                     memory: "DeviceMemory") -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """A device snapshot's flat buffer (``layout.total`` bytes on ``device``: allocated once, reused while
+        it is large enough) and each item's destination view in it (cached while the layout repeats)."""
+        buf = self._device
+        if buf is None or buf.device != device or buf.numel() < layout.total:
+            self._device = self._device_dsts = None  # freed before the larger one is allocated
+            buf = self._device = memory.allocate(max(layout.total, ALIGN), device)
+            self.device_allocations += 1
+        if self._device_dsts is None or self._device_dsts[0] is not layout:
+            dsts = [buf[off: off + n].view(i.dtype).view(i.shape) for i, off, n in zip(items, layout.offsets, layout.sizes)]
+            self._device_dsts = (layout, dsts)
+        return buf[:layout.total], self._device_dsts[1]
 
     def _allocate(self, nbytes: int) -> None:
         """Replace the buffer with one of at least ``nbytes`` (the old one is freed first)."""
@@ -204,6 +231,7 @@ class Slot:
         """Destination views for ``items``; cached while the items' dtypes and shapes repeat."""
         signature = tuple([(i.dtype, i.shape) for i in items])
         if signature == self._signature and self._host is not None:
+            self.layout = self._plan_layout  # (a ring-mode save in between had its own)
             return self._dsts
         layout = Layout.of(items)
         self._ensure(layout.total)
@@ -211,20 +239,22 @@ class Slot:
         dsts = []
         for item, off, n in zip(items, layout.offsets, layout.sizes):
             dsts.append(buf[off: off + n].view(item.dtype).view(item.shape))
-        self.layout, self._dsts, self._signature = layout, dsts, signature
+        self.layout = self._plan_layout = layout
+        self._dsts, self._signature = dsts, signature
         return dsts
 
-    def stage(self, items: Sequence[StageItem]) -> Callable[[], None]:
-        """Copy every item's bytes into this slot. Returns ``ready()``: blocks until the bytes are valid."""
-        return self._copy_now(zip(self.plan(items), items))
+    def stage(self, items: Sequence[StageItem], dsts: Sequence[torch.Tensor] | None = None) -> Callable[[], None]:
+        """Copy every item's bytes into this slot (or into ``dsts``: a device snapshot's views of its device
+        buffer). Returns ``ready()``: blocks until the bytes are valid."""
+        return self._copy_now(zip(self.plan(items) if dsts is None else dsts, items))
 
-    def snapshot(self, items: Sequence[StageItem], groups: Sequence[int], watched: Sequence[Sequence[tuple]]
-                 ) -> "Snapshot":
-        """Copy ``items`` into this slot: those of group -1 now (as :meth:`stage` does), the others in the
-        background, group by group (``groups[i]``: the group of item ``i``; 0 first). ``watched[g]``: ``(key
-        path, tensor)`` of the tensors group ``g`` reads, whose version counters are recorded now and compared
-        when the group is settled."""
-        dsts = self.plan(items)
+    def snapshot(self, items: Sequence[StageItem], groups: Sequence[int], watched: Sequence[Sequence[tuple]],
+                 dsts: Sequence[torch.Tensor] | None = None) -> "Snapshot":
+        """Copy ``items`` into this slot (or into ``dsts``): those of group -1 now (as :meth:`stage` does), the
+        others in the background, group by group (``groups[i]``: the group of item ``i``; 0 first).
+        ``watched[g]``: ``(key path, tensor)`` of the tensors group ``g`` reads, whose version counters are
+        recorded now and compared when the group is settled."""
+        dsts = self.plan(items) if dsts is None else dsts
         pairs: list[list[tuple]] = [[] for _ in watched]
         eager = []
         for dst, item, g in zip(dsts, items, groups):
@@ -448,8 +478,9 @@ class LazyStaging:
         self.leaves: list[tuple[str, torch.Tensor]] = []
         self.snapshot: Snapshot | None = None
 
-    def start(self, slot: Slot, flat) -> Snapshot:
-        self.snapshot = slot.snapshot(flat.items, self.priority(flat.items), self._watched())
+    def start(self, slot: Slot, flat, dsts: Sequence[torch.Tensor] | None = None) -> Snapshot:
+        """Copy into ``slot`` (or into ``dsts``, a device snapshot's views of its device buffer)."""
+        self.snapshot = slot.snapshot(flat.items, self.priority(flat.items), self._watched(), dsts)
         return self.snapshot
 
     def start_ring(self, ring: "Ring") -> Snapshot:
@@ -487,6 +518,7 @@ class StagingPool:
         self.copier = copier
         self.allocate = allocate  # (nbytes) -> uint8 host tensor; default private memory; the writer service's
         #                           is shared memory (pinned here, chunk by chunk, like the default)
+        self.device_memory = DeviceMemory()  # where a device snapshot's buffer lives (a test may stand one in)
         self.slots = [Slot(i, pin, self) for i in range(slots)]
         self._free = list(reversed(self.slots))
         self._cond = threading.Condition()
@@ -586,10 +618,11 @@ class StagingPool:
             else:
                 s.ring_slots(*ring)
 
-    def reserve(self, estimate: Callable[[], int]) -> None:
+    def reserve(self, estimate: Callable[[], int], ring: tuple[int, int] | None = None) -> None:
         """Allocate every slot not used yet for ``estimate()`` bytes in the background (the estimate is
-        computed there too). A save that finds its slot's allocation under way waits for the rest of it; a
-        budget smaller than the estimate reserves nothing."""
+        computed there too). A save that finds its slot's allocation under way waits for the rest of it. An
+        estimate over the budget reserves the ring of :meth:`ring_for` (none without ring mode); ``ring``
+        (a device snapshot's ``(K, S)``) reserves that ring instead of a full-size buffer."""
         pending = {}
         for s in self.slots:
             if s._reserving is None and s.capacity == 0:  # never used (a used slot always holds a buffer)
@@ -600,13 +633,17 @@ class StagingPool:
         def run() -> None:
             try:
                 nbytes = estimate()
-                if self.budget_bytes and nbytes * len(self.slots) > self.budget_bytes:
+                shape = ring or self.ring_for(nbytes)
+                if shape is None and self.budget_bytes and nbytes * len(self.slots) > self.budget_bytes:
                     return
                 for s, done in pending.items():
                     try:
                         with s._alloc_lock:
                             if s.capacity == 0:
-                                s._allocate(nbytes)
+                                if shape is None:
+                                    s._allocate(nbytes)
+                                else:
+                                    s._allocate_ring(*shape)
                     finally:
                         s._reserving = None
                         done.set()
@@ -632,6 +669,7 @@ class StagingPool:
             self._threads = None
         for s in self.slots:
             s._drop()
+            s._device = s._device_dsts = None
 
 
 # ------------------------------------------------------------------------------------------------ ring mode
@@ -683,8 +721,10 @@ class RingLayout:
 
     @classmethod
     def of(cls, items: Sequence[StageItem], alone: frozenset[int], chunk: int, segment: int,
-           priority: Sequence[int] | None = None) -> "RingLayout":
-        """``priority[i]``: items of a lower priority are placed (so staged) first (a lazy save's groups)."""
+           priority: Sequence[int] | None = None, whole: bool = False) -> "RingLayout":
+        """``priority[i]``: items of a lower priority are placed (so staged) first (a lazy save's groups).
+        ``whole``: every item is copied whole into one flat buffer first (a device snapshot), so the ring
+        copies only contiguous bytes and a source need not be contiguous."""
         sizes = [i.nbytes for i in items]
         itemsizes = [i.dtype.itemsize for i in items]
         entries = packing.plan(sizes, itemsizes, [0] * len(items), alone, chunk).entries
@@ -708,7 +748,7 @@ class RingLayout:
                 for m, off in zip(e.members, e.offsets):
                     offsets[m] = start + off
                 continue
-            n, contiguous = sizes[e], items[e].src.is_contiguous()
+            n, contiguous = sizes[e], whole or items[e].src.is_contiguous()
             if not contiguous and n > segment:
                 raise CheckpointError(
                     f"tensor {items[e].key!r} ({n} bytes) is not contiguous and larger than a staging segment "
@@ -884,3 +924,38 @@ class Ring:
         self.done.set()
         if not self._running:
             self.stopped.set()
+
+
+# ------------------------------------------------------------------------------------------ device snapshot
+DEVICE_RING_BYTES = 256 << 20  # a device snapshot drains through a host ring of at most this much per slot
+
+
+class DeviceMemory:
+    """The device a state's snapshot can live on, its free memory and the allocation of a snapshot buffer:
+    CUDA here; a test may set ``StagingPool.device_memory`` to a stand-in (a CPU tensor as the "device"
+    buffer) to exercise the drain without a GPU."""
+
+    def device_of(self, items: Sequence[StageItem]) -> torch.device | None:
+        """The one CUDA device holding the state's tensors (CPU tensors may be mixed in); None when there is no
+        CUDA tensor or when they are spread over several devices."""
+        devices = {i.src.device for i in items if i.src.device.type == "cuda" and i.nbytes}
+        return devices.pop() if len(devices) == 1 else None
+
+    def free_bytes(self, device: torch.device) -> int:
+        """Device memory a new buffer can take: free in the driver plus what torch's allocator caches unused."""
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+    def allocate(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    def after_copies(self, device: torch.device) -> dict:
+        """``{device index: event}`` recorded on the side stream after the snapshot's copies issued so far (the
+        drain's copies wait for it); empty for a stand-in device."""
+        if device.type != "cuda":
+            return {}
+        dev = device.index or 0
+        with torch.cuda.device(dev):
+            event = torch.cuda.Event()
+            event.record(_side_stream(dev))
+        return {dev: event}

@@ -90,9 +90,9 @@ class WriterPool:
         """Encode and write this rank's staged tensors into ``directory``, then its index; fsync all.
         Small tensors are written in packs (:mod:`asyncckpt.packing`). The index is validated as a reader
         would see it before it is written: a save that load would refuse fails here, before publishing."""
-        layout = slot.layout
         items = flat.items
-        ring = getattr(slot, "ring", None)  # ring mode: the layout planned the packs in write order
+        ring = getattr(slot, "ring", None)  # ring mode: the ring's layout planned the packs in write order
+        layout = slot.layout if ring is None else ring.layout
         entries = ring.layout.plan.entries if ring is not None else \
             self._packer.plan(items, layout, alone_items(flat)).entries
         n_files = max(1, min(self.files_per_rank, len(entries)))

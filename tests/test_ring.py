@@ -207,7 +207,6 @@ def test_lazy_ring_hooks_wait_for_the_last_wave_and_the_save_is_the_state_at_the
     saver = make_saver(model, opt, snapshot="lazy", writer={"memory_budget_mib": BUDGET_MIB})
     expected = snapshot_of(model, opt)
     fut = saver.save_checkpoint(save_dir, tag="t")
-    assert saver.engine.pool.slots[0].ring is not None
     model(torch.randn(8, 64)).sum().backward()  # forward waits for the last wave (module buffers change here)
     opt.step()
     with torch.no_grad():
