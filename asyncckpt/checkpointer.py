@@ -134,7 +134,7 @@ class AsyncCheckpointer:
         """Allocate staging memory in the background: a CUDA model that may be snapshotted on the device
         (``snapshot_device`` auto or always) needs only the host ring its snapshot drains through."""
         cuda = any(p.device.type == "cuda" for p in self.module.parameters())
-        self._engine.pool.reserve(self._estimate_bytes, self._engine.device_ring() if cuda else None)
+        self._engine.pool.reserve(self._estimate_bytes, self._engine.device_ring if cuda else None)
 
     def _estimate_bytes(self) -> int:
         """About what a save stages: the module's parameters and buffers and the optimizer's state tensors

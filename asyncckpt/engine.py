@@ -172,13 +172,15 @@ class SaveEngine:
             job.returned.set()
         return fut
 
-    def device_ring(self) -> tuple[int, int] | None:
-        """``(K, S)``: the host ring a device snapshot drains through (at most ``DEVICE_RING_BYTES`` per slot,
-        within the budget); None when ``snapshot_device`` is never or the budget holds no ring."""
+    def device_ring(self, nbytes: int) -> tuple[int, int] | None:
+        """``(K, S)``: the host ring a device snapshot of ``nbytes`` drains through (at most
+        ``DEVICE_RING_BYTES`` per slot, within the budget, no larger than the state needs); None when
+        ``snapshot_device`` is never or the budget holds no ring."""
         if self.config.snapshot_device == "never" or self.service is not None:
             return None
+        chunk = self.config.codec.chunk_bytes
         per_slot = self.pool.budget_bytes // len(self.pool.slots) if self.pool.budget_bytes else DEVICE_RING_BYTES
-        k, seg = ring_shape(min(per_slot, DEVICE_RING_BYTES), self.config.codec.chunk_bytes)
+        k, seg = ring_shape(min(per_slot, DEVICE_RING_BYTES, max(2 * chunk, -(-nbytes // chunk) * chunk)), chunk)
         return (k, seg) if k else None
 
     def _device_snapshot(self, slot: Slot, flat: FlatState, lazy: LazyStaging | None, checked: bool):
@@ -196,7 +198,7 @@ class SaveEngine:
         elif checked:
             why = "verify_replicated checksums the staged state on the host"
         else:
-            k, seg = self.device_ring() or (0, 0)
+            k, seg = self.device_ring(flat.nbytes) or (0, 0)
             if not k:
                 why = "writer.memory_budget_mib cannot hold a ring of two chunks per slot"
             else:

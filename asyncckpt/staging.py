@@ -545,11 +545,14 @@ class StagingPool:
             self._pin_s += host.pin_s
 
     def stats(self) -> dict:
-        """Host memory held, allocations made, and the throughput of allocating (faulting in and, on CUDA,
-        pinning) staging memory: what a first save pays when buffers were not allocated ahead."""
+        """Host memory held (full-size buffers and rings), allocations made, and the throughput of allocating
+        (faulting in and, on CUDA, pinning) staging memory: what a first save pays when buffers were not
+        allocated ahead; ``device_snapshot_bytes``: the device buffers of device snapshots (not host memory)."""
         with self._stats_lock:
             alloc_s, pin_s, nbytes = self._alloc_s, self._pin_s, self._allocated_bytes
         return {"staging_bytes": self.staging_bytes, "allocations": self.allocations, "allocated_bytes": nbytes,
+                "device_snapshot_bytes": sum(s.device_bytes(s._device.device) for s in self.slots
+                                             if s._device is not None),
                 "allocation_s": alloc_s, "pin_s": pin_s,
                 "allocation_bytes_per_s": nbytes / alloc_s if alloc_s > 0 else None,
                 "pinning_bytes_per_s": nbytes / pin_s if self.pin and pin_s > 0 else None}
@@ -618,11 +621,13 @@ class StagingPool:
             else:
                 s.ring_slots(*ring)
 
-    def reserve(self, estimate: Callable[[], int], ring: tuple[int, int] | None = None) -> None:
+    def reserve(self, estimate: Callable[[], int],
+                ring_of: Callable[[int], tuple[int, int] | None] | None = None) -> None:
         """Allocate every slot not used yet for ``estimate()`` bytes in the background (the estimate is
         computed there too). A save that finds its slot's allocation under way waits for the rest of it. An
-        estimate over the budget reserves the ring of :meth:`ring_for` (none without ring mode); ``ring``
-        (a device snapshot's ``(K, S)``) reserves that ring instead of a full-size buffer."""
+        estimate over the budget reserves the ring of :meth:`ring_for` (none without ring mode);
+        ``ring_of(estimate)``, when it gives one, is the ring to reserve instead of a full-size buffer (a
+        device snapshot's)."""
         pending = {}
         for s in self.slots:
             if s._reserving is None and s.capacity == 0:  # never used (a used slot always holds a buffer)
@@ -633,7 +638,7 @@ class StagingPool:
         def run() -> None:
             try:
                 nbytes = estimate()
-                shape = ring or self.ring_for(nbytes)
+                shape = (ring_of(nbytes) if ring_of is not None else None) or self.ring_for(nbytes)
                 if shape is None and self.budget_bytes and nbytes * len(self.slots) > self.budget_bytes:
                     return
                 for s, done in pending.items():

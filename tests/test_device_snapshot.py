@@ -105,7 +105,9 @@ def test_a_device_snapshot_drains_through_the_ring_bit_exact_reusing_one_buffer(
         assert result.staging_peak_bytes <= BUDGET_MIB * 2**20 < nbytes_of(model, opt)
         assert_bit_exact(saved_state(save_dir, f"t{i}"), expected)
     assert len(memory.allocated) == 1 and saver.engine.pool.slots[0].device_allocations == 1  # drained; reused
-    assert saver.engine.pool.stats()["staging_bytes"] <= BUDGET_MIB * 2**20  # no full-size host buffer
+    stats = saver.engine.pool.stats()
+    assert stats["staging_bytes"] <= BUDGET_MIB * 2**20  # no full-size host buffer
+    assert stats["device_snapshot_bytes"] == memory.allocated[0] >= nbytes_of(model, opt)
 
 
 def test_a_lazy_device_snapshot_changed_where_no_hook_saw_is_not_published(make_saver, save_dir):
