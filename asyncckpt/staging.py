@@ -164,9 +164,11 @@ class Slot:
         return [t[i * s: (i + 1) * s] for i in range(k)]
 
     def _allocate_ring(self, k: int, s: int) -> None:
+        """Each segment is pinned as a registration of its own: a segment's copies never span two (one
+        asynchronous CUDA copy may not)."""
         self._drop()
         t0 = time.perf_counter()
-        host = _HostBuffer(k * s, self.pin, allocate=None if self.pool is None else self.pool.allocate)
+        host = _HostBuffer(k * s, self.pin, chunk=s, allocate=None if self.pool is None else self.pool.allocate)
         if self.pool is not None:
             self.pool._count(host, time.perf_counter() - t0)
         self._ring_host, self._ring_shape = host, (k, s)
@@ -678,7 +680,8 @@ class StagingPool:
 
 
 # ------------------------------------------------------------------------------------------------ ring mode
-RING_SEGMENTS = 4  # segments of a ring when the budget allows segments of at least one chunk (else 2)
+RING_SEGMENTS = 4  # at least this many segments in a ring when the budget allows segments of one chunk (else 2)
+RING_SEGMENT_MAX = RESERVE_CHUNK_BYTES  # a larger budget makes more segments, not larger ones
 
 
 def _round_up(n: int, m: int) -> int:
@@ -686,12 +689,13 @@ def _round_up(n: int, m: int) -> int:
 
 
 def ring_shape(budget: int, chunk_bytes: int) -> tuple[int, int]:
-    """``(K, S)``: the ring of K segments of S bytes (a multiple of ``chunk_bytes``) that fits ``budget``
-    bytes, with 4 segments where they can hold a chunk each, else 2; ``(0, 0)`` when not even 2 chunks fit."""
+    """``(K, S)``: the ring of K segments of S bytes (a multiple of ``chunk_bytes``, at most
+    ``RING_SEGMENT_MAX`` unless one chunk is larger) that fits ``budget`` bytes: at least 4 segments where they
+    can hold a chunk each, else 2; ``(0, 0)`` when not even 2 chunks fit."""
     for k in (RING_SEGMENTS, 2):
-        s = budget // k // chunk_bytes * chunk_bytes
+        s = min(budget // k, max(RING_SEGMENT_MAX, chunk_bytes)) // chunk_bytes * chunk_bytes
         if s >= chunk_bytes:
-            return k, s
+            return budget // s, s
     return 0, 0
 
 

@@ -148,9 +148,18 @@ def test_a_budget_smaller_than_two_chunks_per_slot_is_refused_naming_the_key(fas
 
 
 def test_ring_shape_fits_the_budget_with_whole_chunks():
-    for budget in (2 * CHUNK, 3 * CHUNK, 4 * CHUNK, 10 * CHUNK + 5, 1 << 30):
-        k, s = ring_shape(budget, CHUNK)
-        assert k in (2, 4) and s % CHUNK == 0 and s >= CHUNK and k * s <= budget
+    """At least 4 segments where a chunk fits each (else 2), segments of whole chunks and at most
+    RING_SEGMENT_MAX (the pinned registration each segment gets), as many as the budget holds."""
+    from asyncckpt.staging import RING_SEGMENT_MAX
+
+    for chunk in (CHUNK, 4 << 20, 512 << 20):
+        for budget in (2 * chunk, 3 * chunk, 4 * chunk, 10 * chunk + 5, 1 << 30, 10 << 30):
+            k, s = ring_shape(budget, chunk)
+            if budget < 2 * chunk:
+                assert (k, s) == (0, 0)
+                continue
+            assert k >= (4 if budget >= 4 * chunk else 2) and s % chunk == 0 and s >= chunk and k * s <= budget
+            assert s <= max(RING_SEGMENT_MAX, chunk) and budget - k * s < s + 4 * chunk
     assert ring_shape(2 * CHUNK - 1, CHUNK) == (0, 0)
 
 
