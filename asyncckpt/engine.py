@@ -4,7 +4,9 @@ The training thread calls :meth:`SaveEngine.save`: it takes a staging slot (back
 copies the tensors into it, hands a :class:`SaveJob` to the engine's event loop thread and returns a
 :class:`SaveFuture`. On that loop, jobs run one after another in submission order (so every rank issues its
 coordination collectives in the same order): wait for the copy → prepare (coordinator) → write files (writer
-pool) → commit (coordinator) → release the slot → resolve the future.
+pool) → commit (coordinator) → release the slot → resolve the future. A save staged through a ring (bounded
+host memory, or a device snapshot draining to the host; see :mod:`asyncckpt.staging`) is submitted before its
+waves are staged: the writer frees the ring's segments as it writes them.
 
 Saves accepted before the interpreter exits are finished first (see :func:`_drain_at_exit`): a script that
 saves and then simply ends must not lose its last checkpoint.

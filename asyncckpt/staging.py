@@ -24,6 +24,18 @@ key path: a torn checkpoint is never published.
 buffer for an estimated size, in chunks (faulting the pages in; on CUDA pinning each chunk with
 ``cudaHostRegister``, so no single call holds the driver for seconds); the first save waits only for what is
 not ready yet. ``stats()`` reports the bytes allocated and the allocation (and pinning) throughput.
+
+**Ring mode** (:class:`Ring`): when full-size buffers for every slot exceed ``writer.memory_budget_mib``, a
+slot holds a ring of K segments of S bytes instead (:func:`ring_shape`; each segment pinned as one
+registration). The items keep a *virtual* layout (:class:`RingLayout`) in which no chunk, pack or
+non-contiguous item crosses a segment boundary, so the file is the one a normal save writes; virtual segment
+``s`` is staged into ring slot ``s % K`` once the writer has written every chunk of segment ``s - K``. Eager
+saves stage every wave before the call returns; lazy saves stage in the copy thread and their hooks wait for
+the last wave.
+
+**Device snapshot** (:class:`DeviceMemory`, ``snapshot_device``): CUDA state is copied (eagerly or lazily, as
+above) into one flat device buffer per slot in the ring layout, and the ring drains it to the host, one
+asynchronous copy per segment, so host staging memory is the ring.
 """
 from __future__ import annotations
 
