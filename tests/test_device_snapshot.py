@@ -74,7 +74,7 @@ def saved_state(save_dir: str, tag: str) -> dict:
 def assert_bit_exact(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
-        x, y = a[k], b[k]
+        x, y = a[k].cpu(), b[k].cpu()  # load restores CUDA tensors on their device
         assert x.dtype == y.dtype and x.shape == y.shape, k
         assert torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)), k
 
