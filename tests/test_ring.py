@@ -189,11 +189,14 @@ class HeldCopier:
 
     def __init__(self):
         self.released = threading.Event()
+        self.waiting = threading.Event()  # a background copy is held
         self.caller = threading.current_thread()
 
     def __call__(self, dst, src) -> None:
-        if threading.current_thread() is not self.caller and not self.released.wait(30):
-            raise TimeoutError("never released")
+        if threading.current_thread() is not self.caller:
+            self.waiting.set()
+            if not self.released.wait(30):
+                raise TimeoutError("never released")
         copy_into(dst, src)
 
 
@@ -233,6 +236,7 @@ def test_lazy_ring_fails_a_save_whose_state_changed_where_no_hook_saw(make_saver
     saver = make_saver(model, opt, snapshot="lazy", writer={"memory_budget_mib": BUDGET_MIB})
     copier = saver.engine.pool.copier = HeldCopier()
     fut = saver.save_checkpoint(save_dir, tag="t")
+    assert copier.waiting.wait(30)  # the call returned while the waves are staged in the background
     with torch.no_grad():
         model[0].weight.add_(1)  # no hook sees this, before the last wave is staged
     copier.released.set()
@@ -299,3 +303,15 @@ def test_two_ring_saves_in_flight_use_a_ring_each(fast_config, save_dir):
         assert engine.pool.stats()["staging_bytes"] <= 0.25 * 2**20
     finally:
         engine.close(30)
+
+
+def test_a_saver_over_the_budget_reserves_its_ring_ahead(make_saver, save_dir):
+    """The background allocation from construction reserves the ring (not a full-size buffer that the budget
+    would refuse), so the first save allocates nothing."""
+    model, opt = big_model()
+    saver = make_saver(model, opt, writer={"memory_budget_mib": BUDGET_MIB})
+    saver.engine.pool.wait_reserved(30)
+    reserved = saver.engine.pool.allocations
+    assert reserved == 1 and 0 < saver.engine.pool.stats()["staging_bytes"] <= BUDGET_MIB * 2**20
+    saver.save_checkpoint(save_dir, tag="t").result(30)
+    assert saver.engine.pool.allocations == reserved
