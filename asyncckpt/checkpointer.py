@@ -122,13 +122,19 @@ class AsyncCheckpointer:
             self._hooks += _snapshot_hooks(self)
         self._reserved = optimizer is None or bool(optimizer.state)  # else: once the first step made its state
         if self._reserved:
-            self._engine.pool.reserve(self._estimate_bytes)
+            self._reserve()
 
     def _count_step(self, optimizer, args, kwargs) -> None:
         self.global_steps += 1
         if not self._reserved:
             self._reserved = True
-            self._engine.pool.reserve(self._estimate_bytes)
+            self._reserve()
+
+    def _reserve(self) -> None:
+        """Allocate staging memory in the background: a CUDA model that may be snapshotted on the device
+        (``snapshot_device`` auto or always) needs only the host ring its snapshot drains through."""
+        cuda = any(p.device.type == "cuda" for p in self.module.parameters())
+        self._engine.pool.reserve(self._estimate_bytes, self._engine.device_ring if cuda else None)
 
     def _estimate_bytes(self) -> int:
         """About what a save stages: the module's parameters and buffers and the optimizer's state tensors

@@ -24,6 +24,7 @@ ON_BUSY = ("wait", "skip", "error")
 TAG_VALIDATION = ("warn", "fail", "ignore")
 PIN_MEMORY = ("auto", "always", "never")
 SNAPSHOT = ("eager", "lazy")
+SNAPSHOT_DEVICE = ("auto", "always", "never")
 WRITER_MODES = ("thread", "service")
 MAX_TIMEOUT_S = 1e7  # about 115 days; far below what threading and gloo accept
 MAX_MEMORY_MIB = float(1 << 30)  # 1 PiB
@@ -140,6 +141,10 @@ class Config(_Section):
     verify_replicated: bool = False  # compare every rank's copy of each replicated tensor (checksums) at commit
     snapshot: str = "eager"  # AsyncCheckpointer: eager (copy before save_checkpoint returns) | lazy (copy in the
     #                          background until the next optimizer step / forward; see saver.wait_snapshot)
+    snapshot_device: str = "auto"  # copy CUDA state into a device buffer first (milliseconds), then drain it to
+    #   the host through a small pinned ring: auto (when the device has room) | always (refuse a save that
+    #   cannot) | never (copy straight to host buffers)
+    snapshot_device_headroom_mib: float = 2048.0  # device memory a device snapshot must leave free
     codec: CodecConfig = field(default_factory=CodecConfig)
     writer: WriterConfig = field(default_factory=WriterConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -157,6 +162,10 @@ class Config(_Section):
         _check(0 <= self.save_deadline_s <= MAX_TIMEOUT_S, "save_deadline_s", self.save_deadline_s,
                f"a number >= 0 (0 = no deadline) and at most {MAX_TIMEOUT_S:.0f}")
         _check(self.snapshot in SNAPSHOT, "snapshot", self.snapshot, " | ".join(SNAPSHOT))
+        _check(self.snapshot_device in SNAPSHOT_DEVICE, "snapshot_device", self.snapshot_device,
+               " | ".join(SNAPSHOT_DEVICE))
+        _check(0 <= self.snapshot_device_headroom_mib <= MAX_MEMORY_MIB, "snapshot_device_headroom_mib",
+               self.snapshot_device_headroom_mib, f"a number in 0..{MAX_MEMORY_MIB:.0f} (1 PiB)")
         _check(self.tag_validation in TAG_VALIDATION, "tag_validation", self.tag_validation, " | ".join(TAG_VALIDATION))
 
     @property

@@ -4,7 +4,9 @@ The training thread calls :meth:`SaveEngine.save`: it takes a staging slot (back
 copies the tensors into it, hands a :class:`SaveJob` to the engine's event loop thread and returns a
 :class:`SaveFuture`. On that loop, jobs run one after another in submission order (so every rank issues its
 coordination collectives in the same order): wait for the copy → prepare (coordinator) → write files (writer
-pool) → commit (coordinator) → release the slot → resolve the future.
+pool) → commit (coordinator) → release the slot → resolve the future. A save staged through a ring (bounded
+host memory, or a device snapshot draining to the host; see :mod:`asyncckpt.staging`) is submitted before its
+waves are staged: the writer frees the ring's segments as it writes them.
 
 Saves accepted before the interpreter exits are finished first (see :func:`_drain_at_exit`): a script that
 saves and then simply ends must not lose its last checkpoint.
@@ -26,13 +28,14 @@ from .codec import ChunkCodec
 from .commit import CommitCoordinator, DistContext, orphan_reason, raise_for_rank
 from .config import Config
 from .commit import BUSY
-from .errors import CheckpointError, CommitError, ConfigError, TagExistsError
+from .errors import CheckpointError, CommitError, ConfigError, SaverBusyError, TagExistsError
 from .format import MANIFEST, checksum, validate_tag
 from .future import SaveFuture, raise_first_unobserved
 from .io_types import FlatState, RankOutcome, SaveJob, SaveResult, StageItem
 from .placement import ReplicatedSplit, fingerprint
 from .service.client import ServiceClient
-from .staging import LazyStaging, Slot, Snapshot, StagingPool, ready_now
+from .packing import alone_items
+from .staging import DEVICE_RING_BYTES, LazyStaging, Ring, Slot, Snapshot, StagingPool, ready_now, ring_shape
 from .storage import MARKER, Storage, is_url, open_storage
 from .writer import WriterPool, lower_thread_priority
 from .threads import EventLoopThread, at_shutdown, started_pool
@@ -56,13 +59,17 @@ class SaveEngine:
             raise ConfigError("config key 'pin_memory': 'always' needs CUDA, which is not available here; use auto")
         pin = config.pin_memory == "always" or (config.pin_memory == "auto" and cuda)
         w = config.writer
+        if config.snapshot_device == "always" and w.mode == "service":
+            raise ConfigError("config key 'snapshot_device': 'always' is not supported with writer.mode service "
+                              "(the writer service reads full-size shared staging buffers); use auto or never")
         local = self.ctx.local_world_size
         node_threads = w.threads_per_node or _default_threads()
         # writer.mode service: a per-node process writes and publishes (asyncckpt/service); staging is shared memory
         self.service = ServiceClient(config, self.ctx) if w.mode == "service" else None
         self.pool = StagingPool(config.max_inflight, pin=pin,
                                 budget_bytes=w.memory_budget_bytes // local if w.memory_budget_bytes else 0,
-                                allocate=self.service.allocate if self.service else None)
+                                allocate=self.service.allocate if self.service else None,
+                                chunk_bytes=0 if self.service else config.codec.chunk_bytes)  # no ring in service mode
         self.writer = WriterPool(ChunkCodec.from_config(config.codec), threads=max(1, node_threads // local),
                                  chunk_bytes=config.codec.chunk_bytes, files_per_rank=w.files_per_rank,
                                  inflight_chunks=w.inflight_chunks, fsync=w.fsync, nice=w.nice,
@@ -114,7 +121,13 @@ class SaveEngine:
             flat = flat() if callable(flat) else flat
             flat, replicated_fp, checked = self._own_share(flat, pinned)
             written = {id(i) for i in flat.items}
-            self.pool.check_budget(flat.nbytes + sum(i.nbytes for i in checked if id(i) not in written))
+            nbytes = flat.nbytes + sum(i.nbytes for i in checked if id(i) not in written)
+            self.pool.check_budget(nbytes)
+            ring_shape = self.pool.ring_for(nbytes)
+            if ring_shape is not None and checked:
+                raise SaverBusyError(
+                    f"staging {nbytes} bytes exceeds writer.memory_budget_mib, and verify_replicated needs the "
+                    "whole state staged at once: raise the budget or turn verify_replicated off")
             slot = self.pool.acquire(self.config.on_busy, timeout=self.config.slot_wait_s)
         except BaseException as exc:
             self._placeholder(save_dir, tag, _exc_text(exc))
@@ -123,10 +136,19 @@ class SaveEngine:
             log.info("skipping checkpoint %r: %d save(s) already in flight (on_busy=skip)", tag, len(self.pool.slots))
             placeholder = self._placeholder(save_dir, tag, BUSY)
             return placeholder or SaveFuture.completed(self._skipped(tag))
+        ring = None
         try:
             t_stage = time.perf_counter()
             snapshot = None
-            if lazy is None:
+            device = self._device_snapshot(slot, flat, lazy, bool(checked))
+            if device is not None:  # copied on the device now, drained through the slot's ring
+                ring, snapshot = self._start_device_ring(slot, flat, lazy, *device)
+                ready = ready_now
+            elif ring_shape is not None:  # waves through the slot's ring; the writer waits segment by segment
+                ring = self._start_ring(slot, flat, ring_shape, lazy)
+                snapshot = None if lazy is None else lazy.start_ring(ring)
+                ready = ready_now
+            elif lazy is None:
                 ready = slot.stage(flat.items)
             else:
                 snapshot = lazy.start(slot, flat)
@@ -135,14 +157,115 @@ class SaveEngine:
             stage_s = time.perf_counter() - t_stage
             job = SaveJob(save_dir, tag, save_latest, flat, slot, ready, dict(manifest_extra or {}), t0)
             job.replicated_fp = replicated_fp
+            job.staging_bytes = ring.nbytes if ring is not None else slot.capacity + self._check_bytes(slot, checks)
         except BaseException as exc:
+            slot.ring = None
             self.pool.release(slot)
             self._placeholder(save_dir, tag, _exc_text(exc))
             raise
         fut = self._submit(job, stage_s, checks, snapshot)
-        job.stall_s = time.perf_counter() - t0  # everything the caller waited for, the hand-off included
-        job.returned.set()
+        try:
+            if device is not None:  # the drain runs in the copy thread
+                self.pool.copy_thread().submit(ring.stage)
+            elif ring is not None:  # after the submission: the writer frees the ring's slots as it goes
+                self._stage_waves(ring, lazy is not None)
+        finally:
+            job.stall_s = time.perf_counter() - t0  # everything the caller waited for, the hand-off included
+            job.returned.set()
         return fut
+
+    def device_ring(self, nbytes: int) -> tuple[int, int] | None:
+        """``(K, S)``: the host ring a device snapshot of ``nbytes`` drains through (at most
+        ``DEVICE_RING_BYTES`` per slot, within the budget, no larger than the state needs); None when
+        ``snapshot_device`` is never or the budget holds no ring."""
+        if self.config.snapshot_device == "never" or self.service is not None:
+            return None
+        chunk = self.config.codec.chunk_bytes
+        per_slot = self.pool.budget_bytes // len(self.pool.slots) if self.pool.budget_bytes else DEVICE_RING_BYTES
+        k, seg = ring_shape(min(per_slot, DEVICE_RING_BYTES, max(2 * chunk, -(-nbytes // chunk) * chunk)), chunk)
+        return (k, seg) if k else None
+
+    def _device_snapshot(self, slot: Slot, flat: FlatState, lazy: LazyStaging | None, checked: bool):
+        """``snapshot_device``: ``(device, ring layout, (K, S))`` when this save is snapshotted on the device
+        (the state's CUDA device has room for a flat copy of it beyond ``snapshot_device_headroom_mib``, or the
+        slot's device buffer already holds one), else None; ``always`` refuses a save that cannot be."""
+        mode = self.config.snapshot_device
+        if mode == "never" or self.service is not None:
+            return None
+        memory = self.pool.device_memory
+        device = memory.device_of(flat.items)
+        why = ""
+        if device is None:
+            why = "the state has no CUDA tensor, or its CUDA tensors are on several devices"
+        elif checked:
+            why = "verify_replicated checksums the staged state on the host"
+        else:
+            k, seg = self.device_ring(flat.nbytes) or (0, 0)
+            if not k:
+                why = "writer.memory_budget_mib cannot hold a ring of two chunks per slot"
+            else:
+                priority = None if lazy is None else lazy.priority(flat.items)
+                layout = slot.ring_layout(flat.items, alone_items(flat), self.config.codec.chunk_bytes, seg, priority,
+                                          whole=True)
+                held = slot.device_bytes(device)
+                free = memory.free_bytes(device) + held - int(self.config.snapshot_device_headroom_mib * (1 << 20))
+                if layout.total <= held or layout.total <= free:
+                    return device, layout, (k, seg)
+                why = (f"a snapshot of {layout.total} bytes does not fit the {max(0, free)} bytes free on {device} "
+                       f"beyond snapshot_device_headroom_mib={self.config.snapshot_device_headroom_mib:g}")
+        if mode == "always":
+            raise ConfigError(f"config key 'snapshot_device': 'always' cannot snapshot this save on the device: {why}")
+        return None
+
+    def _start_device_ring(self, slot: Slot, flat: FlatState, lazy: LazyStaging | None, device, layout,
+                           shape: tuple[int, int]) -> tuple[Ring, Snapshot | None]:
+        """Copy the state into the slot's device buffer (eager: the training stream waits for the copy; lazy:
+        the hooks settle it) and return the ring that drains it to the host, segment by segment."""
+        buf, dsts = slot.device_views(flat.items, layout, device, self.pool.device_memory)
+        snapshot = None
+        if lazy is None:
+            slot.stage(flat.items, dsts)
+        else:
+            snapshot = lazy.start(slot, flat, dsts)
+        start = self.pool.device_memory.after_copies(device)
+        k, seg = shape
+        slot.ring = Ring(layout, slot.ring_slots(k, seg), flat.items, self.pool.copier, self.config.commit_timeout_s,
+                         source=buf, start=start)
+        return slot.ring, snapshot
+
+    def _start_ring(self, slot: Slot, flat: FlatState, shape: tuple[int, int], lazy: LazyStaging | None) -> Ring:
+        """The ring of one save in ``slot`` (see :class:`~asyncckpt.staging.Ring`): a lazy save places the
+        state no hook guards first, then module buffers, then the rest."""
+        k, seg = shape
+        priority = None if lazy is None else lazy.priority(flat.items)
+        layout = slot.ring_layout(flat.items, alone_items(flat), self.config.codec.chunk_bytes, seg, priority)
+        start = {}
+        for item in flat.items:  # CUDA: the copies of every wave read the values of the call
+            if item.src.device.type == "cuda" and item.src.device.index not in start:
+                dev = item.src.device.index or 0
+                with torch.cuda.device(dev):
+                    start[dev] = torch.cuda.Event()
+                    start[dev].record(torch.cuda.current_stream())
+        slot.ring = Ring(layout, slot.ring_slots(k, seg), flat.items, self.pool.copier, self.config.commit_timeout_s,
+                         start=start)
+        return slot.ring
+
+    def _stage_waves(self, ring: Ring, lazy: bool) -> None:
+        """Eager: stage every wave before returning (each waits for the writer to free a ring slot; bounded
+        memory costs stall), then the training stream waits for the last copies. Lazy: stage the waves of the
+        state no hook guards now, the rest in the copy thread (the hooks wait for the last wave)."""
+        if not lazy:
+            ring.stage()
+            for dev, event in ring.last_events():
+                with torch.cuda.device(dev):
+                    torch.cuda.current_stream().wait_event(event)
+            return
+        ring.stage(ring.layout.eager_segments)
+        self.pool.copy_thread().submit(ring.stage)
+
+    def _check_bytes(self, slot: Slot, checks) -> int:
+        """Host bytes of the buffer paired with ``slot`` for verify_replicated's checks (0 without checks)."""
+        return 0 if checks is None else self._check_slots[slot.index].capacity
 
     def _submit(self, job: SaveJob, stage_s: float, checks: Callable[[], dict] | None = None,
                 snapshot: Snapshot | None = None) -> SaveFuture:
@@ -328,6 +451,10 @@ class SaveEngine:
                 return await self._pipeline(loop, job, stage_s, checks, snapshot)
             finally:
                 if job.slot is not None:
+                    ring, job.slot.ring = job.slot.ring, None
+                    if ring is not None:  # the stager stops before the slot is reused
+                        ring.abort(CheckpointError(f"checkpoint {job.tag!r} ended before its last wave was staged"))
+                        await loop.run_in_executor(None, ring.stopped.wait, self.config.commit_timeout_s)
                     self.pool.release(job.slot)
 
     async def _pipeline(self, loop, job: SaveJob, stage_s: float, checks: Callable[[], dict] | None,
@@ -389,7 +516,8 @@ class SaveEngine:
         if not job.returned.is_set():  # the caller is still returning from save(): its stall is not final yet
             await loop.run_in_executor(None, job.returned.wait, 60.0)
         result = SaveResult(tag, info.path, stall_s=job.stall_s, time_to_durable_s=durable,
-                            raw_bytes=job.flat.nbytes, bytes_written=files.bytes_written,
+                            raw_bytes=job.flat.nbytes, staging_peak_bytes=job.staging_bytes,
+                            bytes_written=files.bytes_written,
                             total_bytes_written=info.total_bytes_written, phases=phases, rank=ctx.rank,
                             world_size=ctx.world_size)
         if ctx.rank == 0:

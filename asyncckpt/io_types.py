@@ -70,6 +70,7 @@ class SaveResult:
     stall_s: float = 0.0  # what the caller waited: set once ``save`` is about to return (see ``returned``)
     time_to_durable_s: float = 0.0
     raw_bytes: int = 0
+    staging_peak_bytes: int = 0  # host staging memory this save held at most (its slot's buffer, or its ring)
     bytes_written: int = 0
     total_bytes_written: int = 0  # all ranks
     phases: dict[str, float] = field(default_factory=dict)
@@ -111,3 +112,4 @@ class SaveJob:
     reason: str = ""  # a placeholder for a save this rank could not make: "busy" (skip) or the error
     returned: threading.Event = field(default_factory=threading.Event)  # set when ``stall_s`` is final
     seq: int = 0  # this saver's sequence number of the save (compared across ranks at prepare)
+    staging_bytes: int = 0  # host staging memory the save holds (SaveResult.staging_peak_bytes)

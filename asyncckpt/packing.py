@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .io_types import StageItem
+from .io_types import FlatState, StageItem
 
 PACK_MAX_BYTES = 64 << 10  # tensors smaller than this (and than a quarter of a chunk) are packed
 PACK_PREFIX = "~pack/"  # escape() never writes '~' followed by anything but 0 or 1: no state key looks like this
@@ -51,14 +51,15 @@ class Pack:
     runs: tuple[tuple[int, int], ...]
     nbytes: int
 
-    def gather(self, slot_bytes: np.ndarray) -> np.ndarray:
-        """The pack's bytes as one contiguous array (a view of the slot when the members are adjacent there)."""
+    def gather(self, slot_bytes: np.ndarray, base: int = 0) -> np.ndarray:
+        """The pack's bytes as one contiguous array (a view of the slot when the members are adjacent there).
+        ``base``: the slot offset of ``slot_bytes[0]`` (a ring segment holds a window of the layout)."""
         if len(self.runs) == 1:
             off, n = self.runs[0]
-            return slot_bytes[off: off + n]
+            return slot_bytes[off - base: off - base + n]
         if not self.runs:
             return slot_bytes[:0]
-        return np.concatenate([slot_bytes[off: off + n] for off, n in self.runs])
+        return np.concatenate([slot_bytes[off - base: off - base + n] for off, n in self.runs])
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,12 @@ class PackPlan:
     @property
     def packs(self) -> list[Pack]:
         return [e for e in self.entries if isinstance(e, Pack)]
+
+
+def alone_items(flat: FlatState) -> frozenset[int]:
+    """Indices of the items never packed: shards of a sharded tensor and storages that views refer to."""
+    bases = {v.base for v in flat.views}
+    return frozenset(i for i, item in enumerate(flat.items) if item.global_shape or item.key in bases)
 
 
 def plan(sizes: Sequence[int], itemsizes: Sequence[int], offsets: Sequence[int], alone: frozenset[int],

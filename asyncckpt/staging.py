@@ -24,6 +24,18 @@ key path: a torn checkpoint is never published.
 buffer for an estimated size, in chunks (faulting the pages in; on CUDA pinning each chunk with
 ``cudaHostRegister``, so no single call holds the driver for seconds); the first save waits only for what is
 not ready yet. ``stats()`` reports the bytes allocated and the allocation (and pinning) throughput.
+
+**Ring mode** (:class:`Ring`): when full-size buffers for every slot exceed ``writer.memory_budget_mib``, a
+slot holds a ring of K segments of S bytes instead (:func:`ring_shape`; each segment pinned as one
+registration). The items keep a *virtual* layout (:class:`RingLayout`) in which no chunk, pack or
+non-contiguous item crosses a segment boundary, so the file is the one a normal save writes; virtual segment
+``s`` is staged into ring slot ``s % K`` once the writer has written every chunk of segment ``s - K``. Eager
+saves stage every wave before the call returns; lazy saves stage in the copy thread and their hooks wait for
+the last wave.
+
+**Device snapshot** (:class:`DeviceMemory`, ``snapshot_device``): CUDA state is copied (eagerly or lazily, as
+above) into one flat device buffer per slot in the ring layout, and the ring drains it to the host, one
+asynchronous copy per segment, so host staging memory is the ring.
 """
 from __future__ import annotations
 
@@ -36,8 +48,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from . import packing
 from .errors import CheckpointError, SaverBusyError, StateMismatchError
 from .io_types import StageItem
+from .packing import Pack
 from .threads import started_pool
 
 log = logging.getLogger(__name__)
@@ -126,10 +140,19 @@ class Slot:
         self._host: _HostBuffer | None = None
         self._signature: tuple | None = None
         self._dsts: list[torch.Tensor] = []
-        self.layout: Layout | None = None
+        self.layout: Layout | None = None  # the layout of the last normal (not ring-mode) save
+        self._plan_layout: Layout | None = None
         self.allocations = 0  # how many times this slot allocated host memory (tests assert steady state)
         self._reserving: threading.Event | None = None  # set while a background allocation is under way
         self._alloc_lock = threading.Lock()  # the save and the background allocation never allocate at once
+        self._ring_host: _HostBuffer | None = None  # ring mode: K segments of S bytes instead of a full buffer
+        self._ring_shape = (0, 0)
+        self._ring_key: tuple | None = None
+        self._ring_layout: "RingLayout | None" = None
+        self.ring: "Ring | None" = None  # the ring of the save in flight in this slot (ring mode), else None
+        self._device: torch.Tensor | None = None  # a device snapshot's flat device buffer
+        self._device_dsts: tuple | None = None  # (layout, destination views in it)
+        self.device_allocations = 0  # how many device buffers this slot allocated (tests assert reuse)
 
     @property
     def buffer(self) -> torch.Tensor | None:
@@ -137,7 +160,60 @@ class Slot:
 
     @property
     def capacity(self) -> int:
-        return 0 if self._host is None else self._host.nbytes
+        """Host bytes this slot holds (its full-size buffer or its ring)."""
+        return sum(h.nbytes for h in (self._host, self._ring_host) if h is not None)
+
+    def ring_slots(self, k: int, s: int) -> list[torch.Tensor]:
+        """The ``k`` segments of ``s`` bytes of this slot's ring buffer: allocated once while ``(k, s)`` repeats
+        (pinned chunk by chunk on CUDA); the slot's full-size buffer, if any, is freed first."""
+        pending = self._reserving
+        if pending is not None:
+            pending.wait()
+        with self._alloc_lock:
+            if self._ring_host is None or self._ring_shape != (k, s):
+                self._allocate_ring(k, s)
+        t = self._ring_host.tensor
+        return [t[i * s: (i + 1) * s] for i in range(k)]
+
+    def _allocate_ring(self, k: int, s: int) -> None:
+        """Each segment is pinned as a registration of its own: a segment's copies never span two (one
+        asynchronous CUDA copy may not)."""
+        self._drop()
+        t0 = time.perf_counter()
+        host = _HostBuffer(k * s, self.pin, chunk=s, allocate=None if self.pool is None else self.pool.allocate)
+        if self.pool is not None:
+            self.pool._count(host, time.perf_counter() - t0)
+        self._ring_host, self._ring_shape = host, (k, s)
+        self.allocations += 1
+
+    def ring_layout(self, items: Sequence[StageItem], alone: frozenset[int], chunk: int, segment: int,
+                    priority: Sequence[int] | None, whole: bool = False) -> "RingLayout":
+        """The ring layout of ``items`` (cached while items, packing and priorities repeat)."""
+        key = (tuple([(i.dtype, i.shape, whole or i.src.is_contiguous()) for i in items]), alone, chunk, segment,
+               None if priority is None else tuple(priority), whole)
+        if key != self._ring_key:
+            self._ring_layout = RingLayout.of(items, alone, chunk, segment, priority, whole)
+            self._ring_key = key
+        return self._ring_layout
+
+    def device_bytes(self, device: torch.device) -> int:
+        """Bytes of this slot's device buffer on ``device`` (0: none there)."""
+        buf = self._device
+        return buf.numel() if buf is not None and buf.device == device else 0
+
+    def device_views(self, items: Sequence[StageItem], layout: "RingLayout", device: torch.device,
+                     memory: "DeviceMemory") -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """A device snapshot's flat buffer (``layout.total`` bytes on ``device``: allocated once, reused while
+        it is large enough) and each item's destination view in it (cached while the layout repeats)."""
+        buf = self._device
+        if buf is None or buf.device != device or buf.numel() < layout.total:
+            self._device = self._device_dsts = None  # freed before the larger one is allocated
+            buf = self._device = memory.allocate(max(layout.total, ALIGN), device)
+            self.device_allocations += 1
+        if self._device_dsts is None or self._device_dsts[0] is not layout:
+            dsts = [buf[off: off + n].view(i.dtype).view(i.shape) for i, off, n in zip(items, layout.offsets, layout.sizes)]
+            self._device_dsts = (layout, dsts)
+        return buf[:layout.total], self._device_dsts[1]
 
     def _allocate(self, nbytes: int) -> None:
         """Replace the buffer with one of at least ``nbytes`` (the old one is freed first)."""
@@ -150,16 +226,18 @@ class Slot:
         self.allocations += 1
 
     def _drop(self) -> None:
-        if self._host is not None:
-            self._host.free()
+        for host in (self._host, self._ring_host):
+            if host is not None:
+                host.free()
         self._host, self._signature, self._dsts = None, None, []
+        self._ring_host, self._ring_shape, self._ring_key = None, (0, 0), None
 
     def _ensure(self, nbytes: int) -> None:
         pending = self._reserving
         if pending is not None:  # a background allocation for this slot: use it, waiting only for the rest
             pending.wait()
         with self._alloc_lock:
-            if self._host is not None and self.capacity >= nbytes:  # (a state of only empty tensors needs one too)
+            if self._host is not None and self._host.nbytes >= nbytes:  # (a state of only empty tensors needs one)
                 return
             self._allocate(nbytes)
 
@@ -167,6 +245,7 @@ class Slot:
         """Destination views for ``items``; cached while the items' dtypes and shapes repeat."""
         signature = tuple([(i.dtype, i.shape) for i in items])
         if signature == self._signature and self._host is not None:
+            self.layout = self._plan_layout  # (a ring-mode save in between had its own)
             return self._dsts
         layout = Layout.of(items)
         self._ensure(layout.total)
@@ -174,20 +253,22 @@ class Slot:
         dsts = []
         for item, off, n in zip(items, layout.offsets, layout.sizes):
             dsts.append(buf[off: off + n].view(item.dtype).view(item.shape))
-        self.layout, self._dsts, self._signature = layout, dsts, signature
+        self.layout = self._plan_layout = layout
+        self._dsts, self._signature = dsts, signature
         return dsts
 
-    def stage(self, items: Sequence[StageItem]) -> Callable[[], None]:
-        """Copy every item's bytes into this slot. Returns ``ready()``: blocks until the bytes are valid."""
-        return self._copy_now(zip(self.plan(items), items))
+    def stage(self, items: Sequence[StageItem], dsts: Sequence[torch.Tensor] | None = None) -> Callable[[], None]:
+        """Copy every item's bytes into this slot (or into ``dsts``: a device snapshot's views of its device
+        buffer). Returns ``ready()``: blocks until the bytes are valid."""
+        return self._copy_now(zip(self.plan(items) if dsts is None else dsts, items))
 
-    def snapshot(self, items: Sequence[StageItem], groups: Sequence[int], watched: Sequence[Sequence[tuple]]
-                 ) -> "Snapshot":
-        """Copy ``items`` into this slot: those of group -1 now (as :meth:`stage` does), the others in the
-        background, group by group (``groups[i]``: the group of item ``i``; 0 first). ``watched[g]``: ``(key
-        path, tensor)`` of the tensors group ``g`` reads, whose version counters are recorded now and compared
-        when the group is settled."""
-        dsts = self.plan(items)
+    def snapshot(self, items: Sequence[StageItem], groups: Sequence[int], watched: Sequence[Sequence[tuple]],
+                 dsts: Sequence[torch.Tensor] | None = None) -> "Snapshot":
+        """Copy ``items`` into this slot (or into ``dsts``): those of group -1 now (as :meth:`stage` does), the
+        others in the background, group by group (``groups[i]``: the group of item ``i``; 0 first).
+        ``watched[g]``: ``(key path, tensor)`` of the tensors group ``g`` reads, whose version counters are
+        recorded now and compared when the group is settled."""
+        dsts = self.plan(items) if dsts is None else dsts
         pairs: list[list[tuple]] = [[] for _ in watched]
         eager = []
         for dst, item, g in zip(dsts, items, groups):
@@ -233,9 +314,10 @@ def _side_stream(dev: int) -> "torch.cuda.Stream":
     return side
 
 
-def _issue_cuda(pairs, training_waits: bool) -> list:
+def _issue_cuda(pairs, training_waits: bool, after: dict | None = None) -> list:
     """Issue device-to-host copies on a side stream per device, after the values the training stream last
-    wrote; returns one recorded event per device. ``training_waits``: the training stream waits on them."""
+    wrote (or, for a device in ``after``, after that event); returns one recorded event per device.
+    ``training_waits``: the training stream waits on them."""
     by_device: dict[int, list] = {}
     for dst, src in pairs:
         by_device.setdefault(src.device.index or 0, []).append((dst, src))
@@ -244,7 +326,10 @@ def _issue_cuda(pairs, training_waits: bool) -> list:
         with torch.cuda.device(dev):
             current = torch.cuda.current_stream()
             side = _side_stream(dev)
-            side.wait_stream(current)  # the values the training stream last wrote
+            if after and dev in after:
+                side.wait_event(after[dev])  # the values the training stream had written at the save call
+            else:
+                side.wait_stream(current)  # the values the training stream last wrote
             with torch.cuda.stream(side):
                 for dst, src in group:
                     for d, s in registered_pieces(dst, src):
@@ -298,15 +383,18 @@ class Snapshot:
     naming every tensor changed in place before its group was settled."""
 
     def __init__(self, pairs: list[list[tuple]], versions: list[list[tuple]], copier: Copier, thread,
-                 eager_ready: Callable[[], None] = ready_now):
+                 eager_ready: Callable[[], None] = ready_now, ring: "Ring | None" = None):
         self._eager_ready = eager_ready  # the copies made at the call (CUDA: their events)
         self._versions = versions
         self._settled = [False] * len(pairs)
         self._lock = threading.Lock()
         self._changed: list[str] = []
         self._error: BaseException | None = None
-        self._host_done = [threading.Event() for _ in pairs]
+        self._ring = ring  # ring mode: every group is complete once the ring's last wave is staged
+        self._host_done = [threading.Event() if ring is None else ring.done for _ in pairs]
         self._cuda_events: list[list] = [[] for _ in pairs]
+        if ring is not None:
+            return
         host = []
         for g, group in enumerate(pairs):
             cuda = [(d, s) for d, s in group if s.device.type == "cuda"]
@@ -344,7 +432,7 @@ class Snapshot:
                 continue
             if not self._host_done[g].wait(timeout):
                 raise TimeoutError(f"the checkpoint snapshot did not finish copying within {timeout}s")
-            for dev, event in self._cuda_events[g]:
+            for dev, event in self._events(g):
                 with torch.cuda.device(dev):
                     torch.cuda.current_stream().wait_event(event)
             self._check(g)
@@ -356,7 +444,7 @@ class Snapshot:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not self._host_done[g].wait(left):
                 raise TimeoutError(f"the checkpoint snapshot did not finish copying within {timeout}s")
-            for _, event in self._cuda_events[g]:
+            for _, event in self._events(g):
                 _wait_event(event, deadline, timeout)
         self.settle(self.groups - 1, timeout=0)
 
@@ -365,8 +453,12 @@ class Snapshot:
         self._eager_ready()
         for g in range(self.groups):
             self._host_done[g].wait()
-            for _, event in self._cuda_events[g]:
+            for _, event in self._events(g):
                 event.synchronize()
+
+    def _events(self, g: int) -> list:
+        """``(device, event)`` recorded after group ``g``'s device-to-host copies."""
+        return self._cuda_events[g] if self._ring is None else self._ring.last_events()
 
     def failure(self) -> CheckpointError | None:
         """The reason this snapshot cannot be published, as far as known now."""
@@ -421,15 +513,30 @@ class LazyStaging:
         self.leaves: list[tuple[str, torch.Tensor]] = []
         self.snapshot: Snapshot | None = None
 
-    def start(self, slot: Slot, flat) -> Snapshot:
+    def start(self, slot: Slot, flat, dsts: Sequence[torch.Tensor] | None = None) -> Snapshot:
+        """Copy into ``slot`` (or into ``dsts``, a device snapshot's views of its device buffer)."""
+        self.snapshot = slot.snapshot(flat.items, self.priority(flat.items), self._watched(), dsts)
+        return self.snapshot
+
+    def start_ring(self, ring: "Ring") -> Snapshot:
+        """Ring mode: the snapshot is complete once the ring's last wave is staged (every hook waits for it)."""
+        watched = self._watched()
+        versions = [[(key, t, t._version) for key, t in w] for w in watched]
+        self.snapshot = Snapshot([[] for _ in watched], versions, copy_into, None, ring=ring)
+        return self.snapshot
+
+    def priority(self, items: Sequence[StageItem]) -> list[int]:
+        """The group of every item."""
+        return [self.group_of(i.key) for i in items]
+
+    def _watched(self) -> list[list[tuple]]:
         watched: list[list[tuple]] = [[] for _ in range(self.groups)]
         for key, t in self.leaves:
             g = self.group_of(key)
             if g >= 0:
                 watched[g].append((key, t))
         self.leaves = []
-        self.snapshot = slot.snapshot(flat.items, [self.group_of(i.key) for i in flat.items], watched)
-        return self.snapshot
+        return watched
 
 
 class StagingPool:
@@ -439,11 +546,14 @@ class StagingPool:
     another one to slow copies down or to observe them."""
 
     def __init__(self, slots: int, pin: bool, budget_bytes: int = 0, copier: Copier = copy_into,
-                 allocate: Callable[[int], torch.Tensor] | None = None):
+                 allocate: Callable[[int], torch.Tensor] | None = None, chunk_bytes: int = 0):
         self.pin = pin
+        self.chunk_bytes = chunk_bytes  # ring mode (a state over the budget) stages in waves of whole chunks;
+        #                                 0: no ring mode (such a save is refused, see check_budget)
         self.copier = copier
         self.allocate = allocate  # (nbytes) -> uint8 host tensor; default private memory; the writer service's
         #                           is shared memory (pinned here, chunk by chunk, like the default)
+        self.device_memory = DeviceMemory()  # where a device snapshot's buffer lives (a test may stand one in)
         self.slots = [Slot(i, pin, self) for i in range(slots)]
         self._free = list(reversed(self.slots))
         self._cond = threading.Condition()
@@ -470,11 +580,14 @@ class StagingPool:
             self._pin_s += host.pin_s
 
     def stats(self) -> dict:
-        """Host memory held, allocations made, and the throughput of allocating (faulting in and, on CUDA,
-        pinning) staging memory: what a first save pays when buffers were not allocated ahead."""
+        """Host memory held (full-size buffers and rings), allocations made, and the throughput of allocating
+        (faulting in and, on CUDA, pinning) staging memory: what a first save pays when buffers were not
+        allocated ahead; ``device_snapshot_bytes``: the device buffers of device snapshots (not host memory)."""
         with self._stats_lock:
             alloc_s, pin_s, nbytes = self._alloc_s, self._pin_s, self._allocated_bytes
         return {"staging_bytes": self.staging_bytes, "allocations": self.allocations, "allocated_bytes": nbytes,
+                "device_snapshot_bytes": sum(s.device_bytes(s._device.device) for s in self.slots
+                                             if s._device is not None),
                 "allocation_s": alloc_s, "pin_s": pin_s,
                 "allocation_bytes_per_s": nbytes / alloc_s if alloc_s > 0 else None,
                 "pinning_bytes_per_s": nbytes / pin_s if self.pin and pin_s > 0 else None}
@@ -507,21 +620,49 @@ class StagingPool:
             self._cond.notify()
 
     def check_budget(self, nbytes: int) -> None:
-        if self.budget_bytes and nbytes * len(self.slots) > self.budget_bytes:
+        """Refuse a save of ``nbytes`` that fits neither the budget nor a ring (none without ring mode)."""
+        if self.chunk_bytes:
+            self.ring_for(nbytes)
+        elif self.budget_bytes and nbytes * len(self.slots) > self.budget_bytes:
             raise SaverBusyError(
                 f"staging {nbytes} bytes x {len(self.slots)} slot(s) exceeds writer.memory_budget_mib "
                 f"({self.budget_bytes / 2**20:.0f} MiB for this rank); lower max_inflight or raise the budget")
 
-    def prepare(self, items: Sequence[StageItem]) -> None:
-        """Allocate every slot for ``items`` ahead of the first save (so the first save only copies)."""
-        self.check_budget(sum(i.nbytes for i in items))
-        for s in self.slots:
-            s.plan(items)
+    def ring_for(self, nbytes: int) -> tuple[int, int] | None:
+        """``(K, S)``: the ring each slot stages a save of ``nbytes`` through when full-size buffers for every
+        slot exceed the budget; None when they fit (or without ring mode). Raises SaverBusyError when not even a ring of two chunks
+        per slot fits."""
+        if not self.budget_bytes or nbytes * len(self.slots) <= self.budget_bytes or not self.chunk_bytes:
+            return None
+        per_slot = self.budget_bytes // len(self.slots)
+        chunk = self.chunk_bytes
+        k, s = ring_shape(per_slot, chunk)
+        if not k:
+            raise SaverBusyError(
+                f"writer.memory_budget_mib ({self.budget_bytes / 2**20:g} MiB for this rank, {per_slot} bytes per "
+                f"slot with max_inflight={len(self.slots)}) cannot hold even two chunks of {chunk} bytes "
+                "(codec.chunk_mib) per slot; raise the budget or lower codec.chunk_mib or max_inflight")
+        return k, s
 
-    def reserve(self, estimate: Callable[[], int]) -> None:
+    def prepare(self, items: Sequence[StageItem]) -> None:
+        """Allocate every slot for ``items`` ahead of the first save (so the first save only copies); in ring
+        mode, every slot's ring."""
+        nbytes = sum(i.nbytes for i in items)
+        self.check_budget(nbytes)
+        ring = self.ring_for(nbytes)
+        for s in self.slots:
+            if ring is None:
+                s.plan(items)
+            else:
+                s.ring_slots(*ring)
+
+    def reserve(self, estimate: Callable[[], int],
+                ring_of: Callable[[int], tuple[int, int] | None] | None = None) -> None:
         """Allocate every slot not used yet for ``estimate()`` bytes in the background (the estimate is
-        computed there too). A save that finds its slot's allocation under way waits for the rest of it; a
-        budget smaller than the estimate reserves nothing."""
+        computed there too). A save that finds its slot's allocation under way waits for the rest of it. An
+        estimate over the budget reserves the ring of :meth:`ring_for` (none without ring mode);
+        ``ring_of(estimate)``, when it gives one, is the ring to reserve instead of a full-size buffer (a
+        device snapshot's)."""
         pending = {}
         for s in self.slots:
             if s._reserving is None and s.capacity == 0:  # never used (a used slot always holds a buffer)
@@ -532,13 +673,17 @@ class StagingPool:
         def run() -> None:
             try:
                 nbytes = estimate()
-                if self.budget_bytes and nbytes * len(self.slots) > self.budget_bytes:
+                shape = (ring_of(nbytes) if ring_of is not None else None) or self.ring_for(nbytes)
+                if shape is None and self.budget_bytes and nbytes * len(self.slots) > self.budget_bytes:
                     return
                 for s, done in pending.items():
                     try:
                         with s._alloc_lock:
                             if s.capacity == 0:
-                                s._allocate(nbytes)
+                                if shape is None:
+                                    s._allocate(nbytes)
+                                else:
+                                    s._allocate_ring(*shape)
                     finally:
                         s._reserving = None
                         done.set()
@@ -564,3 +709,295 @@ class StagingPool:
             self._threads = None
         for s in self.slots:
             s._drop()
+            s._device = s._device_dsts = None
+
+
+# ------------------------------------------------------------------------------------------------ ring mode
+RING_SEGMENTS = 4  # at least this many segments in a ring when the budget allows segments of one chunk (else 2)
+RING_SEGMENT_MAX = RESERVE_CHUNK_BYTES  # a larger budget makes more segments, not larger ones
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def ring_shape(budget: int, chunk_bytes: int) -> tuple[int, int]:
+    """``(K, S)``: the ring of K segments of S bytes (a multiple of ``chunk_bytes``, at most
+    ``RING_SEGMENT_MAX`` unless one chunk is larger) that fits ``budget`` bytes: at least 4 segments where they
+    can hold a chunk each, else 2; ``(0, 0)`` when not even 2 chunks fit."""
+    for k in (RING_SEGMENTS, 2):
+        s = min(budget // k, max(RING_SEGMENT_MAX, chunk_bytes)) // chunk_bytes * chunk_bytes
+        if s >= chunk_bytes:
+            return budget // s, s
+    return 0, 0
+
+
+def byte_view(src: torch.Tensor) -> torch.Tensor:
+    """The bytes of a contiguous tensor as a flat uint8 tensor (no copy)."""
+    flat = src.reshape(-1)
+    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
+@dataclass
+class RingLayout:
+    """Where a ring-mode save's items live in the *virtual* space of ``total`` bytes, cut in segments of
+    ``segment`` bytes; virtual segment ``s`` is staged into ring slot ``s % K``. Items are placed in write
+    order (``plan``: the same packs as a normal save, so the same records); an item of at least one chunk
+    starts chunk-aligned (``segment`` is a multiple of the chunk, so no chunk crosses a segment boundary), a
+    smaller item, a pack, and an item whose source is not contiguous (staged whole) never straddle one.
+    ``pieces[s]``: ``(item, first byte, end byte, whole)`` of the items overlapping segment ``s``;
+    ``units[s]``: how many chunks the writer writes from segment ``s``."""
+
+    offsets: list[int]
+    sizes: list[int]
+    total: int
+    segment: int
+    plan: "PackPlan"
+    pieces: list[list[tuple[int, int, int, bool]]]
+    units: list[int]
+    eager_segments: int  # segments holding items of priority < 0 (staged at the call by a lazy save)
+
+    @property
+    def segments(self) -> int:
+        return len(self.units)
+
+    @classmethod
+    def of(cls, items: Sequence[StageItem], alone: frozenset[int], chunk: int, segment: int,
+           priority: Sequence[int] | None = None, whole: bool = False) -> "RingLayout":
+        """``priority[i]``: items of a lower priority are placed (so staged) first (a lazy save's groups).
+        ``whole``: every item is copied whole into one flat buffer first (a device snapshot), so the ring
+        copies only contiguous bytes and a source need not be contiguous."""
+        sizes = [i.nbytes for i in items]
+        itemsizes = [i.dtype.itemsize for i in items]
+        entries = packing.plan(sizes, itemsizes, [0] * len(items), alone, chunk).entries
+        if priority is not None:
+            first = [min(priority[m] for m in e.members) if isinstance(e, Pack) else priority[e] for e in entries]
+            entries = tuple(e for _, _, e in sorted(zip(first, range(len(entries)), entries), key=lambda t: t[:2]))
+        offsets = [0] * len(items)
+        pos = 0
+
+        def place(n: int, big: bool, whole: bool) -> int:
+            nonlocal pos
+            pos = _round_up(pos, chunk) if big else _align(pos)
+            if whole and n and pos // segment != (pos + n - 1) // segment:
+                pos = _round_up(pos, segment)
+            start, pos = pos, pos + n
+            return start
+
+        for e in entries:
+            if isinstance(e, Pack):
+                start = place(e.nbytes, False, True)
+                for m, off in zip(e.members, e.offsets):
+                    offsets[m] = start + off
+                continue
+            n, contiguous = sizes[e], whole or items[e].src.is_contiguous()
+            if not contiguous and n > segment:
+                raise CheckpointError(
+                    f"tensor {items[e].key!r} ({n} bytes) is not contiguous and larger than a staging segment "
+                    f"({segment} bytes) of writer.memory_budget_mib: raise the budget, or save a contiguous copy")
+            offsets[e] = place(n, n >= chunk, not contiguous or n < chunk)
+        total = _align(pos)
+        n_seg = max(1, -(-total // segment))
+        pieces: list[list] = [[] for _ in range(n_seg)]
+        units = [0] * n_seg
+        eager = 0
+        for i, (off, n) in enumerate(zip(offsets, sizes)):
+            if priority is not None and priority[i] < 0 and n:
+                eager = max(eager, (off + n - 1) // segment + 1)
+            for s in range(off // segment, -(-(off + n) // segment)):
+                a, b = max(off, s * segment) - off, min(off + n, (s + 1) * segment) - off
+                pieces[s].append((i, a, b, a == 0 and b == n))
+        plan = packing.plan(sizes, itemsizes, offsets, alone, chunk)  # the same packs, at their places
+        by_key = {p.members: p for p in plan.packs}
+        entries = tuple(by_key[e.members] if isinstance(e, Pack) else e for e in entries)
+        for e in entries:
+            if isinstance(e, Pack):
+                units[e.runs[0][0] // segment] += 1 if e.runs else 0
+            else:
+                for start in range(0, sizes[e], chunk):
+                    units[(offsets[e] + start) // segment] += 1
+        return cls(offsets, sizes, total, segment, packing.PackPlan(entries), pieces, units, eager)
+
+
+class Ring:
+    """One ring-mode save's waves: segment ``s`` of the virtual layout is copied into ring slot ``s % K``
+    once the writer has written every chunk of segment ``s - K`` (:meth:`written`). The stager
+    (:meth:`stage`) runs on the training thread (eager) or in the copy thread (lazy); the writer waits for a
+    segment with :meth:`wait_staged`. :meth:`abort` (the save failed or ended) wakes both sides.
+
+    ``source``: a flat uint8 tensor holding the whole virtual layout (a device snapshot): each segment is one
+    copy out of it. Without it, each segment copies its items' byte ranges from the live tensors; CUDA copies
+    run on the side stream after ``start`` (events per device recorded on the training stream at the call)."""
+
+    def __init__(self, layout: RingLayout, slots: list[torch.Tensor], items: Sequence[StageItem], copier: Copier,
+                 timeout: float, source: torch.Tensor | None = None, start: dict | None = None):
+        self.layout = layout
+        self.slots = slots
+        self.items = items
+        self.copier = copier
+        self.timeout = timeout
+        self.source = source
+        self.start = start or {}
+        n = layout.segments
+        self._staged = [threading.Event() for _ in range(n)]
+        self._events: list[list] = [[] for _ in range(n)]
+        self._left = list(layout.units)
+        self._released = [u == 0 for u in layout.units]
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self._next = 0
+        self.done = threading.Event()  # every segment staged, or the ring aborted
+        self.stopped = threading.Event()  # done, and no stager is running: the ring slots are the writer's
+        self._running = False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.numel() for s in self.slots)
+
+    def segment_of(self, offset: int) -> int:
+        return offset // self.layout.segment
+
+    def stage(self, until: int | None = None) -> None:
+        """Stage segments up to ``until`` (exclusive; None: all), waiting for the writer to free ring slots.
+        Returns early, without raising, once the ring is aborted (the save's future carries the failure)."""
+        end = self.layout.segments if until is None else min(until, self.layout.segments)
+        with self._cond:
+            self._running = True
+        try:
+            while self._next < end:
+                s = self._next
+                if not self._wait_free(s):
+                    return
+                self._copy(s)
+                self._staged[s].set()
+                self._next += 1
+            if self._next == self.layout.segments:
+                self.done.set()
+        except BaseException as exc:
+            self.abort(exc)
+            raise
+        finally:
+            with self._cond:
+                self._running = False
+                if self.done.is_set():
+                    self.stopped.set()
+
+    def _wait_free(self, s: int) -> bool:
+        k = len(self.slots)
+        with self._cond:
+            ok = self._cond.wait_for(lambda: self._error is not None or s < k or self._released[s - k],
+                                     timeout=self.timeout)
+            if self._error is not None:
+                return False
+            if not ok:
+                self._abort_locked(CheckpointError(
+                    f"the writer freed no staging segment within {self.timeout}s (writer.memory_budget_mib ring)"))
+                return False
+        return True
+
+    def _copy(self, s: int) -> None:
+        seg = self.layout.segment
+        buf = self.slots[s % len(self.slots)]
+        base = s * seg
+        cuda = []
+        if self.source is not None:
+            n = min(seg, self.layout.total - base)
+            pairs = [(buf[:n], self.source[base: base + n])]
+        else:
+            pairs = []
+            for i, a, b, whole in self.layout.pieces[s]:
+                item, off = self.items[i], self.layout.offsets[i] + a - base
+                if whole:
+                    pairs.append((buf[off: off + b - a].view(item.dtype).view(item.shape), item.src))
+                else:
+                    pairs.append((buf[off: off + b - a], byte_view(item.src)[a:b]))
+        for dst, src in pairs:
+            if src.device.type == "cuda":
+                cuda.append((dst, src))
+            else:
+                self.copier(dst, src)
+        if cuda:
+            self._events[s] = _issue_cuda(cuda, training_waits=False, after=self.start)
+
+    def staged(self, s: int) -> bool:
+        return self._staged[s].is_set()
+
+    def wait_staged(self, s: int) -> None:
+        """Writer side: block until segment ``s`` is staged (its copies complete); raises if the ring aborted."""
+        if not self._staged[s].wait(self.timeout):
+            self.abort(CheckpointError(f"staging segment {s} did not finish within {self.timeout}s"))
+        if self._error is not None:
+            raise CheckpointError(f"staging the checkpoint failed: {self._error}") from self._error
+        for _, event in self._events[s]:
+            event.synchronize()
+
+    def array(self, s: int) -> np.ndarray:
+        """Ring slot of segment ``s`` as a uint8 numpy array (no copy)."""
+        return self.slots[s % len(self.slots)].numpy()
+
+    def written(self, s: int) -> None:
+        """Writer side: one chunk of segment ``s`` is written; the last one frees its ring slot."""
+        with self._cond:
+            self._left[s] -= 1
+            if self._left[s] == 0:
+                self._released[s] = True
+                self._cond.notify_all()
+
+    def last_events(self) -> list:
+        """The CUDA events of the last segment staged (the side stream runs in order: they cover all)."""
+        for events in reversed(self._events):
+            if events:
+                return events
+        return []
+
+    def failure(self) -> BaseException | None:
+        return self._error
+
+    def abort(self, exc: BaseException) -> None:
+        with self._cond:
+            self._abort_locked(exc)
+
+    def _abort_locked(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+        self._cond.notify_all()
+        for e in self._staged:
+            e.set()
+        self.done.set()
+        if not self._running:
+            self.stopped.set()
+
+
+# ------------------------------------------------------------------------------------------ device snapshot
+DEVICE_RING_BYTES = 256 << 20  # a device snapshot drains through a host ring of at most this much per slot
+
+
+class DeviceMemory:
+    """The device a state's snapshot can live on, its free memory and the allocation of a snapshot buffer:
+    CUDA here; a test may set ``StagingPool.device_memory`` to a stand-in (a CPU tensor as the "device"
+    buffer) to exercise the drain without a GPU."""
+
+    def device_of(self, items: Sequence[StageItem]) -> torch.device | None:
+        """The one CUDA device holding the state's tensors (CPU tensors may be mixed in); None when there is no
+        CUDA tensor or when they are spread over several devices."""
+        devices = {i.src.device for i in items if i.src.device.type == "cuda" and i.nbytes}
+        return devices.pop() if len(devices) == 1 else None
+
+    def free_bytes(self, device: torch.device) -> int:
+        """Device memory a new buffer can take: free in the driver plus what torch's allocator caches unused."""
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+    def allocate(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    def after_copies(self, device: torch.device) -> dict:
+        """``{device index: event}`` recorded on the side stream after the snapshot's copies issued so far (the
+        drain's copies wait for it); empty for a stand-in device."""
+        if device.type != "cuda":
+            return {}
+        dev = device.index or 0
+        with torch.cuda.device(dev):
+            event = torch.cuda.Event()
+            event.record(_side_stream(dev))
+        return {dev: event}

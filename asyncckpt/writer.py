@@ -27,7 +27,7 @@ from .errors import CheckpointError
 from .format import (TensorRecord, checksum, contiguous_stride, data_file_name, parse_rank_index, rank_index_doc,
                      rank_index_name, seal)
 from .io_types import FlatState
-from .packing import Pack, Packer, pack_key
+from .packing import Pack, Packer, alone_items, pack_key
 from .state import skeleton_tensor_refs
 from .storage import POSIX, Storage
 from .threads import started_pool
@@ -90,11 +90,11 @@ class WriterPool:
         """Encode and write this rank's staged tensors into ``directory``, then its index; fsync all.
         Small tensors are written in packs (:mod:`asyncckpt.packing`). The index is validated as a reader
         would see it before it is written: a save that load would refuse fails here, before publishing."""
-        layout = slot.layout
         items = flat.items
-        bases = {v.base for v in flat.views}
-        alone = frozenset(i for i, item in enumerate(items) if item.global_shape or item.key in bases)
-        entries = self._packer.plan(items, layout, alone).entries
+        ring = getattr(slot, "ring", None)  # ring mode: the ring's layout planned the packs in write order
+        layout = slot.layout if ring is None else ring.layout
+        entries = ring.layout.plan.entries if ring is not None else \
+            self._packer.plan(items, layout, alone_items(flat)).entries
         n_files = max(1, min(self.files_per_rank, len(entries)))
         assignment = _split_by_bytes([e.nbytes if isinstance(e, Pack) else items[e].nbytes for e in entries], n_files)
         names = [data_file_name(rank, f) for f in range(n_files)]
@@ -144,27 +144,45 @@ class WriterPool:
         out: list[tuple[Any, list]] = []
         pos = 0
 
-        def jobs():
-            """(chunk records to append to, encode function, its arguments) for every chunk, in file order."""
-            slot_bytes = slot.array(0, layout.total) if entries else None
+        ring = getattr(slot, "ring", None)
+
+        def units():
+            """(chunk records to append to, entry, slot offset of the chunk, its end) for every chunk, in file
+            order (an entry is a pack or an item index)."""
             for entry in entries:
                 out.append((entry, []))
                 if isinstance(entry, Pack):
-                    yield out[-1][1], _encode_pack, (self.codec, entry, slot_bytes)
+                    yield out[-1][1], entry, entry.runs[0][0] if entry.runs else 0, 0
                     continue
-                item, off = items[entry], layout.offsets[entry]
-                n = item.nbytes
-                itemsize = item.dtype.itemsize
+                off, n = layout.offsets[entry], items[entry].nbytes
                 for start in range(0, n, chunk):
-                    yield out[-1][1], self.codec.encode, (slot_bytes[off + start: off + min(n, start + chunk)], itemsize)
+                    yield out[-1][1], entry, off + start, off + min(n, start + chunk)
+
+        slot_bytes = slot.array(0, layout.total) if entries and ring is None else None
+        segment = -1  # ring mode: the segment the chunks come from
+
+        async def source(offset: int) -> tuple[Any, int, int]:
+            """The staged bytes holding ``offset``: (array, slot offset of its first byte, ring segment)."""
+            nonlocal segment
+            if ring is None:
+                return slot_bytes, 0, -1
+            s = ring.segment_of(offset)
+            if s != segment:
+                while window and not ring.staged(s):  # what is queued may hold the ring slot it needs
+                    await drain()
+                await loop.run_in_executor(None, ring.wait_staged, s)
+                segment = s
+            return ring.array(s), s * layout.segment, s
 
         flushed = 0
 
         async def drain() -> None:
             nonlocal pos, flushed
-            chunks, fut = window.popleft()
+            chunks, s, fut = window.popleft()
             enc = await fut
             await loop.run_in_executor(files, _write_pieces, f, enc.pieces, tp)
+            if s >= 0:
+                ring.written(s)  # raw chunks are views of the ring slot: freed only once written
             chunks.append(enc.record(pos))
             pos += enc.length
             if self.fsync and pos - flushed >= _WRITEBACK_BYTES:
@@ -173,8 +191,13 @@ class WriterPool:
 
         f = await loop.run_in_executor(files, storage.open_write, path)
         try:
-            for chunks, fn, args in jobs():
-                window.append((chunks, loop.run_in_executor(self._encoders, fn, *args)))
+            for chunks, entry, start, end in units():
+                data, base, s = await source(start)
+                if isinstance(entry, Pack):
+                    fn, args = _encode_pack, (self.codec, entry, data, base)
+                else:
+                    fn, args = self.codec.encode, (data[start - base: end - base], items[entry].dtype.itemsize)
+                window.append((chunks, s, loop.run_in_executor(self._encoders, fn, *args)))
                 if len(window) >= self.window:
                     await drain()
             while window:
@@ -182,18 +205,18 @@ class WriterPool:
             if self.fsync:  # the disk time of what the page cache took in
                 await loop.run_in_executor(files, _timed, tp, f.sync)
         except BaseException:
-            for _, fut in window:
+            for _, _, fut in window:
                 fut.cancel()
-            await asyncio.gather(*(fut for _, fut in window), return_exceptions=True)
+            await asyncio.gather(*(fut for _, _, fut in window), return_exceptions=True)
             await loop.run_in_executor(files, f.abort)
             raise
         await loop.run_in_executor(files, f.close)
         return pos, out
 
 
-def _encode_pack(codec: ChunkCodec, pack: Pack, slot_bytes):
+def _encode_pack(codec: ChunkCodec, pack: Pack, slot_bytes, base: int = 0):
     """Gather a pack's members out of the slot and encode them as one chunk (in an encoder thread)."""
-    return codec.encode(pack.gather(slot_bytes), pack.itemsize)
+    return codec.encode(pack.gather(slot_bytes, base), pack.itemsize)
 
 
 def _pack_records(records: dict, rank: int, pack: Pack, items: list, file: str, chunks: list) -> None:

@@ -225,12 +225,13 @@ def measure_save(system, trainer: Trainer, tag: str, base: float, rss_before: in
     ends = [trainer.step()]
     while pending.done_at is None and ends[-1] - t0 < timeout_s:
         ends.append(trainer.step())
-    pending.wait(timeout_s)
+    result = pending.wait(timeout_s) or {}
     peak, _ = peak_rss_bytes()
     n = len(ends)
     return {"tag": tag, "call_s": call, "base_step_s": base, "steps": n,
             "effective_stall_s": ends[0] - t0 - base, "training_lost_s": ends[-1] - t0 - n * base,
-            "ttd_s": pending.ttd_s, "peak_host_bytes": peak - rss_before, "peak_rss": peak}
+            "ttd_s": pending.ttd_s, "peak_host_bytes": peak - rss_before, "peak_rss": peak,
+            "staging_peak_bytes": result.get("staging_peak_bytes")}  # asyncckpt: its own staging buffers
 
 
 def run_system(spec: GpuSpec, sysspec: GpuSystem, trainer: Trainer, workdir: str) -> dict:
@@ -430,7 +431,7 @@ def _write_partial(doc: dict, out_dir: str) -> None:
 # ------------------------------------------------------------------------------------------------ report
 FIGURES = [("call_s", "call", "time"), ("effective_stall_s", "effective stall", "time"),
            ("training_lost_s", "training time lost", "time"), ("ttd_s", "time to durable", "time"),
-           ("peak_host_bytes", "peak host memory", "bytes")]
+           ("peak_host_bytes", "peak host memory", "bytes"), ("staging_peak_bytes", "host staging", "bytes")]
 
 
 def summarize(doc: dict) -> None:
@@ -491,6 +492,8 @@ def targets(doc: dict) -> list[dict]:
               (doc["systems"].get("torch_save") or {}).get("load_s"), 0.6)
     check("asyncckpt_lazy: peak host memory ≤ 1.05 × state", _warm(doc, "asyncckpt_lazy", "peak_host_bytes"),
           state, 1.05)
+    check("asyncckpt_device: peak host memory ≤ 1.05 × its staging ring", _warm(doc, "asyncckpt_device",
+          "peak_host_bytes"), _warm(doc, "asyncckpt_device", "staging_peak_bytes"), 1.05)
     return rows
 
 
@@ -504,8 +507,10 @@ def markdown(doc: dict, plot_name: str | None) -> str:
              "", "First (cold) save, then the median (min–max) of the warm saves; a figure whose IQR exceeds its "
              "median is shown as noise. *Effective stall*: how much later the first step after the save call "
              "finishes than a base step. *Training time lost*: steps from the call until durable, minus as many "
-             "base steps. *Peak host memory*: peak RSS during the save over RSS before the saver existed.", ""]
-    heads = [f"{t} (first)" if k != "peak_host_bytes" else t for k, t, _ in FIGURES]
+             "base steps. *Peak host memory*: peak RSS during the save over RSS before the saver existed. *Host "
+             "staging*: the host staging memory asyncckpt's save held (`SaveResult.staging_peak_bytes`: its "
+             "full-size buffer, or its ring).", ""]
+    heads = [f"{t} (first)" if k not in ("peak_host_bytes", "staging_peak_bytes") else t for k, t, _ in FIGURES]
     lines += ["| system | " + " | ".join(heads + ["warm " + t for k, t, _ in FIGURES[:4]]) + " | load | on disk |",
               "|---|" + "---|" * (len(FIGURES) + 6)]
     for name, res in doc["systems"].items():
@@ -516,10 +521,11 @@ def markdown(doc: dict, plot_name: str | None) -> str:
         s = res["summary"]
         first = [fmt_value(s["first"][k], kind) if s["first"].get(k) is not None else "–" for k, _, kind in FIGURES[:4]]
         warm = [fmt_stats(s["warm"].get(k), kind) for k, _, kind in FIGURES[:4]]
-        peak = fmt_stats(s["warm"].get("peak_host_bytes"), "bytes") if s["warm"].get("peak_host_bytes") else \
-            fmt_bytes(s["first"].get("peak_host_bytes") or 0)
+        peak, staging = (fmt_stats(s["warm"].get(k), "bytes") if s["warm"].get(k) else
+                         fmt_bytes(s["first"][k]) if s["first"].get(k) is not None else "–"
+                         for k in ("peak_host_bytes", "staging_peak_bytes"))
         disk = res["saves"][-1].get("bytes_on_disk")
-        lines.append(f"| `{name}` | " + " | ".join(first + [peak] + warm) +
+        lines.append(f"| `{name}` | " + " | ".join(first + [peak, staging] + warm) +
                      f" | {fmt_time(res['load_s'])} | {fmt_bytes(disk) if disk else '–'} |")
     fl = doc.get("floors") or {}
     lines += ["", "Floors (same process kind, same state):", ""]
