@@ -348,6 +348,8 @@ def registered_pieces(dst: torch.Tensor, src: torch.Tensor, chunk: int = RESERVE
     registrations (every ``chunk`` bytes from the start of its storage, as :class:`_HostBuffer` registers
     them): one asynchronous CUDA copy may not span two ``cudaHostRegister`` ranges (it fails with "invalid
     argument"). A non-contiguous source that must be cut is made contiguous first, on the current stream."""
+    if dst.device.type != "cpu":  # a device snapshot's device-to-device copy: no host registrations
+        return [(dst, src)]
     size = dst.element_size()
     nbytes = dst.numel() * size
     start = dst.storage_offset() * size

@@ -102,9 +102,9 @@ def install_hooks(announce: Announcer, faults: Faults) -> None:
     real = {"stage": asyncckpt.staging.Slot.stage, "encode": asyncckpt.codec.ChunkCodec.encode, "fsync": os.fsync,
             "rename": os.rename, "replace": os.replace, "makedirs": os.makedirs}
 
-    def stage(self, items):
+    def stage(self, items, *args, **kwargs):
         announce("stage")
-        return real["stage"](self, items)
+        return real["stage"](self, items, *args, **kwargs)
 
     def encode(self, raw, itemsize):
         announce("encode")

@@ -35,6 +35,7 @@ def test_from_dict_round_trips_every_key():
     data = {"max_inflight": 3, "on_busy": "skip", "busy_wait_s": 5, "overwrite": True, "allow_pickle": True, "verify_on_load": False,
             "pin_memory": "never", "keep_last": 2, "save_rng_state": False, "commit_timeout_s": 12, "tag_validation": "warn",
             "use_node_local_storage": True, "save_deadline_s": 30, "verify_replicated": True, "snapshot": "lazy",
+            "snapshot_device": "always", "snapshot_device_headroom_mib": 512,
             "codec": {"compression": False, "level": -3, "shuffle": False, "chunk_mib": 1, "min_saving": 0.5,
                       "fast_planes": False},
             "writer": {"threads_per_node": 4, "files_per_rank": 2, "inflight_chunks": 8, "fsync": False, "nice": 0,
@@ -42,7 +43,8 @@ def test_from_dict_round_trips_every_key():
             "storage": {"options": {"endpoint_url": "http://127.0.0.1:9000", "client_kwargs": {"verify": False}},
                         "block_mib": 8}}
     c = Config.from_dict(data)
-    assert c.to_dict() == {**data, "busy_wait_s": 5.0, "commit_timeout_s": 12.0, "save_deadline_s": 30.0, "codec": {**data["codec"], "chunk_mib": 1.0},
+    assert c.to_dict() == {**data, "busy_wait_s": 5.0, "commit_timeout_s": 12.0, "save_deadline_s": 30.0,
+                           "snapshot_device_headroom_mib": 512.0, "codec": {**data["codec"], "chunk_mib": 1.0},
                            "writer": {**data["writer"], "memory_budget_mib": 512.0},
                            "storage": {**data["storage"], "block_mib": 8.0}}
     assert Config.from_dict(c.to_dict()) == c
@@ -306,7 +308,7 @@ def refused_everywhere(tmp_path, key: str, value, scalar: str | None, expected: 
 
 
 def test_the_key_lists_cover_every_field():
-    assert len(FLOAT_KEYS) == 7 and len(INT_KEYS) == 7 and len(BOOL_KEYS) == 10 and len(STR_KEYS) == 5
+    assert len(FLOAT_KEYS) == 8 and len(INT_KEYS) == 7 and len(BOOL_KEYS) == 10 and len(STR_KEYS) == 6
     assert DICT_KEYS == ["storage.options"]
     everything = {f.name for f in dataclasses.fields(Config)} - {"codec", "writer", "storage"}
     everything |= {f"codec.{f.name}" for f in dataclasses.fields(CodecConfig)}

@@ -21,7 +21,7 @@ def _model():
 def test_buffers_are_pinned_and_reused(tmp_path):
     model = _model()
     opt = torch.optim.AdamW(model.parameters())
-    with asyncckpt.AsyncCheckpointer(model, opt) as saver:
+    with asyncckpt.AsyncCheckpointer(model, opt, config={"snapshot_device": "never"}) as saver:
         model(torch.randn(4, 256, device="cuda")).sum().backward()
         opt.step()
         saver.save_checkpoint(tmp_path, tag="a").result(60)
@@ -31,15 +31,16 @@ def test_buffers_are_pinned_and_reused(tmp_path):
         assert all(s.buffer.is_pinned() for s in saver.engine.pool.slots if s.buffer is not None)
 
 
-def test_inplace_update_after_save_does_not_leak_into_checkpoint(tmp_path):
+@pytest.mark.parametrize("snapshot_device", ["never", "always"])
+def test_inplace_update_after_save_does_not_leak_into_checkpoint(tmp_path, snapshot_device):
     """The next optimizer step is queued on the training stream right after save_checkpoint returns; the
-    side-stream copy must still see the pre-step values."""
+    side-stream copy (host staging, or the device snapshot) must still see the pre-step values."""
     model = _model()
     big = torch.nn.Parameter(torch.randn(64 << 20 >> 2, device="cuda"))  # 64 MiB: the copy takes a while
     model.register_parameter("big", big)
     expected = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     gate = threading.Event()
-    with asyncckpt.AsyncCheckpointer(model, None) as saver:
+    with asyncckpt.AsyncCheckpointer(model, None, config={"snapshot_device": snapshot_device}) as saver:
         orig = saver.engine.writer.write_rank
 
         async def gated(**kw):
@@ -93,7 +94,7 @@ def test_state_larger_than_one_pinned_registration_stages_bit_exact(tmp_path):
              "b_big": torch.randn(n, device="cuda"),
              "c_nc": torch.randn(1 << 12, 1 << 13, device="cuda").t(),  # 128 MiB, non-contiguous, crosses the next
              "d_tail": torch.randn(5, device="cuda")}
-    with asyncckpt.AsyncCheckpointer(torch.nn.Linear(2, 2).cuda(), None) as saver:
+    with asyncckpt.AsyncCheckpointer(torch.nn.Linear(2, 2).cuda(), None, config={"snapshot_device": "never"}) as saver:
         saver.save_checkpoint(tmp_path, tag="t", client_state={"s": state}).result(120)
         assert all(s.buffer.is_pinned() for s in saver.engine.pool.slots if s.buffer is not None)
     back = asyncckpt.load(tmp_path, "t")["s"]
