@@ -141,9 +141,10 @@ class Config(_Section):
     verify_replicated: bool = False  # compare every rank's copy of each replicated tensor (checksums) at commit
     snapshot: str = "eager"  # AsyncCheckpointer: eager (copy before save_checkpoint returns) | lazy (copy in the
     #                          background until the next optimizer step / forward; see saver.wait_snapshot)
-    snapshot_device: str = "auto"  # copy CUDA state into a device buffer first (milliseconds), then drain it to
-    #   the host through a small pinned ring: auto (when the device has room) | always (refuse a save that
-    #   cannot) | never (copy straight to host buffers)
+    snapshot_device: str = "never"  # copy CUDA state into a device buffer first (milliseconds), then drain it
+    #   to the host through a small pinned ring: auto (when the device has room) | always (refuse a save that
+    #   cannot) | never (copy straight to host buffers; the default: on an H100 lazy host staging stalled
+    #   less, and the device buffer is training memory)
     snapshot_device_headroom_mib: float = 2048.0  # device memory a device snapshot must leave free
     codec: CodecConfig = field(default_factory=CodecConfig)
     writer: WriterConfig = field(default_factory=WriterConfig)

@@ -97,6 +97,6 @@ def test_state_larger_than_one_pinned_registration_stages_bit_exact(tmp_path):
     with asyncckpt.AsyncCheckpointer(torch.nn.Linear(2, 2).cuda(), None, config={"snapshot_device": "never"}) as saver:
         saver.save_checkpoint(tmp_path, tag="t", client_state={"s": state}).result(120)
         assert all(s.buffer.is_pinned() for s in saver.engine.pool.slots if s.buffer is not None)
-    back = asyncckpt.load(tmp_path, "t")["s"]
+    back = asyncckpt.load(tmp_path, "t")["client_state"]["s"]
     for k, v in state.items():
         assert back[k].device == v.device and torch.equal(back[k], v), k
