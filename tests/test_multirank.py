@@ -28,11 +28,13 @@ def test_ddp_replicated_written_once_and_loads_on_any_world_size(tmp_path):
         assert torch.equal(v, expected[f"m/{k[len('module.'):]}"]), k
 
 
-@pytest.mark.parametrize("save_world,load_world", [(4, 2), (2, 4)])
-def test_fsdp2_sharded_save_and_reshard(tmp_path, save_world, load_world):
-    assert_all_ok(run_ranks(w.fsdp_save, save_world, str(tmp_path), str(tmp_path), timeout=150))
-    n = assert_all_ok(run_ranks(w.fsdp_load, load_world, str(tmp_path), str(tmp_path), timeout=150))
-    assert n[0] > 10
+@pytest.mark.timeout(300)
+def test_fsdp2_sharded_save_and_reshard(tmp_path):
+    """Saved by 4 ranks; loaded by 2 (each needs 2 whole shards) and by 3 (each needs parts of 2 shards)."""
+    assert_all_ok(run_ranks(w.fsdp_save, 4, str(tmp_path), str(tmp_path), timeout=150))
+    for load_world in (2, 3):
+        n = assert_all_ok(run_ranks(w.fsdp_load, load_world, str(tmp_path), str(tmp_path), timeout=150))
+        assert n[0] > 10
     # one process without a mesh gets full tensors
     state = asyncckpt.load(tmp_path, "fsdp", rank=0)
     expected = torch.load(tmp_path / "expected_fsdp.pt")
