@@ -144,7 +144,7 @@ class Service:
             group = self._groups.get(hello["group"])
             if group is None:
                 config = Config.from_dict(hello["config"])
-                group = self._groups[hello["group"]] = Group(hello["group"], config, hello["world_size"])
+                group = self._groups[hello["group"]] = Group(hello["group"], config, hello)
             return group, group.attach(hello)
 
     def detached(self, group: Group | None, rank: int) -> None:
@@ -229,7 +229,11 @@ class Attachment:
                 self._save(desc, slot)
             except Exception as exc:  # noqa: BLE001 - reported to the rank
                 log.error("rank %d: checkpoint %r failed: %s", self.rank, desc["tag"], exc)
-                self.reply({"op": "done", "seq": desc["seq"], "error": error_reply(exc)})
+                retire = self.group is not None and self.group.retired
+                self.reply({"op": "done", "seq": desc["seq"], "error": error_reply(exc), "retire": retire})
+                if retire:  # the nodes' group failed: the rank attaches anew with its next save
+                    self._alive = False
+                    self.channel.close()
 
     def _map(self, desc: dict, fds: list[int]) -> MappedSlot | None:
         if desc.get("buffer") is None:
@@ -253,6 +257,7 @@ class Attachment:
     def _save(self, desc: dict, slot: MappedSlot | None) -> None:
         seq, tag, save_dir = desc["seq"], desc["tag"], desc["save_dir"]
         coordinator, group = self.coordinator, self.group
+        group.begin(seq)
         flat = FlatState(None, [])
         if slot is not None:
             items = [StageItem(key, slot.buffer[off: off + n], dtype, shape, device, gshape, goff, repl)
