@@ -113,8 +113,8 @@ class Exchange:
     def collect(self, rnd: int, kind: str, only: int | None = None) -> Any:
         """The link: this node's objects of round ``rnd`` ({member: object}), once every member's is in; with
         ``only``, that member's (kind, object) alone. A :class:`Failure` when the round cannot complete: a member
-        left or did not come within ``timeout_s`` of the first one (of the start, with ``only``), or the saver
-        closed."""
+        left or did not come within ``timeout_s`` of the first one (of the start, with ``only``); None when every
+        member left (the link stops)."""
         with self._cond:
             start = time.monotonic()
             while True:
@@ -122,7 +122,7 @@ class Exchange:
                 if self._broken is not None:
                     return self._broken
                 if self._closed:
-                    return Failure("the saver's ranks all detached from the writer service")
+                    return None
                 if entry is not None and entry.values or only is not None:
                     first = start if only is not None else entry.first
                     want = (only,) if only is not None else self.members

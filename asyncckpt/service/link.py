@@ -131,6 +131,9 @@ class Link:
     def _gather(self, comm: GlooCollectives, rnd: int) -> Failure | None:
         """A gather round: this node's records (or its failure) to node 0; rank 0 gets every rank's."""
         local = self.exchange.collect(rnd, "gather")
+        if local is None:  # every rank of the saver detached from this node's service
+            self._dead = True
+            return None
         try:
             every = comm.gather(local)
         except Exception as exc:  # noqa: BLE001 - a node's service died or hung
@@ -163,6 +166,8 @@ class Link:
                 payloads = [broken] * len(members)
             else:
                 got = self.exchange.collect(rnd, "verdict", only=ROOT)
+                if got is None:  # every rank of the saver detached (after a failure elsewhere)
+                    got = Failure("the saver's ranks on node 0 detached from their writer service")
                 if isinstance(got, Failure):
                     payloads = [got] * len(members)
                 else:
