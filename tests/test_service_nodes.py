@@ -219,3 +219,37 @@ def test_a_killed_node_service_fails_every_pending_save_and_the_next_save_works(
         save_dir = _dir(str(tmp_path), node, node_local)
         assert _latest(save_dir) == "t2"
         assert sorted(list_tags(save_dir)) == ["t0", "t2"]
+
+
+def service_killed_idle(rank: int, world: int, base: str, root: str) -> list[str]:
+    import torch.distributed as dist
+
+    node = _as_node(rank, base)
+    save_dir = _dir(root, node, False)
+    saver = asyncckpt.AsyncCheckpointer(_model(rank), None, config=_cfg(False))
+    saver.save_checkpoint(save_dir, tag="t0").result(WAIT_S)
+    dist.barrier()
+    if rank == 2:
+        os.kill(saver.engine.service.service_pid, signal.SIGKILL)
+    deadline = time.monotonic() + WAIT_S
+    while node == 1 and saver.engine.service.service_pid is not None:  # node 1's ranks saw their service end
+        assert time.monotonic() < deadline, "the service's end went unnoticed"
+        time.sleep(0.01)
+    dist.barrier()
+    errors = [saver.save_checkpoint(save_dir, tag=f"t{i}").exception(timeout=WAIT_S) for i in (1, 2)]
+    saver.close(timeout=WAIT_S)
+    return [str(e) if e is not None else "" for e in errors]
+
+
+def test_a_node_service_killed_between_saves_fails_the_next_save_and_the_one_after_works(base, tmp_path):
+    """Node 1's ranks start a new service and form a new group on save t1, while node 0's service learns of the
+    death only in t1's first round over the old group: t1 fails on every rank, and node 1's service gives its
+    group for t1 up as soon as node 0's forms one for t2, where both meet."""
+    out = assert_all_ok(run_ranks(service_killed_idle, WORLD, str(tmp_path), base, str(tmp_path), timeout=110,
+                                  ctx=forkserver_context()))
+    for rank, (t1, t2) in enumerate(out):
+        assert t1 and not t2, (rank, t1, t2)
+        assert ("writer services' group of the job's nodes failed" if rank < PER_NODE else "gave save 1 up") in t1, t1
+    save_dir = _dir(str(tmp_path), 0, False)
+    assert _latest(save_dir) == "t2"
+    assert sorted(list_tags(save_dir)) == ["t0", "t2"]

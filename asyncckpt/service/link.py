@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -30,6 +31,7 @@ from ..collectives import ROOT, GlooCollectives, standalone_gloo_group
 log = logging.getLogger(__name__)
 
 STORE_PREFIX = "asyncckpt-service"
+_POLL_S = 0.05  # forming a group: how often a service looks whether every node's service came
 
 
 def job_rendezvous() -> tuple | None:
@@ -49,6 +51,16 @@ def job_rendezvous() -> tuple | None:
     if isinstance(store, dist.FileStore):
         return ("file", store.path)
     return None
+
+
+def _raise_to(store: Any, key: str, value: int) -> None:
+    """Set the number ``key`` to ``value`` unless it is already as large (atomically, by compare-and-set)."""
+    expected = ""
+    while True:
+        got = store.compare_set(key, expected, str(value)).decode()
+        if got == str(value) or (got and int(got) > value):
+            return
+        expected = got
 
 
 def open_store(rendezvous: tuple | None, environ: dict, timeout_s: float) -> Any:
@@ -111,19 +123,31 @@ class Link:
             rnd += 1
 
     def _form(self) -> tuple[GlooCollectives, list[list[int]] | None]:
-        """The services' gloo group (formed when this saver's first save reaches this node)."""
+        """The services' gloo group, formed when this saver's first save reaches this node. Each node counts
+        itself in under the save's prefix and waits (at most ``2 x timeout_s``) for the others; it gives up at
+        once when another node's service began to form a group for a later save (it failed this one already:
+        after a service died, the nodes form their next group on the same save)."""
         seq = self._first_seq()
         if seq is None:
             raise RuntimeError("the saver closed before its first save")
-        store = dist.PrefixStore(f"{STORE_PREFIX}/{self.job}/{seq}",
-                                 open_store(self.rendezvous, self.environ, 2 * self.timeout_s))
+        root = open_store(self.rendezvous, self.environ, 2 * self.timeout_s)
+        newest = f"{STORE_PREFIX}/{self.job}/newest"
+        _raise_to(root, newest, seq)
+        store = dist.PrefixStore(f"{STORE_PREFIX}/{self.job}/{seq}", root)
         members = None
         if self.node_index == 0:
             members = self._plan(2 * self.timeout_s)
             store.set("nodes", str(len(members)))
-            count = len(members)
-        else:
-            count = int(store.get("nodes"))
+        store.add("joined", 1)
+        deadline = time.monotonic() + 2 * self.timeout_s
+        while not (store.check(["nodes"]) and store.add("joined", 0) >= int(store.get("nodes"))):
+            later = int(root.get(newest))
+            if later > seq:
+                raise RuntimeError(f"the other nodes' services gave save {seq} up (they form a group for save {later})")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not every node's writer service reached save {seq} within {2 * self.timeout_s:g}s")
+            time.sleep(_POLL_S)
+        count = int(store.get("nodes"))
         group = standalone_gloo_group(store, self.node_index, count, 2 * self.timeout_s)
         log.info("writer services: node %d of %d joined the nodes' group of save %d", self.node_index, count, seq)
         return GlooCollectives(group, self.node_index, count), members
