@@ -72,12 +72,12 @@ class Exchange:
                 if self.linked and entry.result is not _MISSING:
                     return self._take(rnd, entry, entry.result.get(rank))
                 if not self.linked:
-                    failure = self._missing(entry, deadline)
+                    if len(entry.values) == len(self.members):
+                        return self._take(rnd, entry, _result(kind, rank, entry.values))
+                    failure = self._failure(self.members, entry.values, deadline)
                     if failure is not None:
                         self._fail(failure)
                         continue
-                    if len(entry.values) == len(self.members):
-                        return self._take(rnd, entry, _result(kind, rank, entry.values))
                 left = deadline - time.monotonic()
                 if left <= 0:  # linked: the link itself failed to answer (it waits less long)
                     self._fail(Failure("the writer services' group did not complete a round within "
@@ -91,16 +91,15 @@ class Exchange:
             del self._rounds[rnd]
         return result
 
-    def _missing(self, entry: _Round, deadline: float) -> Failure | None:
-        """Why ``entry`` failed (a member it waits for left, or the deadline passed), None while it may complete."""
-        missing = [r for r in self.members if r not in entry.values]
-        if not missing:
-            return None
+    def _failure(self, want, got: dict, deadline: float) -> Failure | None:
+        """Why a round that waits for the members ``want`` (``got``: those that came) failed: one of the missing
+        left, or ``deadline`` passed; None while it may complete."""
+        missing = [r for r in want if r not in got]
         gone = [r for r in missing if r in self._gone]
         if gone:
             return Failure(f"rank(s) {gone} detached from the writer service without handing over their part of "
                            "this save (their training process ended or was killed)")
-        if time.monotonic() >= deadline:
+        if missing and time.monotonic() >= deadline:
             return Failure(f"rank(s) {missing} did not hand over their part within {self.timeout_s:g}s")
         return None
 
@@ -110,7 +109,7 @@ class Exchange:
         self._cond.notify_all()
 
     # ---------------------------------------------------------------------------------- the link's side
-    def collect(self, rnd: int, kind: str, only: int | None = None) -> Any:
+    def collect(self, rnd: int, only: int | None = None) -> Any:
         """The link: this node's objects of round ``rnd`` ({member: object}), once every member's is in; with
         ``only``, that member's (kind, object) alone. A :class:`Failure` when the round cannot complete: a member
         left or did not come within ``timeout_s`` of the first one (of the start, with ``only``); None when every
@@ -131,15 +130,10 @@ class Exchange:
                         if only is not None:
                             return entry.kinds[only], got[only]
                         return dict(got)
-                    gone = [r for r in want if r not in got and r in self._gone]
-                    if gone:
-                        return Failure(f"rank(s) {gone} detached from the writer service without handing over "
-                                       "their part of this save (their training process ended or was killed)")
-                    left = first + self.timeout_s - time.monotonic()
-                    if left <= 0:
-                        missing = [r for r in want if r not in got]
-                        return Failure(f"rank(s) {missing} did not hand over their part within {self.timeout_s:g}s")
-                    self._cond.wait(left)
+                    failure = self._failure(want, got, first + self.timeout_s)
+                    if failure is not None:
+                        return failure
+                    self._cond.wait(first + self.timeout_s - time.monotonic())
                 else:
                     self._cond.wait()
 

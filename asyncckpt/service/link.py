@@ -154,7 +154,7 @@ class Link:
 
     def _gather(self, comm: GlooCollectives, rnd: int) -> Failure | None:
         """A gather round: this node's records (or its failure) to node 0; rank 0 gets every rank's."""
-        local = self.exchange.collect(rnd, "gather")
+        local = self.exchange.collect(rnd)
         if local is None:  # every rank of the saver detached from this node's service
             self._dead = True
             return None
@@ -189,7 +189,7 @@ class Link:
             if broken is not None:
                 payloads = [broken] * len(members)
             else:
-                got = self.exchange.collect(rnd, "verdict", only=ROOT)
+                got = self.exchange.collect(rnd, only=ROOT)
                 if got is None:  # every rank of the saver detached (after a failure elsewhere)
                     got = Failure("the saver's ranks on node 0 detached from their writer service")
                 if isinstance(got, Failure):
