@@ -115,29 +115,28 @@ def test_two_nodes_publish_once_and_load_bit_exact(base, tmp_path, node_local):
         assert not os.path.exists(os.path.join(str(tmp_path), "node1"))
 
 
-KILLED = 2  # node 1's first rank: its node's publisher with node-local storage
-
-
-def trainer_killed(rank: int, world: int, base: str, root: str, node_local: bool) -> str:
+def trainer_killed(rank: int, world: int, base: str, root: str, node_local: bool, killed: int) -> str:
     node = _as_node(rank, base)
     save_dir = _dir(root, node, node_local)
     saver = asyncckpt.AsyncCheckpointer(_model(rank), None, config=_cfg(node_local))
     saver.save_checkpoint(save_dir, tag="before").result(WAIT_S)
     fut = saver.save_checkpoint(save_dir, tag="after")
-    if rank == KILLED:
+    if rank == killed:
         os.kill(os.getpid(), signal.SIGKILL)  # right after save_checkpoint returned
     result = fut.result(WAIT_S)
     saver.close(timeout=WAIT_S)
     return result.tag
 
 
-@pytest.mark.parametrize("node_local", [False, True])
-def test_a_trainer_killed_after_its_save_returned_still_publishes(base, tmp_path, node_local):
-    results = run_ranks(trainer_killed, WORLD, str(tmp_path), base, str(tmp_path), node_local, timeout=100,
+@pytest.mark.parametrize("node_local,killed", [(False, 0), (True, 2)])
+def test_a_trainer_killed_after_its_save_returned_still_publishes(base, tmp_path, node_local, killed):
+    """The killed trainer is rank 0's (its coordinator decides and publishes; its process hosts the job's store)
+    or rank 2's (node 1's publisher with node-local storage)."""
+    results = run_ranks(trainer_killed, WORLD, str(tmp_path), base, str(tmp_path), node_local, killed, timeout=100,
                         ctx=forkserver_context())
-    assert results[KILLED].exitcode == -signal.SIGKILL
+    assert results[killed].exitcode == -signal.SIGKILL
     for r in results:
-        assert r.rank == KILLED or (r.ok and r.value == "after"), (r.rank, r.error)
+        assert r.rank == killed or (r.ok and r.value == "after"), (r.rank, r.error)
     for node in range(WORLD // PER_NODE) if node_local else [0]:
         save_dir = _dir(str(tmp_path), node, node_local)
         assert _latest(save_dir) == "after"

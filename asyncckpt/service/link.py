@@ -2,7 +2,7 @@
 
 Each node's service holds the commit coordinators of its node's ranks (:mod:`.group`); their collectives go
 through the node's in-process :class:`~.group.Exchange`, and a :class:`Link` thread carries each round
-between the nodes over the services' own gloo group (one member per node, :func:`GlooCollectives` over
+between the nodes over the services' own gloo group (one member per node, :class:`~asyncckpt.collectives.GlooCollectives` over
 :func:`~asyncckpt.collectives.standalone_gloo_group`), formed from the job's rendezvous store under a prefix
 of its own (``asyncckpt-service/<job>/<seq>``: never the training group's keys).
 
