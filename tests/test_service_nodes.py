@@ -146,11 +146,13 @@ def test_a_trainer_killed_after_its_save_returned_still_publishes(base, tmp_path
 MISSING = 3  # never hands its part of "after" over (alive, stuck elsewhere)
 
 
-def missing_part(rank: int, world: int, base: str, root: str, node_local: bool) -> str:
+def missing_part(rank: int, world: int, base: str, root: str, node_local: bool, how: str) -> str:
     node = _as_node(rank, base)
     save_dir = _dir(root, node, node_local)
     saver = asyncckpt.AsyncCheckpointer(_model(rank), None, config=_cfg(node_local))
     saver.save_checkpoint(save_dir, tag="before").result(WAIT_S)
+    if rank == MISSING and how == "killed":
+        os.kill(os.getpid(), signal.SIGKILL)
     if rank == MISSING:
         time.sleep(3600)  # killed by run_ranks once the others are done
     err = saver.save_checkpoint(save_dir, tag="after").exception(timeout=WAIT_S)
@@ -163,15 +165,19 @@ def missing_part(rank: int, world: int, base: str, root: str, node_local: bool) 
     return str(err)
 
 
-@pytest.mark.parametrize("node_local", [False, True])
-def test_a_missing_part_publishes_nothing_and_fails_every_other_rank(base, tmp_path, node_local):
-    results = run_ranks(missing_part, WORLD, str(tmp_path), base, str(tmp_path), node_local, timeout=100,
+@pytest.mark.parametrize("node_local,how", [(False, "stuck"), (True, "stuck"), (True, "killed")])
+def test_a_missing_part_publishes_nothing_and_fails_every_other_rank(base, tmp_path, node_local, how):
+    """Rank 3 (node 1) does not hand its part of "after" over: its process is stuck elsewhere (the others fail
+    after commit_timeout_s), or it was killed before (they fail as soon as its service saw it go)."""
+    results = run_ranks(missing_part, WORLD, str(tmp_path), base, str(tmp_path), node_local, how, timeout=100,
                         ctx=forkserver_context(), hung=MISSING)
+    why = (f"did not hand over their part within {TIMEOUT_S}s" if how == "stuck" else
+           "detached from the writer service without handing over their part of this save")
     for r in results:
         if r.rank == MISSING:
             continue
         assert r.ok, (r.rank, r.error)
-        assert f"rank(s) [{MISSING}] did not hand over their part within {TIMEOUT_S}s" in r.value, (r.rank, r.value)
+        assert f"rank(s) [{MISSING}] {why}" in r.value, (r.rank, r.value)
     for node in range(WORLD // PER_NODE) if node_local else [0]:
         save_dir = _dir(str(tmp_path), node, node_local)
         assert list_tags(save_dir) == ["before"]
