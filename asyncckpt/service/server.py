@@ -5,7 +5,9 @@ Per attached rank, a reader thread queues the rank's save descriptors and a work
 order, as the engine's I/O loop does in thread mode: prepare (agreement among the group's ranks) → write
 (the group's :class:`~asyncckpt.writer.WriterPool`) → "written" to the rank (its slot is free again) →
 commit → the result to the rank. The training process is not needed after its hand-off: a rank whose
-connection closes has its queued saves finished all the same."""
+connection closes has its queued saves finished all the same. On a job of several nodes the commit's rounds
+travel between the nodes' services (:mod:`.link`); when their group fails, each rank of that saver learns it
+with its failed save (``retire``) and its connection is closed: it attaches anew with its next save."""
 from __future__ import annotations
 
 import fcntl
