@@ -89,3 +89,19 @@ class GlooCollectives:
             dist.destroy_process_group(self.group)
         except Exception:  # the default group may already be gone at interpreter exit
             pass
+
+
+def standalone_gloo_group(store: Any, rank: int, world_size: int, timeout_s: float) -> Any:
+    """A gloo process group of ``world_size`` members over ``store`` (rank ``rank``), in a process that has no
+    default group: what :class:`GlooCollectives` runs on for processes outside the job's own group (the
+    nodes' writer services, asyncckpt/service/link.py). Built as ``init_process_group`` builds its groups, a
+    process group with its gloo backend registered for CPU tensors (torch offers no public call for a group
+    without a default one)."""
+    import datetime
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    backend = dist.ProcessGroupGloo(store, rank, world_size, timeout)
+    group = dist.ProcessGroup(store, rank, world_size)
+    group._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
+    group._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, backend)
+    return group

@@ -28,6 +28,7 @@ from ..errors import CheckpointError, CommitError, ConfigError
 from ..io_types import SaveJob, SaveResult
 from ..staging import ready_now
 from ..threads import started_pool
+from .link import job_rendezvous
 from .paths import job_id, lock_path, log_path, runtime_dir, service_key, socket_path
 from .protocol import Channel
 from .shm import SharedBuffers
@@ -40,10 +41,6 @@ IDLE_S = 2.0  # how long an idle service waits for a rank before it exits
 
 class ServiceClient:
     def __init__(self, config: Config, ctx: DistContext):
-        if len(ctx.node_ranks) != ctx.world_size:  # every rank knows its node's ranks (not the others' nodes)
-            raise ConfigError(f"config key 'writer.mode': 'service' supports jobs on one node only; this job has "
-                              f"{ctx.world_size} ranks, {len(ctx.node_ranks)} on this node (multi-node coordination "
-                              "between services is not implemented): use writer.mode: thread")
         if config.snapshot != "eager":  # the service writes what it is handed; a lazy copy is checked in-process
             raise ConfigError("config key 'snapshot': 'lazy' is not supported with writer.mode: service (the "
                               "service cannot check that a lazy copy was not torn); use snapshot: eager")
@@ -125,6 +122,7 @@ class ServiceClient:
                  "world_size": self.ctx.world_size, "local_rank": self.ctx.local_rank,
                  "local_world_size": self.ctx.local_world_size, "node": self.ctx.node,
                  "node_ranks": list(self.ctx.node_ranks), "job": self.ctx.job,
+                 "node_index": self.ctx.node_index, "nodes": list(self.ctx.nodes), "rendezvous": job_rendezvous(),
                  "config": self.config.to_dict(), "pid": os.getpid()}
         self._link = _Link.open(self.directory, self.key, hello, self.config)
         return self._link
@@ -235,6 +233,8 @@ class _Link:
                 for fd in fds:
                     os.close(fd)
                 with self._lock:
+                    if reply.get("retire"):  # the nodes' services lost their group: the next save attaches anew
+                        self.alive = False
                     pending = (self._pending.get if reply["op"] == "written" else self._pending.pop)(reply["seq"], None)
                 if pending is None:
                     continue

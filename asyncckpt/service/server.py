@@ -5,7 +5,9 @@ Per attached rank, a reader thread queues the rank's save descriptors and a work
 order, as the engine's I/O loop does in thread mode: prepare (agreement among the group's ranks) → write
 (the group's :class:`~asyncckpt.writer.WriterPool`) → "written" to the rank (its slot is free again) →
 commit → the result to the rank. The training process is not needed after its hand-off: a rank whose
-connection closes has its queued saves finished all the same."""
+connection closes has its queued saves finished all the same. On a job of several nodes the commit's rounds
+travel between the nodes' services (:mod:`.link`); when their group fails, each rank of that saver learns it
+with its failed save (``retire``) and its connection is closed: it attaches anew with its next save."""
 from __future__ import annotations
 
 import fcntl
@@ -144,7 +146,7 @@ class Service:
             group = self._groups.get(hello["group"])
             if group is None:
                 config = Config.from_dict(hello["config"])
-                group = self._groups[hello["group"]] = Group(hello["group"], config, hello["world_size"])
+                group = self._groups[hello["group"]] = Group(hello["group"], config, hello)
             return group, group.attach(hello)
 
     def detached(self, group: Group | None, rank: int) -> None:
@@ -229,7 +231,11 @@ class Attachment:
                 self._save(desc, slot)
             except Exception as exc:  # noqa: BLE001 - reported to the rank
                 log.error("rank %d: checkpoint %r failed: %s", self.rank, desc["tag"], exc)
-                self.reply({"op": "done", "seq": desc["seq"], "error": error_reply(exc)})
+                retire = self.group is not None and self.group.retired
+                self.reply({"op": "done", "seq": desc["seq"], "error": error_reply(exc), "retire": retire})
+                if retire:  # the nodes' group failed: the rank attaches anew with its next save
+                    self._alive = False
+                    self.channel.close()
 
     def _map(self, desc: dict, fds: list[int]) -> MappedSlot | None:
         if desc.get("buffer") is None:
@@ -253,6 +259,7 @@ class Attachment:
     def _save(self, desc: dict, slot: MappedSlot | None) -> None:
         seq, tag, save_dir = desc["seq"], desc["tag"], desc["save_dir"]
         coordinator, group = self.coordinator, self.group
+        group.begin(seq)
         flat = FlatState(None, [])
         if slot is not None:
             items = [StageItem(key, slot.buffer[off: off + n], dtype, shape, device, gshape, goff, repl)
