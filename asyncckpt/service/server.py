@@ -291,7 +291,7 @@ class Attachment:
         pause_point(self.service.directory, "publish", tag)
         try:
             info = coordinator.commit(save_dir, tag, outcome, desc["save_latest"], desc["meta"], prepared.save_id,
-                                      desc["t_start"])
+                                      desc["t_start"], desc["replicated_sums"])
         except CommitError as exc:
             raise_for_rank(exc, self.rank, f"{'writing' if write_error else 'publishing'} checkpoint {tag!r} in "
                                            f"{save_dir}", write_error)
