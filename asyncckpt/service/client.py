@@ -26,7 +26,7 @@ from ..commit import DistContext
 from ..config import Config
 from ..errors import CheckpointError, CommitError, ConfigError
 from ..io_types import SaveJob, SaveResult
-from ..staging import ready_now
+from ..staging import Snapshot, ready_now
 from ..threads import started_pool
 from .paths import job_id, lock_path, log_path, runtime_dir, service_key, socket_path
 from .protocol import Channel
@@ -44,11 +44,6 @@ class ServiceClient:
             raise ConfigError(f"config key 'writer.mode': 'service' supports jobs on one node only; this job has "
                               f"{ctx.world_size} ranks, {len(ctx.node_ranks)} on this node (multi-node coordination "
                               "between services is not implemented): use writer.mode: thread")
-        if config.snapshot != "eager":  # the service writes what it is handed; a lazy copy is checked in-process
-            raise ConfigError("config key 'snapshot': 'lazy' is not supported with writer.mode: service (the "
-                              "service cannot check that a lazy copy was not torn); use snapshot: eager")
-        if config.verify_replicated:
-            raise ConfigError("config key 'verify_replicated': not supported with writer.mode: service; turn one off")
         self.config = config
         self.ctx = ctx
         self.directory = runtime_dir()
@@ -72,13 +67,20 @@ class ServiceClient:
         link = self._link
         return link.pid if link is not None and link.alive else None
 
-    def submit(self, job: SaveJob, stage_s: float, spec: dict | None,
-               release: Callable) -> concurrent.futures.Future:
+    def submit(self, job: SaveJob, stage_s: float, spec: dict | None, release: Callable,
+               checks: Callable[[], dict] | None = None, snapshot: Snapshot | None = None
+               ) -> concurrent.futures.Future:
         """Hand ``job`` over; the returned future resolves to its :class:`SaveResult`. ``release(slot)`` gives
-        the staging slot back (once the service wrote its bytes, or the save failed)."""
+        the staging slot back (once the service wrote its bytes, or the save failed).
+
+        ``checks`` (``verify_replicated``): this rank's checksums of its copy of each replicated tensor, computed
+        here once the bytes are valid; they travel with the descriptor to the service's commit. ``snapshot``: a
+        lazy copy into the slot; it is complete before the descriptor goes, and its version counters are
+        checked then: a torn state is not handed over (the save goes as a placeholder that fails it on every
+        rank: nothing is published) and this rank's future raises the snapshot's error, as in thread mode."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         pending = _Pending(job, stage_s, fut, release, self.ctx)
-        sent = self._handover.submit(self._send, pending, spec)
+        sent = self._handover.submit(self._send, pending, spec, checks, snapshot)
         if job.ready is ready_now:  # the bytes are valid now: be handed over before save() returns
             try:
                 sent.result(timeout=self.config.commit_timeout_s)
@@ -86,12 +88,21 @@ class ServiceClient:
                 pass  # the future fails on its own
         return fut
 
-    def _send(self, pending: "_Pending", spec: dict | None) -> None:
+    def _send(self, pending: "_Pending", spec: dict | None, checks: Callable[[], dict] | None,
+              snapshot: Snapshot | None) -> None:
         job = pending.job
         try:
             job.ready()
+            sums = checks() if checks is not None else None
             link = self._connected()
-            desc, fds = self._describe(job, spec)
+            # as late as possible before the hand-over: a mutation under way during the copy has bumped its version
+            torn = snapshot.failure_after_settling() if snapshot is not None else None
+            if torn is None:
+                desc, fds = self._describe(job, spec, sums)
+            else:
+                pending.own = torn
+                pending.release()
+                desc, fds = self._describe(job, None, None, f"{type(torn).__name__}: {torn}")
             link.send(pending, desc, fds)
         except BaseException as exc:  # noqa: BLE001 - the save's future carries it
             if not isinstance(exc, CheckpointError):
@@ -99,12 +110,16 @@ class ServiceClient:
                                   f"{type(exc).__name__}: {exc}")
             pending.fail(exc)
 
-    def _describe(self, job: SaveJob, spec: dict | None) -> tuple[dict, tuple[int, ...]]:
+    def _describe(self, job: SaveJob, spec: dict | None, sums: dict | None,
+                  reason: str = "") -> tuple[dict, tuple[int, ...]]:
+        """The save's descriptor and the descriptor of its buffer; with a ``reason``, a placeholder that fails
+        the save on every rank (this rank could not make it)."""
         desc = {"op": "save", "seq": job.seq, "save_dir": job.save_dir, "tag": job.tag,
-                "save_latest": job.save_latest, "meta": job.meta, "t_start": job.t_start, "reason": job.reason,
-                "spec": spec, "replicated_fp": job.replicated_fp, "buffer": None}
+                "save_latest": job.save_latest, "meta": job.meta, "t_start": job.t_start,
+                "reason": reason or job.reason, "spec": spec, "replicated_fp": job.replicated_fp,
+                "replicated_sums": sums, "buffer": None}
         slot = job.slot
-        if slot is None:
+        if slot is None or reason:
             return desc, ()
         name, fd = self.allocate.handle(slot.buffer)
         flat = job.flat
@@ -144,6 +159,7 @@ class _Pending:
                  ctx: DistContext):
         self.job, self.stage_s, self.fut, self._release, self.ctx = job, stage_s, fut, release, ctx
         self.t_sent = 0.0
+        self.own: BaseException | None = None  # this rank's own fault, which its future raises (thread mode's rule)
         self._released = False
 
     def release(self) -> None:
@@ -160,7 +176,11 @@ class _Pending:
         self.release()
         job, ctx = self.job, self.ctx
         if "error" in reply:
-            self.fut.set_exception(_rebuild(reply["error"]))
+            error = _rebuild(reply["error"])
+            if self.own is not None:
+                self.own.__cause__ = error  # what every rank learnt (raise_for_rank's "raise own from exc")
+                error = self.own
+            self.fut.set_exception(error)
             return
         if reply.get("skipped"):
             self.fut.set_result(SaveResult(job.tag, None, skipped=True, rank=ctx.rank, world_size=ctx.world_size))
