@@ -1,6 +1,12 @@
 """Shared fixtures of the core tests: a fast config, the tests/trainer.py Trainer factory, savers that are
 closed after each test, a gate that holds the background writer until a test releases it, and a bit-exact
-comparison of nested states (NaN payloads included)."""
+comparison of nested states (NaN payloads included).
+
+The suite in service mode: ``ASYNCCKPT_WRITER_MODE=service`` (the library's default of ``writer.mode``,
+inherited by every child process) runs every saver the tests build, whose config does not name a mode, through
+the node's writer service. The session then gets a private runtime directory (removed at its end), and a test
+marked ``@pytest.mark.thread_only("why")`` (it reaches into the writer threads of the training process, which
+service mode does not run) is skipped with its reason."""
 from __future__ import annotations
 
 import asyncio
@@ -10,17 +16,51 @@ import math
 import os
 import threading
 
+import shutil
+import uuid
+
 import numpy as np
 import pytest
 import torch
 
 import asyncckpt
+from asyncckpt.service import paths as service_paths
 from patching import patch_existing
 from trainer import Trainer
 
 # Small chunks (several per tensor), two encode threads, normal priority, no fsync: fast on a 2-core machine.
 # The few tests about durability use fsync on explicitly.
 FAST = {"codec": {"chunk_mib": 1 / 64}, "writer": {"threads_per_node": 2, "nice": 0, "fsync": False}}
+
+
+def service_mode() -> bool:
+    """Whether this run's savers default to the writer service (``ASYNCCKPT_WRITER_MODE=service``)."""
+    return asyncckpt.Config().writer.mode == "service"
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "thread_only(reason): needs writer.mode thread (skipped when "
+                                       "ASYNCCKPT_WRITER_MODE=service): the reason says which in-process seam it uses")
+    if service_mode() and not os.environ.get(service_paths.RUNTIME_ENV):
+        runtime = f"/dev/shm/asyncckpt-test-{uuid.uuid4().hex[:12]}"
+        os.mkdir(runtime, 0o700)
+        os.environ[service_paths.RUNTIME_ENV] = config._service_runtime = runtime
+
+
+def pytest_unconfigure(config) -> None:
+    runtime = getattr(config, "_service_runtime", None)
+    if runtime is not None:
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if not service_mode():
+        return
+    for item in items:
+        mark = item.get_closest_marker("thread_only")
+        if mark is not None:
+            why = mark.args[0] if mark.args else mark.kwargs.get("reason", "")
+            item.add_marker(pytest.mark.skip(reason=f"writer.mode thread only: {why}"))
 
 
 def merge(base: dict, over: dict) -> dict:
