@@ -112,14 +112,21 @@ def make_saver(fast_config):
 # ------------------------------------------------------------------------------------------ writer gate
 class WriterGate:
     """Holds every save of an engine before it writes anything, until :meth:`open` (deterministic
-    backpressure and aliasing tests: no sleeping). The background never waits more than 30 s."""
+    backpressure and aliasing tests: no sleeping). The background never waits more than 30 s.
+
+    In thread mode the engine's writer waits (after the save's prepare); in service mode the hand-over to the
+    service waits (the engine's call returns at once; the saves go over in order once the gate opens), so the
+    service has not even prepared a held save."""
 
     def __init__(self):
         self._opened: concurrent.futures.Future = concurrent.futures.Future()
         self.entered = threading.Event()
         self.calls = 0
+        self._order: concurrent.futures.ThreadPoolExecutor | None = None  # service mode: the held hand-overs
 
     def install(self, monkeypatch, engine) -> "WriterGate":
+        if engine.service is not None:
+            return self._hold_handover(monkeypatch, engine.service)
         real = engine.writer.write_rank
 
         async def gated(**kwargs):
@@ -129,6 +136,36 @@ class WriterGate:
             return await real(**kwargs)
 
         patch_existing(monkeypatch, engine.writer, "write_rank", gated)
+        return self
+
+    def close(self) -> None:
+        self.open()
+        if self._order is not None:
+            self._order.shutdown(wait=False)  # its thread ends once the held saves went over
+
+    def _hold_handover(self, monkeypatch, service) -> "WriterGate":
+        real = service.submit
+        order = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="test-gate")  # saves stay in order
+
+        def hand_over(outer: concurrent.futures.Future, args: tuple) -> None:
+            try:
+                self._opened.result(timeout=30)
+                inner = real(*args)
+            except BaseException as exc:  # noqa: BLE001 - the save's future carries it
+                outer.set_exception(exc)
+                return
+            inner.add_done_callback(lambda f: outer.set_exception(f.exception()) if f.exception() is not None
+                                    else outer.set_result(f.result()))
+
+        def gated(*args) -> concurrent.futures.Future:
+            self.calls += 1
+            self.entered.set()
+            outer: concurrent.futures.Future = concurrent.futures.Future()
+            order.submit(hand_over, outer, args)
+            return outer
+
+        patch_existing(monkeypatch, service, "submit", gated)
+        self._order = order
         return self
 
     def open(self) -> None:
@@ -148,7 +185,7 @@ def writer_gate(monkeypatch):
 
     yield install
     for g in gates:
-        g.open()
+        g.close()
 
 
 def done_event(fut) -> threading.Event:
