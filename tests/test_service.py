@@ -160,11 +160,23 @@ def test_round_trip_bit_exact_and_nothing_written_by_the_trainer(runtime, engine
 
 
 def test_a_save_error_comes_back_as_the_thread_mode_error(runtime, engines, tmp_path):
+    """The same failing save in both modes raises the same class, chaining the same OS error (class, errno,
+    file name); the saver stays usable."""
     e = engines()
+    thread = SaveEngine(Config.from_dict({**SERVICE, "writer": {**SERVICE["writer"], "mode": "thread"}}))
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")
-    err = save(e, state(0), str(blocked), "t").exception(timeout=120)
-    assert isinstance(err, asyncckpt.WriteError) and str(blocked) in str(err), repr(err)
+    try:
+        for target in (str(blocked), str(blocked / "sub"), "/proc/asyncckpt-denied"):
+            want = save(thread, state(0), target, "t").exception(timeout=120)
+            err = save(e, state(0), target, "t").exception(timeout=120)
+            assert type(err) is type(want) and str(target) in str(err), (repr(err), repr(want))
+            assert isinstance(want.__cause__, OSError), repr(want.__cause__)
+            got_cause, want_cause = err.__cause__, want.__cause__
+            assert (type(got_cause), got_cause.errno, got_cause.filename) == \
+                   (type(want_cause), want_cause.errno, want_cause.filename), (got_cause, want_cause)
+    finally:
+        thread.close(timeout=60)
     assert save(e, state(0), str(tmp_path / "ok"), "t").result(timeout=120).tag == "t"  # still usable
 
 

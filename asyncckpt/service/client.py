@@ -344,10 +344,16 @@ def _start(directory: str, key: str, config: Config) -> None:
 
 
 def _rebuild(error: dict) -> BaseException:
-    """The service's exception, as the class the engine would have raised in thread mode."""
+    """The service's exception, as the class the engine would have raised in thread mode, chaining the OS error
+    that caused it (``OSError(errno, ...)`` is the errno's subclass: FileNotFoundError, PermissionError...)."""
     cls = getattr(errors, error["type"], None)
     if not (isinstance(cls, type) and issubclass(cls, CheckpointError)):
-        return CheckpointError(f"{error['type']}: {error['message']}")
-    if issubclass(cls, CommitError):
-        return cls(error["message"], error["failures"])
-    return cls(error["message"])
+        exc = CheckpointError(f"{error['type']}: {error['message']}")
+    elif issubclass(cls, CommitError):
+        exc = cls(error["message"], error["failures"])
+    else:
+        exc = cls(error["message"])
+    if error.get("cause") is not None:
+        code, text, filename = error["cause"]
+        exc.__cause__ = OSError(code, text, filename) if code is not None else OSError(text)
+    return exc
