@@ -9,6 +9,7 @@ connection closes has its queued saves finished all the same."""
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import queue
@@ -221,6 +222,11 @@ class Attachment:
             if item is None:
                 return
             desc, fds = item
+            if desc["op"] == "close":  # the rank closes its saver: answered once its keep_last removals are done
+                _close_all(fds)
+                self.group.retainer.submit(lambda: None).result()  # one thread: after every removal queued so far
+                self.reply({"op": "closed"})
+                continue
             try:
                 try:
                     slot = self._map(desc, fds)
@@ -258,7 +264,7 @@ class Attachment:
             items = [StageItem(key, slot.buffer[off: off + n], dtype, shape, device, gshape, goff, repl)
                      for (key, dtype, shape, device, gshape, goff, repl), off, n
                      in zip(desc["items"], slot.layout.offsets, slot.layout.sizes)]
-            flat = FlatState(desc["skeleton"], items, desc["views"], elsewhere=desc["elsewhere"])
+            flat = FlatState(json.loads(desc["skeleton"]), items, desc["views"], elsewhere=desc["elsewhere"])
         phases: dict[str, float] = {}
         t = time.perf_counter()
         try:
