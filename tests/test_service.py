@@ -26,8 +26,9 @@ from asyncckpt.engine import SaveEngine
 from asyncckpt.loader import list_tags
 from asyncckpt.service import paths
 from asyncckpt.service.client import ServiceClient
-from asyncckpt.state import flatten
+from asyncckpt.state import MAX_DEPTH, flatten
 from conftest import merge
+from test_state_values import KINDS, _nest
 from test_snapshot_lazy import hold, state_of
 
 pytestmark = pytest.mark.timeout(240)
@@ -178,6 +179,30 @@ def test_a_save_error_comes_back_as_the_thread_mode_error(runtime, engines, tmp_
     finally:
         thread.close(timeout=60)
     assert save(e, state(0), str(tmp_path / "ok"), "t").result(timeout=120).tag == "t"  # still usable
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_state_nested_max_depth_deep_is_handed_over(runtime, engines, save_dir, kind):
+    """The deepest state flatten accepts (MAX_DEPTH containers of every kind) goes over the socket and round
+    trips, as in thread mode."""
+    e = engines()
+    nested = _nest(kind, MAX_DEPTH, torch.arange(3.0))
+    e.save(lambda: flatten(nested, allow_pickle=False), save_dir, "deep").result(timeout=120)
+    out = asyncckpt.load(save_dir, "deep")
+    for _ in range(MAX_DEPTH):
+        out = out[0] if isinstance(out, (list, tuple)) else next(iter(out.values()))
+    assert torch.equal(out, torch.arange(3.0))
+
+
+def test_close_returns_once_the_services_keep_last_removals_are_done(runtime, engines, save_dir):
+    """As thread mode's close joins its retention thread: once close returned, keep_last holds. (The removal
+    after the last result is quick here, so this passes by luck without the close handshake too; with 100
+    saves, test_faults.py's test_back_to_back_saves_on_a_slow_disk in service mode caught the race.)"""
+    e = engines(keep_last=1, max_inflight=2)
+    futs = [save(e, state(i, 20000), save_dir, f"t{i}") for i in range(6)]
+    assert [f.result(timeout=120).tag for f in futs] == [f"t{i}" for i in range(6)]
+    e.close(timeout=60)
+    assert list_tags(save_dir) == ["t5"]
 
 
 def test_service_exits_when_idle_and_the_next_saver_starts_a_new_one(runtime, engines, save_dir):

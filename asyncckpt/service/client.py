@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import fcntl
+import json
 import logging
 import os
 import socket
@@ -126,7 +127,8 @@ class ServiceClient:
         desc.update(buffer=name, slot=slot.index, layout=(slot.layout.offsets, slot.layout.sizes, slot.layout.total),
                     items=[(i.key, i.dtype, i.shape, i.device, i.global_shape, i.global_offset, i.replicated)
                            for i in flat.items],
-                    views=flat.views, skeleton=flat.skeleton, elsewhere=flat.elsewhere)
+                    views=flat.views, elsewhere=flat.elsewhere,
+                    skeleton=json.dumps(flat.skeleton))  # text: a state nested MAX_DEPTH deep is too deep to pickle
         return desc, (fd,)
 
     def _connected(self) -> "_Link":
@@ -145,11 +147,13 @@ class ServiceClient:
         return self._link
 
     def close(self) -> None:
-        """Detach from the service (every save was waited for by the engine)."""
+        """Detach from the service (every save was waited for by the engine) once it finished what this rank
+        handed over, ``keep_last`` removals included (as thread mode's close joins its retention thread), or
+        after ``commit_timeout_s``."""
         self._closed = True
         self._handover.shutdown(wait=True)
         if self._link is not None:
-            self._link.close()
+            self._link.close(self.config.commit_timeout_s)
 
 
 class _Pending:
@@ -203,6 +207,7 @@ class _Link:
         self.alive = True
         self._lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
+        self._finished = threading.Event()  # the service answered "closed" (or the connection ended)
         self._reader = threading.Thread(target=self._read, name="asyncckpt-service-reader", daemon=True)
         self._reader.start()
 
@@ -254,6 +259,9 @@ class _Link:
                 reply, fds = msg
                 for fd in fds:
                     os.close(fd)
+                if reply["op"] == "closed":
+                    self._finished.set()
+                    continue
                 with self._lock:
                     pending = (self._pending.get if reply["op"] == "written" else self._pending.pop)(reply["seq"], None)
                 if pending is None:
@@ -268,13 +276,24 @@ class _Link:
             with self._lock:
                 self.alive = False
                 lost, self._pending = list(self._pending.values()), {}
+            self._finished.set()
             for pending in lost:
                 pending.fail(CommitError(
                     f"checkpoint {pending.job.tag!r}: the writer service (pid {self.pid}) ended before it reported "
                     f"the save ({why}); the save is not confirmed: the previous checkpoint is the latest unless "
                     "'latest' names this one. The next save starts a new service."))
 
-    def close(self) -> None:
+    def close(self, timeout: float) -> None:
+        """Say goodbye and wait (at most ``timeout``) for the service's "closed": everything this rank handed
+        over is finished, its keep_last removals too; then close the connection."""
+        try:
+            if self.alive:
+                self.channel.send({"op": "close"})
+                if not self._finished.wait(timeout):
+                    log.warning("writer service (pid %d): still busy with this rank's saves after %gs; detaching",
+                                self.pid, timeout)
+        except OSError:
+            pass  # the service is gone: nothing to wait for
         self.channel.close()
         self._reader.join(timeout=10.0)
 
