@@ -172,7 +172,7 @@ def test_close_at_exit_of_a_closed_saver_is_silent(tmp_path):
 
 
 # ------------------------------------------------------------------------------- two savers, one save_dir
-@pytest.mark.thread_only("holds a save mid-write (its partial directory made): the service-mode gate holds the hand-over")
+@pytest.mark.thread_only("holds a save mid-write (partial directory made); the service-mode gate holds the hand-over")
 @pytest.mark.parametrize("second", ["saver", "functional"])
 def test_second_saver_leaves_the_first_ones_partial_alone(save_dir, make_trainer, make_saver, writer_gate, fast_config,
                                                           caplog, second):
@@ -205,7 +205,7 @@ def test_second_saver_leaves_the_first_ones_partial_alone(save_dir, make_trainer
         assert torch.equal(asyncckpt.load(save_dir, "ema")["ema"]["out.weight"], ema_state["ema"]["out.weight"])
 
 
-@pytest.mark.thread_only("holds a save mid-write (its partial directory made): the service-mode gate holds the hand-over")
+@pytest.mark.thread_only("holds a save mid-write (partial directory made); the service-mode gate holds the hand-over")
 def test_same_tag_from_two_savers_is_refused(save_dir, make_trainer, make_saver, writer_gate):
     """A second saver asking for a tag the first one is writing right now fails with WriteError naming the
     owner; the first save is untouched and publishes."""
