@@ -69,8 +69,7 @@ class ServiceClient:
         return link.pid if link is not None and link.alive else None
 
     def submit(self, job: SaveJob, stage_s: float, spec: dict | None, release: Callable,
-               checks: Callable[[], dict] | None = None, snapshot: Snapshot | None = None
-               ) -> concurrent.futures.Future:
+               checks: Callable[[], dict] | None, snapshot: Snapshot | None) -> concurrent.futures.Future:
         """Hand ``job`` over; the returned future resolves to its :class:`SaveResult`. ``release(slot)`` gives
         the staging slot back (once the service wrote its bytes, or the save failed).
 
