@@ -26,6 +26,7 @@ PIN_MEMORY = ("auto", "always", "never")
 SNAPSHOT = ("eager", "lazy")
 SNAPSHOT_DEVICE = ("auto", "always", "never")
 WRITER_MODES = ("thread", "service")
+WRITER_MODE_ENV = "ASYNCCKPT_WRITER_MODE"  # the default of writer.mode when set (a config that gives it wins)
 MAX_TIMEOUT_S = 1e7  # about 115 days; far below what threading and gloo accept
 MAX_MEMORY_MIB = float(1 << 30)  # 1 PiB
 MAX_KEEP_LAST = 1_000_000
@@ -82,10 +83,12 @@ class WriterConfig(_Section):
     nice: int = 10  # added niceness of writer threads (0 = leave as is), as Megatron's async worker does
     ionice_idle: bool = False  # best-effort I/O class 'idle' for writer threads (Linux); default lowers to 'best-effort 7'
     memory_budget_mib: float = 0  # staging memory for the node (all local ranks); 0 = unlimited
-    mode: str = "thread"  # thread: writer threads in the training process | service: a per-node writer process
+    mode: str = field(default_factory=lambda: os.environ.get(WRITER_MODE_ENV) or "thread")  # thread: writer
+    #   threads in the training process | service: a per-node writer process; default $ASYNCCKPT_WRITER_MODE
 
     def validate(self) -> None:
-        _check(self.mode in WRITER_MODES, "writer.mode", self.mode, " | ".join(WRITER_MODES))
+        _check(self.mode in WRITER_MODES, "writer.mode", self.mode, " | ".join(WRITER_MODES)
+               + (f" (its default comes from ${WRITER_MODE_ENV})" if os.environ.get(WRITER_MODE_ENV) else ""))
         _check(0 <= self.threads_per_node <= 1024, "writer.threads_per_node", self.threads_per_node, "an integer in 0..1024")
         _check(1 <= self.files_per_rank <= 256, "writer.files_per_rank", self.files_per_rank, "an integer in 1..256")
         _check(0 <= self.inflight_chunks <= 4096, "writer.inflight_chunks", self.inflight_chunks, "an integer in 0..4096")

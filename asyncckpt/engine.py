@@ -271,7 +271,8 @@ class SaveEngine:
                 snapshot: Snapshot | None = None) -> SaveFuture:
         job.seq = self.saves  # the k-th save of every rank's saver is paired with the k-th of the others
         if self.service is not None:  # handed over to the node's writer service
-            fut = SaveFuture(self.service.submit(job, stage_s, self._spec(job), self.pool.release), job.tag)
+            fut = SaveFuture(self.service.submit(job, stage_s, self._spec(job), self.pool.release, checks, snapshot),
+                             job.tag)
         else:
             fut = SaveFuture(self.loop.submit(self._run(job, stage_s, checks, snapshot)), job.tag)
         with self._lock:

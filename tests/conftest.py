@@ -1,6 +1,12 @@
 """Shared fixtures of the core tests: a fast config, the tests/trainer.py Trainer factory, savers that are
 closed after each test, a gate that holds the background writer until a test releases it, and a bit-exact
-comparison of nested states (NaN payloads included)."""
+comparison of nested states (NaN payloads included).
+
+The suite in service mode: ``ASYNCCKPT_WRITER_MODE=service`` (the library's default of ``writer.mode``,
+inherited by every child process) runs every saver the tests build, whose config does not name a mode, through
+the node's writer service. The session then gets a private runtime directory (removed at its end), and a test
+marked ``@pytest.mark.thread_only("why")`` (it reaches into the writer threads of the training process, which
+service mode does not run) is skipped with its reason."""
 from __future__ import annotations
 
 import asyncio
@@ -10,17 +16,51 @@ import math
 import os
 import threading
 
+import shutil
+import uuid
+
 import numpy as np
 import pytest
 import torch
 
 import asyncckpt
+from asyncckpt.service import paths as service_paths
 from patching import patch_existing
 from trainer import Trainer
 
 # Small chunks (several per tensor), two encode threads, normal priority, no fsync: fast on a 2-core machine.
 # The few tests about durability use fsync on explicitly.
 FAST = {"codec": {"chunk_mib": 1 / 64}, "writer": {"threads_per_node": 2, "nice": 0, "fsync": False}}
+
+
+def service_mode() -> bool:
+    """Whether this run's savers default to the writer service (``ASYNCCKPT_WRITER_MODE=service``)."""
+    return asyncckpt.Config().writer.mode == "service"
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "thread_only(reason): needs writer.mode thread (skipped when "
+                                       "ASYNCCKPT_WRITER_MODE=service): the reason says which in-process seam it uses")
+    if service_mode() and not os.environ.get(service_paths.RUNTIME_ENV):
+        runtime = f"/dev/shm/asyncckpt-test-{uuid.uuid4().hex[:12]}"
+        os.mkdir(runtime, 0o700)
+        os.environ[service_paths.RUNTIME_ENV] = config._service_runtime = runtime
+
+
+def pytest_unconfigure(config) -> None:
+    runtime = getattr(config, "_service_runtime", None)
+    if runtime is not None:
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if not service_mode():
+        return
+    for item in items:
+        mark = item.get_closest_marker("thread_only")
+        if mark is not None:
+            why = mark.args[0] if mark.args else mark.kwargs.get("reason", "")
+            item.add_marker(pytest.mark.skip(reason=f"writer.mode thread only: {why}"))
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -72,14 +112,21 @@ def make_saver(fast_config):
 # ------------------------------------------------------------------------------------------ writer gate
 class WriterGate:
     """Holds every save of an engine before it writes anything, until :meth:`open` (deterministic
-    backpressure and aliasing tests: no sleeping). The background never waits more than 30 s."""
+    backpressure and aliasing tests: no sleeping). The background never waits more than 30 s.
+
+    In thread mode the engine's writer waits (after the save's prepare); in service mode the hand-over to the
+    service waits (the engine's call returns at once; the saves go over in order once the gate opens), so the
+    service has not even prepared a held save."""
 
     def __init__(self):
         self._opened: concurrent.futures.Future = concurrent.futures.Future()
         self.entered = threading.Event()
         self.calls = 0
+        self._order: concurrent.futures.ThreadPoolExecutor | None = None  # service mode: the held hand-overs
 
     def install(self, monkeypatch, engine) -> "WriterGate":
+        if engine.service is not None:
+            return self._hold_handover(monkeypatch, engine.service)
         real = engine.writer.write_rank
 
         async def gated(**kwargs):
@@ -89,6 +136,36 @@ class WriterGate:
             return await real(**kwargs)
 
         patch_existing(monkeypatch, engine.writer, "write_rank", gated)
+        return self
+
+    def close(self) -> None:
+        self.open()
+        if self._order is not None:
+            self._order.shutdown(wait=False)  # its thread ends once the held saves went over
+
+    def _hold_handover(self, monkeypatch, service) -> "WriterGate":
+        real = service.submit
+        order = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="test-gate")  # saves stay in order
+
+        def hand_over(outer: concurrent.futures.Future, args: tuple) -> None:
+            try:
+                self._opened.result(timeout=30)
+                inner = real(*args)
+            except BaseException as exc:  # noqa: BLE001 - the save's future carries it
+                outer.set_exception(exc)
+                return
+            inner.add_done_callback(lambda f: outer.set_exception(f.exception()) if f.exception() is not None
+                                    else outer.set_result(f.result()))
+
+        def gated(*args) -> concurrent.futures.Future:
+            self.calls += 1
+            self.entered.set()
+            outer: concurrent.futures.Future = concurrent.futures.Future()
+            order.submit(hand_over, outer, args)
+            return outer
+
+        patch_existing(monkeypatch, service, "submit", gated)
+        self._order = order
         return self
 
     def open(self) -> None:
@@ -108,7 +185,7 @@ def writer_gate(monkeypatch):
 
     yield install
     for g in gates:
-        g.open()
+        g.close()
 
 
 def done_event(fut) -> threading.Event:

@@ -187,6 +187,7 @@ def _codecs(save_dir: str, tag: str) -> dict[str, set[str]]:
     return {k: {c.codec for c in r[0][1].chunks} for k, r in reader.records.items()}
 
 
+@pytest.mark.thread_only("reads the in-process writer's throughput estimator (engine.writer.codec)")
 @pytest.mark.parametrize("write,encode,compressed", [(SLOW, FAST, True), (FAST, SLOW, False)])
 def test_a_save_records_each_decision_in_the_index_and_loads_bit_exact(tmp_path, write, encode, compressed):
     cfg = asyncckpt.Config.from_dict({"codec": {"chunk_mib": 1},  # an engine of its own for each case:
@@ -209,6 +210,7 @@ def test_a_save_records_each_decision_in_the_index_and_loads_bit_exact(tmp_path,
         assert torch.equal(out[key].view(torch.uint8), value.view(torch.uint8)), key
 
 
+@pytest.mark.thread_only("reads the in-process writer's throughput estimator (engine.writer.codec)")
 def test_the_writer_reports_every_byte_it_writes(tmp_path):
     cfg = asyncckpt.Config.from_dict({"codec": {"chunk_mib": 1, "compression": False},
                                       "writer": {"threads_per_node": 1, "nice": 0}})

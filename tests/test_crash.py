@@ -248,6 +248,7 @@ def crash_dir(tmp_path):
         shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.mark.thread_only("announces and kills at the save's phases in the training process; the service runs them")
 def test_sigkill_in_every_phase(ctx, crash_dir):
     tmp_path = crash_dir
     rng = random.Random(SEED)
@@ -324,6 +325,7 @@ def test_sigkill_in_every_phase(ctx, crash_dir):
         assert expected <= targeted, f"phases never hit: {expected - targeted}"
 
 
+@pytest.mark.thread_only("announces and kills at the save's phases in the training process; the service runs them")
 @pytest.mark.parametrize("atomic_exchange", [True, False], ids=["rename-exchange", "two-renames"])
 def test_sigkill_while_overwriting_a_tag(ctx, crash_dir, atomic_exchange):
     """overwrite: true, the same tag saved again and again, killed at every step of publishing over it. With
@@ -369,6 +371,7 @@ def test_sigkill_while_overwriting_a_tag(ctx, crash_dir, atomic_exchange):
         assert restored > 0
 
 
+@pytest.mark.thread_only("announces and kills at the save's phases in the training process; the service runs them")
 @pytest.mark.multirank
 @pytest.mark.parametrize("victim,where", [(1, "write"), (0, "manifest"), (1, "hang")])
 def test_two_ranks_one_killed_mid_save(ctx, tmp_path, caplog, victim, where):

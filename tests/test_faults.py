@@ -142,6 +142,7 @@ def test_patch_existing_fails_loudly_for_a_missing_hook(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ disk full
+@pytest.mark.thread_only("the file-size limit (RLIMIT_FSIZE) is set on the training process; the service writes")
 def test_disk_full_rlimit_fsize_child(tmp_path):
     """RLIMIT_FSIZE in a child (SIGXFSZ ignored, so write() fails with EFBIG) is a disk that fills up."""
     ctx = forkserver_context()
@@ -242,6 +243,7 @@ def test_disk_full_real_enospc_at_every_fill_level(tmp_path):
     assert failed_saves >= 3 and tried == held
 
 
+@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
 @QUICK
 @pytest.mark.parametrize("fsync", [False, True])
 def test_disk_full_in_the_writer(fsync, save_dir, trained, make_saver, leftovers, latest, same):
@@ -263,6 +265,7 @@ def test_disk_full_in_the_writer(fsync, save_dir, trained, make_saver, leftovers
     saver.close()  # the failure was observed: nothing left to raise
 
 
+@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
 @QUICK
 def test_disk_full_in_the_file_write(save_dir, trained, make_saver, leftovers, latest, same):
     saver = make_saver(trained)
@@ -278,6 +281,7 @@ def test_disk_full_in_the_file_write(save_dir, trained, make_saver, leftovers, l
     assert_next_save_works(save_dir, saver, latest)
 
 
+@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
 @QUICK
 @pytest.mark.parametrize("step,name", [("write_durable", "manifest.json"), ("replace_atomic", "latest")])
 def test_publish_failure(step, name, save_dir, trained, make_saver, leftovers, latest, same):
@@ -301,6 +305,7 @@ PERMISSION_CASES = ["data file open", "rank index write", "partial directory (re
                     "latest replace", "save_dir under a file"]
 
 
+@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
 @pytest.mark.parametrize("case", PERMISSION_CASES)
 def test_permission_denied(tmp_path, case):
     """Permission denied at each file-system step: a real read-only save_dir when not root; as root, chmod
@@ -363,6 +368,7 @@ def test_permission_denied(tmp_path, case):
 # ---------------------------------------------------------------------------------- directory removed underneath
 @pytest.mark.parametrize("what,where", [("save_dir", "writing data"), ("partial dir", "writing data"),
                                         ("save_dir", "before the manifest")])
+@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
 def test_directory_removed_underneath(tmp_path, what, where):
     save_dir = str(tmp_path / "ckpt")
     t = Rig(save_dir)
@@ -393,6 +399,7 @@ def test_directory_removed_underneath(tmp_path, what, where):
 
 
 # ------------------------------------------------------------------------------------------- slow disk
+@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
 @pytest.mark.parametrize("max_inflight", [1, 2])
 @pytest.mark.parametrize("on_busy", ["wait", "skip", "error"])
 def test_slow_disk_backpressure(fast_dir, faults, max_inflight, on_busy):
@@ -514,6 +521,7 @@ def _fail_once(save_dir, saver, wait_resolved, tag="bad"):
     return fut
 
 
+@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
 @QUICK
 def test_unobserved_failure_raised_by_next_save(save_dir, trained, make_saver, wait_resolved, latest):
     saver = make_saver(trained)
@@ -527,6 +535,7 @@ def test_unobserved_failure_raised_by_next_save(save_dir, trained, make_saver, w
     assert latest(save_dir) == "next"
 
 
+@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
 @QUICK
 def test_unobserved_failure_raised_by_wait(save_dir, trained, make_saver, wait_resolved):
     saver = make_saver(trained)
@@ -538,6 +547,7 @@ def test_unobserved_failure_raised_by_wait(save_dir, trained, make_saver, wait_r
     assert fut.done()
 
 
+@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
 @QUICK
 def test_unobserved_failure_raised_by_close(save_dir, trained, make_saver, wait_resolved):
     saver = make_saver(trained)
@@ -549,6 +559,7 @@ def test_unobserved_failure_raised_by_close(save_dir, trained, make_saver, wait_
     saver.close()
 
 
+@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
 @QUICK
 def test_unobserved_failure_raised_by_context_exit(save_dir, trained, fast_config, wait_resolved):
     with pytest.raises(WriteError):
@@ -565,6 +576,7 @@ def test_context_exit_keeps_the_user_exception(save_dir, trained, fast_config, w
             raise KeyError("mine")  # not hidden behind the background failure
 
 
+@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
 @QUICK
 def test_observed_failure_is_not_raised_again(save_dir, trained, make_saver, wait_resolved):
     saver = make_saver(trained)
@@ -586,6 +598,7 @@ def test_failure_while_collecting_state_releases_the_slot(save_dir, trained, mak
     assert asyncckpt.list_tags(save_dir) == ["x"]
 
 
+@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
 @QUICK
 def test_functional_save_failure(save_dir, fast_config, leftovers):
     cfg = fast_config(codec={"level": 2})  # its own engine
@@ -623,6 +636,7 @@ def test_load_verifies_checksums(save_dir, fast_config):
     assert (damaged != state["noise"]).sum().item() == 1
 
 
+@pytest.mark.thread_only("patches os.fsync/os.rename in the training process; the service fsyncs and renames")
 @QUICK
 def test_fsync_before_publish(save_dir, trained, make_saver, monkeypatch):
     """With fsync on, every file of the tag and the partial directory are fsynced before the rename that

@@ -180,6 +180,7 @@ def save_dir(tmp_path):
     return str(d)
 
 
+@pytest.mark.thread_only("records the file operations in this process (a storage wrapper); the service does them")
 def test_first_save_into_an_empty_directory(work, save_dir):
     cfg = _config()
     a = _state(1)
@@ -187,6 +188,7 @@ def test_first_save_into_an_empty_directory(work, save_dir):
     _assert_held("first save into an empty directory", report, log, save_dir)
 
 
+@pytest.mark.thread_only("records the file operations in this process (a storage wrapper); the service does them")
 def test_save_next_to_a_previous_checkpoint(work, save_dir):
     cfg = _config()
     a, b = _state(1), _state(2)
@@ -196,6 +198,7 @@ def test_save_next_to_a_previous_checkpoint(work, save_dir):
     _assert_held("save next to a previous checkpoint", report, log, save_dir)
 
 
+@pytest.mark.thread_only("records the file operations in this process (a storage wrapper); the service does them")
 @pytest.mark.parametrize("exchange", [True, False], ids=["rename-exchange", "two-renames"])
 def test_overwrite_of_the_latest_tag(work, save_dir, exchange):
     """With RENAME_EXCHANGE the tag is swapped in one step; without it (a storage answering that it cannot) the
@@ -210,6 +213,7 @@ def test_overwrite_of_the_latest_tag(work, save_dir, exchange):
     _assert_held(f"overwrite of the tag latest names ({how})", report, log, save_dir)
 
 
+@pytest.mark.thread_only("records the file operations in this process (a storage wrapper); the service does them")
 def test_keep_last_removes_the_older_tag(work, save_dir):
     cfg = _config(keep_last=1)
     a, b = _state(1), _state(2)
@@ -303,6 +307,7 @@ class _SkipFileSync:
         return f
 
 
+@pytest.mark.thread_only("records the file operations in this process (a storage wrapper); the service does them")
 @pytest.mark.parametrize("broken", ["dir_fsync", "file_fsync"])
 def test_the_checker_finds_a_missing_fsync(work, save_dir, broken):
     cfg = _config()

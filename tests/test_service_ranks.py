@@ -91,3 +91,26 @@ def test_a_missing_part_publishes_nothing_and_fails_the_other_rank(runtime, tmp_
     assert results[0].ok, results[0].error
     assert "rank(s) [1]" in results[0].value, results[0].value
     assert list_tags(str(tmp_path / "ckpt")) == ["before"]
+
+
+def perturbed_in_service(rank: int, world: int, save_dir: str) -> list:
+    """tests/test_replicated_verify.py's save of diverged then agreed replicated copies, in service mode."""
+    import test_replicated_verify
+
+    test_replicated_verify.CFG = {**test_replicated_verify.CFG, "writer": {**CFG["writer"]}}
+    return test_replicated_verify.perturbed_save(rank, world, save_dir, True)
+
+
+def test_verify_replicated_compares_the_ranks_checksums_at_the_services_commit(runtime, tmp_path):
+    """verify_replicated: each rank checksums its copy of the replicated tensors before its hand-over; the
+    checksums travel with the descriptor to the service's commit, which fails the save on every rank naming
+    the tensors that differ (as in thread mode); the next save, with identical copies, is published."""
+    out = assert_all_ok(run_ranks(perturbed_in_service, 2, str(tmp_path), str(tmp_path / "ckpt"), timeout=240))
+    assert out[0] == out[1], out
+    text, later = out[0]
+    assert text.startswith("CommitError: checkpoint 'diverged' was not published"), text
+    for key in ("0.weight", "2.bias"):
+        assert f"'module/{key}' on rank 1" in text, text
+    assert "running_mean" not in text and text.count("' on rank 1") == 2, text
+    assert later is None
+    assert list_tags(str(tmp_path / "ckpt")) == ["agreed"]

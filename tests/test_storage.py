@@ -93,6 +93,7 @@ def test_wrapping_ends_with_its_block(tmp_path):
     assert open_storage(str(tmp_path)) is open_storage.__globals__["POSIX"]
 
 
+@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
 def test_a_failing_chunk_write_aborts_the_file_and_publishes_nothing(tmp_path):
     save_dir = str(tmp_path / "ckpt")
     state = {"w": torch.randn(50_000)}
@@ -113,6 +114,7 @@ def _index(log, op, suffix):
     return hits
 
 
+@pytest.mark.thread_only("records the file operations in this process (a storage wrapper); the service does them")
 def test_every_file_operation_of_a_save_goes_through_storage(tmp_path):
     """A save, an overwrite and keep_last on POSIX storage: every file and directory the save directory ends up
     with (and every one removed) was made by an operation of the storage object, in the rename strategy's
@@ -164,6 +166,7 @@ def test_ranged_reads_return_each_range_whatever_their_order():
     assert [bytes(b) for b in store.read_ranges("memory://ranges/f", ranges)] == [data[o:o + n] for o, n in ranges]
 
 
+@pytest.mark.thread_only("an in-memory fsspec file system lives in this process; the service would write its own")
 def test_marker_strategy_save_load_overwrite_keep_last_in_memory():
     """The object-store protocol on fsspec's in-memory file system (no server): files are written in place,
     the manifest (commit marker) last, then ``latest``; a tag without its marker is invisible and removed by

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import fcntl
+import json
 import logging
 import os
 import socket
@@ -24,9 +25,9 @@ from typing import Callable
 from .. import errors
 from ..commit import DistContext
 from ..config import Config
-from ..errors import CheckpointError, CommitError, ConfigError
+from ..errors import CheckpointError, CommitError
 from ..io_types import SaveJob, SaveResult
-from ..staging import ready_now
+from ..staging import Snapshot, ready_now
 from ..threads import started_pool
 from .link import job_rendezvous
 from .paths import job_id, lock_path, log_path, runtime_dir, service_key, socket_path
@@ -41,11 +42,6 @@ IDLE_S = 2.0  # how long an idle service waits for a rank before it exits
 
 class ServiceClient:
     def __init__(self, config: Config, ctx: DistContext):
-        if config.snapshot != "eager":  # the service writes what it is handed; a lazy copy is checked in-process
-            raise ConfigError("config key 'snapshot': 'lazy' is not supported with writer.mode: service (the "
-                              "service cannot check that a lazy copy was not torn); use snapshot: eager")
-        if config.verify_replicated:
-            raise ConfigError("config key 'verify_replicated': not supported with writer.mode: service; turn one off")
         self.config = config
         self.ctx = ctx
         self.directory = runtime_dir()
@@ -69,13 +65,19 @@ class ServiceClient:
         link = self._link
         return link.pid if link is not None and link.alive else None
 
-    def submit(self, job: SaveJob, stage_s: float, spec: dict | None,
-               release: Callable) -> concurrent.futures.Future:
+    def submit(self, job: SaveJob, stage_s: float, spec: dict | None, release: Callable,
+               checks: Callable[[], dict] | None, snapshot: Snapshot | None) -> concurrent.futures.Future:
         """Hand ``job`` over; the returned future resolves to its :class:`SaveResult`. ``release(slot)`` gives
-        the staging slot back (once the service wrote its bytes, or the save failed)."""
+        the staging slot back (once the service wrote its bytes, or the save failed).
+
+        ``checks`` (``verify_replicated``): this rank's checksums of its copy of each replicated tensor, computed
+        here once the bytes are valid; they travel with the descriptor to the service's commit. ``snapshot``: a
+        lazy copy into the slot; it is complete before the descriptor goes, and its version counters are
+        checked then: a torn state is not handed over (the save goes as a placeholder that fails it on every
+        rank: nothing is published) and this rank's future raises the snapshot's error, as in thread mode."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         pending = _Pending(job, stage_s, fut, release, self.ctx)
-        sent = self._handover.submit(self._send, pending, spec)
+        sent = self._handover.submit(self._send, pending, spec, checks, snapshot)
         if job.ready is ready_now:  # the bytes are valid now: be handed over before save() returns
             try:
                 sent.result(timeout=self.config.commit_timeout_s)
@@ -83,12 +85,21 @@ class ServiceClient:
                 pass  # the future fails on its own
         return fut
 
-    def _send(self, pending: "_Pending", spec: dict | None) -> None:
+    def _send(self, pending: "_Pending", spec: dict | None, checks: Callable[[], dict] | None,
+              snapshot: Snapshot | None) -> None:
         job = pending.job
         try:
             job.ready()
+            sums = checks() if checks is not None else None
             link = self._connected()
-            desc, fds = self._describe(job, spec)
+            # as late as possible before the hand-over: a mutation under way during the copy has bumped its version
+            torn = snapshot.failure_after_settling() if snapshot is not None else None
+            if torn is None:
+                desc, fds = self._describe(job, spec, sums)
+            else:
+                pending.own = torn
+                pending.release()
+                desc, fds = self._describe(job, None, None, f"{type(torn).__name__}: {torn}")
             link.send(pending, desc, fds)
         except BaseException as exc:  # noqa: BLE001 - the save's future carries it
             if not isinstance(exc, CheckpointError):
@@ -96,19 +107,24 @@ class ServiceClient:
                                   f"{type(exc).__name__}: {exc}")
             pending.fail(exc)
 
-    def _describe(self, job: SaveJob, spec: dict | None) -> tuple[dict, tuple[int, ...]]:
+    def _describe(self, job: SaveJob, spec: dict | None, sums: dict | None,
+                  reason: str = "") -> tuple[dict, tuple[int, ...]]:
+        """The save's descriptor and the descriptor of its buffer; with a ``reason``, a placeholder that fails
+        the save on every rank (this rank could not make it)."""
         desc = {"op": "save", "seq": job.seq, "save_dir": job.save_dir, "tag": job.tag,
-                "save_latest": job.save_latest, "meta": job.meta, "t_start": job.t_start, "reason": job.reason,
-                "spec": spec, "replicated_fp": job.replicated_fp, "buffer": None}
+                "save_latest": job.save_latest, "meta": job.meta, "t_start": job.t_start,
+                "reason": reason or job.reason, "spec": spec, "replicated_fp": job.replicated_fp,
+                "replicated_sums": sums, "buffer": None}
         slot = job.slot
-        if slot is None:
+        if slot is None or reason:
             return desc, ()
         name, fd = self.allocate.handle(slot.buffer)
         flat = job.flat
         desc.update(buffer=name, slot=slot.index, layout=(slot.layout.offsets, slot.layout.sizes, slot.layout.total),
                     items=[(i.key, i.dtype, i.shape, i.device, i.global_shape, i.global_offset, i.replicated)
                            for i in flat.items],
-                    views=flat.views, skeleton=flat.skeleton, elsewhere=flat.elsewhere)
+                    views=flat.views, elsewhere=flat.elsewhere,
+                    skeleton=json.dumps(flat.skeleton))  # text: a state nested MAX_DEPTH deep is too deep to pickle
         return desc, (fd,)
 
     def _connected(self) -> "_Link":
@@ -128,11 +144,13 @@ class ServiceClient:
         return self._link
 
     def close(self) -> None:
-        """Detach from the service (every save was waited for by the engine)."""
+        """Detach from the service (every save was waited for by the engine) once it finished what this rank
+        handed over, ``keep_last`` removals included (as thread mode's close joins its retention thread), or
+        after ``commit_timeout_s``."""
         self._closed = True
         self._handover.shutdown(wait=True)
         if self._link is not None:
-            self._link.close()
+            self._link.close(self.config.commit_timeout_s)
 
 
 class _Pending:
@@ -142,6 +160,7 @@ class _Pending:
                  ctx: DistContext):
         self.job, self.stage_s, self.fut, self._release, self.ctx = job, stage_s, fut, release, ctx
         self.t_sent = 0.0
+        self.own: BaseException | None = None  # this rank's own fault, which its future raises (thread mode's rule)
         self._released = False
 
     def release(self) -> None:
@@ -158,7 +177,11 @@ class _Pending:
         self.release()
         job, ctx = self.job, self.ctx
         if "error" in reply:
-            self.fut.set_exception(_rebuild(reply["error"]))
+            error = _rebuild(reply["error"])
+            if self.own is not None:
+                self.own.__cause__ = error  # what every rank learnt (raise_for_rank's "raise own from exc")
+                error = self.own
+            self.fut.set_exception(error)
             return
         if reply.get("skipped"):
             self.fut.set_result(SaveResult(job.tag, None, skipped=True, rank=ctx.rank, world_size=ctx.world_size))
@@ -181,6 +204,7 @@ class _Link:
         self.alive = True
         self._lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
+        self._finished = threading.Event()  # the service answered "closed" (or the connection ended)
         self._reader = threading.Thread(target=self._read, name="asyncckpt-service-reader", daemon=True)
         self._reader.start()
 
@@ -232,6 +256,9 @@ class _Link:
                 reply, fds = msg
                 for fd in fds:
                     os.close(fd)
+                if reply["op"] == "closed":
+                    self._finished.set()
+                    continue
                 with self._lock:
                     if reply.get("retire"):  # the nodes' services lost their group: the next save attaches anew
                         self.alive = False
@@ -248,13 +275,24 @@ class _Link:
             with self._lock:
                 self.alive = False
                 lost, self._pending = list(self._pending.values()), {}
+            self._finished.set()
             for pending in lost:
                 pending.fail(CommitError(
                     f"checkpoint {pending.job.tag!r}: the writer service (pid {self.pid}) ended before it reported "
                     f"the save ({why}); the save is not confirmed: the previous checkpoint is the latest unless "
                     "'latest' names this one. The next save starts a new service."))
 
-    def close(self) -> None:
+    def close(self, timeout: float) -> None:
+        """Say goodbye and wait (at most ``timeout``) for the service's "closed": everything this rank handed
+        over is finished, its keep_last removals too; then close the connection."""
+        try:
+            if self.alive:
+                self.channel.send({"op": "close"})
+                if not self._finished.wait(timeout):
+                    log.warning("writer service (pid %d): still busy with this rank's saves after %gs; detaching",
+                                self.pid, timeout)
+        except OSError:
+            pass  # the service is gone: nothing to wait for
         self.channel.close()
         self._reader.join(timeout=10.0)
 
@@ -324,10 +362,16 @@ def _start(directory: str, key: str, config: Config) -> None:
 
 
 def _rebuild(error: dict) -> BaseException:
-    """The service's exception, as the class the engine would have raised in thread mode."""
+    """The service's exception, as the class the engine would have raised in thread mode, chaining the OS error
+    that caused it (``OSError(errno, ...)`` is the errno's subclass: FileNotFoundError, PermissionError...)."""
     cls = getattr(errors, error["type"], None)
     if not (isinstance(cls, type) and issubclass(cls, CheckpointError)):
-        return CheckpointError(f"{error['type']}: {error['message']}")
-    if issubclass(cls, CommitError):
-        return cls(error["message"], error["failures"])
-    return cls(error["message"])
+        exc = CheckpointError(f"{error['type']}: {error['message']}")
+    elif issubclass(cls, CommitError):
+        exc = cls(error["message"], error["failures"])
+    else:
+        exc = cls(error["message"])
+    if error.get("cause") is not None:
+        code, text, filename = error["cause"]
+        exc.__cause__ = OSError(code, text, filename) if code is not None else OSError(text)
+    return exc

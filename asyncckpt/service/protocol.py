@@ -72,5 +72,8 @@ def _close(fd: int) -> None:
 
 
 def error_reply(exc: BaseException) -> dict[str, Any]:
-    """How an exception of the service travels to a rank (rebuilt there by ``client``)."""
-    return {"type": type(exc).__name__, "message": str(exc), "failures": dict(getattr(exc, "failures", None) or {})}
+    """How an exception of the service travels to a rank (rebuilt there by ``client``), with the OS error it
+    chains, if any (errno, strerror, filename: a WriteError's cause, as in thread mode)."""
+    cause = exc.__cause__
+    return {"type": type(exc).__name__, "message": str(exc), "failures": dict(getattr(exc, "failures", None) or {}),
+            "cause": [cause.errno, cause.strerror or str(cause), cause.filename] if isinstance(cause, OSError) else None}

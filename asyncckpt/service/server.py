@@ -11,6 +11,7 @@ with its failed save (``retire``) and its connection is closed: it attaches anew
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import queue
@@ -223,6 +224,11 @@ class Attachment:
             if item is None:
                 return
             desc, fds = item
+            if desc["op"] == "close":  # the rank closes its saver: answered once its keep_last removals are done
+                _close_all(fds)
+                self.group.retainer.submit(lambda: None).result()  # one thread: after every removal queued so far
+                self.reply({"op": "closed"})
+                continue
             try:
                 try:
                     slot = self._map(desc, fds)
@@ -265,7 +271,7 @@ class Attachment:
             items = [StageItem(key, slot.buffer[off: off + n], dtype, shape, device, gshape, goff, repl)
                      for (key, dtype, shape, device, gshape, goff, repl), off, n
                      in zip(desc["items"], slot.layout.offsets, slot.layout.sizes)]
-            flat = FlatState(desc["skeleton"], items, desc["views"], elsewhere=desc["elsewhere"])
+            flat = FlatState(json.loads(desc["skeleton"]), items, desc["views"], elsewhere=desc["elsewhere"])
         phases: dict[str, float] = {}
         t = time.perf_counter()
         try:
@@ -298,7 +304,7 @@ class Attachment:
         pause_point(self.service.directory, "publish", tag)
         try:
             info = coordinator.commit(save_dir, tag, outcome, desc["save_latest"], desc["meta"], prepared.save_id,
-                                      desc["t_start"])
+                                      desc["t_start"], desc["replicated_sums"])
         except CommitError as exc:
             raise_for_rank(exc, self.rank, f"{'writing' if write_error else 'publishing'} checkpoint {tag!r} in "
                                            f"{save_dir}", write_error)
