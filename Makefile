@@ -18,7 +18,7 @@ EXTRAS     ?= export,lightning,transformers,deepspeed,s3,test-s3
 RELIABILITY_TESTS := tests/test_crash.py tests/test_power_loss.py tests/test_faults.py tests/test_corruption.py tests/test_hostile.py \
                      tests/test_pickle_policy.py
 
-.PHONY: venv demo test reliability bench-deps bench bench-many-small bench-integrations bench-gpu clean FORCE
+.PHONY: venv demo test test-service reliability bench-deps bench bench-many-small bench-integrations bench-gpu clean FORCE
 
 venv: $(STAMP)
 
@@ -39,6 +39,11 @@ demo: $(STAMP)
 # Never writes a tracked file (docs/RELIABILITY.md is `make reliability`'s).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+# The suite with writer.mode service as every saver's default (ASYNCCKPT_WRITER_MODE); the tests marked
+# thread_only are skipped, each with its reason (-rs lists them).
+test-service: $(STAMP)
+	ASYNCCKPT_WRITER_MODE=service $(BIN)/python -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Runs the reliability tests and, if every one of them passed, rewrites docs/RELIABILITY.md.
 reliability: $(STAMP)

@@ -145,6 +145,7 @@ def test_round_trip_bit_exact_and_nothing_written_by_the_trainer(runtime, engine
     for tag, st in states.items():
         res = save(e, st, save_dir, tag).result(timeout=120)
         assert res.path == os.path.join(save_dir, tag) and "handover" in res.phases and res.raw_bytes > 0
+        assert res.staging_peak_bytes == e.pool.staging_bytes >= res.raw_bytes  # the shared-memory slot held
     assert open(os.path.join(save_dir, "latest")).read().strip() == "t2"
     for tag, st in states.items():
         same(asyncckpt.load(save_dir, tag), st)

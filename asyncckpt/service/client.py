@@ -192,7 +192,8 @@ class _Pending:
         self.fut.set_result(SaveResult(reply["tag"], reply["path"], stall_s=job.stall_s, time_to_durable_s=durable,
                                        raw_bytes=job.flat.nbytes, bytes_written=reply["bytes_written"],
                                        total_bytes_written=reply["total_bytes_written"], phases=phases,
-                                       rank=ctx.rank, world_size=ctx.world_size))
+                                       staging_peak_bytes=job.staging_bytes, rank=ctx.rank,
+                                       world_size=ctx.world_size))
 
 
 class _Link:
