@@ -472,9 +472,9 @@ class Snapshot:
             more = f" and {len(self._changed) - 8} more" if len(self._changed) > 8 else ""
             return StateMismatchError(
                 f"tensor(s) {shown}{more} changed in place after save_checkpoint() returned and before the lazy "
-                "snapshot was complete (a mutation no optimizer-step or forward hook saw): this checkpoint would "
-                "be torn, so it is not published; call saver.wait_snapshot() before changing saved state outside "
-                "optimizer.step() and forward")
+                "snapshot was complete (a mutation no optimizer-step, forward or load_state_dict hook saw): this "
+                "checkpoint would be torn, so it is not published; call saver.wait_snapshot() before changing "
+                "saved state outside optimizer.step(), forward and load_state_dict, or set snapshot: eager")
         return None
 
     def failure_after_settling(self) -> CheckpointError | None:

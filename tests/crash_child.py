@@ -153,6 +153,7 @@ def install_hooks(announce: Announcer, faults: Faults) -> None:
 def saver_config(cfg: dict) -> dict:
     return {"max_inflight": cfg.get("max_inflight", 1), "keep_last": cfg.get("keep_last", 0),
             "overwrite": cfg.get("overwrite", False), "commit_timeout_s": 30,
+            "snapshot": "eager",  # the phases announced include the copy before the call returns ("stage")
             "writer": {"threads_per_node": 2, "nice": 0},
             "codec": {"chunk_mib": 1 / 64, "compression": cfg.get("compression", True)}}
 

@@ -60,6 +60,7 @@ class Rig:
 
     def step(self, cheap: bool = False) -> None:
         if cheap:  # the state changes as in training, at a fraction of the cost
+            self.saver.wait_snapshot()  # (a change outside optimizer.step: the lazy snapshot must be complete)
             with torch.no_grad():
                 for p in self.model.parameters():
                     p.add_(1e-3)
