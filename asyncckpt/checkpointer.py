@@ -591,10 +591,12 @@ class _Load:
 
 
 def _is_torch_code(fn: Any) -> bool:
-    """Whether ``fn`` (a function, a bound method, a ``functools.partial`` or torch's hook wrapper) is torch's."""
+    """Whether ``fn`` (a function, a bound method, a ``functools.partial`` or torch's hook wrapper) is torch's,
+    or this module's own (a lazy snapshot's load hook only waits for the copy: it changes no state)."""
     for attr in ("hook", "func", "__func__"):
         fn = getattr(fn, attr, fn)
-    return (getattr(fn, "__module__", None) or "").partition(".")[0] == "torch"
+    module = getattr(fn, "__module__", None) or ""
+    return module.partition(".")[0] == "torch" or module == __name__
 
 
 def _torch_loads_module(module: torch.nn.Module) -> bool:

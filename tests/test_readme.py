@@ -38,6 +38,8 @@ README = os.path.join(ROOT, "README.md")
 NOT_RUN = "# not run:"
 REQUIRES = "# requires:"
 SUBPROCESS_TIMEOUT_S = 300
+# the first test's setup runs every block (a module fixture): on a loaded machine that outlasts the default timeout
+pytestmark = pytest.mark.timeout(900)
 
 README_PRELUDE = '''
 import types

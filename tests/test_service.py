@@ -275,7 +275,8 @@ def test_no_fd_or_shared_memory_leak_over_1000_saves(runtime, engines, save_dir)
     warm = [e.save(lambda: flatten(st(0), allow_pickle=False), save_dir, f"warm{i}") for i in range(3)]
     for f in warm:
         f.result(timeout=120)
-    assert e.pool.allocations == 3
+    warm_allocations = e.pool.allocations  # one per slot the warm saves used (how many were in flight at once)
+    assert 1 <= warm_allocations <= 3
     svc = e.service.service_pid
     gc.collect()  # descriptors earlier tests left to garbage collection (readers' finalizers) are closed now
     before = (_fds(), len(os.listdir(runtime)), len(os.listdir(f"/proc/{svc}/fd")))
@@ -288,7 +289,7 @@ def test_no_fd_or_shared_memory_leak_over_1000_saves(runtime, engines, save_dir)
         f.result(timeout=120)
     e.wait(timeout=120)
     assert e.service.service_pid == svc
-    assert e.pool.allocations > 3 + 3  # buffers were replaced as the state grew
+    assert e.pool.allocations > warm_allocations  # buffers were replaced as the state grew
     gc.collect()
     assert (_fds(), len(os.listdir(runtime))) == before[:2]
     # the service's keep_last removal runs after each result: its fds settle once the last one finished

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.timeout(120)
 
 WORLD, PER_NODE = 4, 2
 TIMEOUT_S = 8  # commit_timeout_s: a missing part fails the save after this long
-CFG = {"commit_timeout_s": TIMEOUT_S, "codec": {"chunk_mib": 1 / 16},
+# eager: a save survives its trainer's death once handed over, and a lazy one is handed over only once copied
+CFG = {"commit_timeout_s": TIMEOUT_S, "snapshot": "eager", "codec": {"chunk_mib": 1 / 16},
        "writer": {"mode": "service", "threads_per_node": 1, "nice": 0, "fsync": False}}
 WAIT_S = 60  # the longest any future is waited for
 
