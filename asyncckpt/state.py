@@ -504,9 +504,13 @@ class _Replay:
 def _fingerprint(leaves: list[_Leaf]) -> tuple:
     """Everything the storage analysis depends on, per leaf (:func:`_entry`)."""
     storages: dict[tuple, int] = {}
-    return tuple([_entry(n, leaf.path, leaf.t, leaf.device, leaf.src is not leaf.t and (leaf.t.is_conj(), leaf.t.is_neg()),
-                         leaf.replicated, leaf.global_shape, leaf.global_offset, storages)
-                  for n, leaf in enumerate(leaves)])
+    out = []
+    for n, leaf in enumerate(leaves):
+        t = leaf.t
+        resolved = leaf.src is not t and (t.is_conj(), t.is_neg())
+        out.append(_entry(n, leaf.path, t, leaf.device, resolved, leaf.replicated, leaf.global_shape,
+                          leaf.global_offset, storages))
+    return tuple(out)
 
 
 def _entry(n: int, path: str, t: torch.Tensor, device: torch.device, resolved: Any, replicated: bool,

@@ -107,6 +107,10 @@ def test_saver_reuses_the_plan_and_follows_a_model_change(save_dir, make_saver, 
 
 
 # ------------------------------------------------------------------------------------------------ replay
+def _complex() -> torch.Tensor:
+    return torch.randn(4, dtype=torch.complex64)
+
+
 def _views(z: torch.Tensor, conj: bool = False) -> list:
     """Two overlapping views of one complex storage (staged once, as a span), the second maybe conjugated."""
     return [z[0:3], (z.conj() if conj else z)[1:4]]
@@ -129,7 +133,8 @@ def rich() -> dict:
         "rng": {"python": (3, tuple(range(1000, 1625)), None), "numpy": ("MT19937", np.arange(8, dtype=np.uint32), 5),
                 "torch": torch.arange(16, dtype=torch.uint8)},
         "steps": 7, "flag": True, "none": None, "f": 1.5, "zero": 0.0, "text": "a",
-        "ints": [1, 2, 3], "floats": [1.0, 2.0], "flags": [True, False], "mixed": [1, 2.0, "x", None], "keys": {1: "a", None: 3.0, 2.5: 5, "s": 1}, "bools": {False: 1}, "fkeys": {0.0: 1},
+        "ints": [1, 2, 3], "floats": [1.0, 2.0], "flags": [True, False], "mixed": [1, 2.0, "x", None],
+        "keys": {1: "a", None: 3.0, 2.5: 5, "s": 1}, "bools": {False: 1}, "fkeys": {0.0: 1},
         "empty": [], "arrays": [np.zeros(3), np.ones(3)], "zpair": _views(torch.randn(4, dtype=torch.complex64)),
         "parts": _parts(torch.randn(4, dtype=torch.complex64)),
         "nested": [[1, [2, {"deep": torch.zeros(2)}]], ()],
@@ -195,7 +200,8 @@ REPLAYED = {
     "a list without tensors to a scalar": changed(_set(("ints",), 5)),
     "a dict value changed": changed(_set(("keys", 2.5), 6)),
     "a module version changed": changed(lambda s: s["module"]._metadata["sub"].update(version=3)),
-    "a numpy array, new object and values": changed(_set(("rng", "numpy"), ("MT19937", np.arange(8, 16, dtype=np.uint32), 6))),
+    "a numpy array, new object and values": changed(_set(("rng", "numpy"),
+                                                         ("MT19937", np.arange(8, 16, dtype=np.uint32), 6))),
     "a tensor deep in lists": changed(_set(("nested", 0, 1, 1, "deep"), lambda s: torch.ones(2))),
 }
 
@@ -229,8 +235,8 @@ MISSED = {
     "a numpy array twice": changed(lambda s: s["rng"].update(numpy=("MT19937", s["rng"]["numpy"][1], 5),
                                                              again=s["rng"]["numpy"][1])),
     "one numpy array twice for two": changed(lambda s: s["arrays"].__setitem__(1, s["arrays"][0])),
-    "a conjugate view of a shared storage": changed(_set(("zpair",), lambda s: _views(torch.randn(4, dtype=torch.complex64), True))),
-    "a negative view of a shared storage": changed(_set(("parts",), lambda s: _parts(torch.randn(4, dtype=torch.complex64), True))),
+    "a conjugate view of a shared storage": changed(_set(("zpair",), lambda s: _views(_complex(), True))),
+    "a negative view of a shared storage": changed(_set(("parts",), lambda s: _parts(_complex(), True))),
     "a numpy dtype": changed(_set(("rng", "numpy"), ("MT19937", np.arange(8, dtype=np.int64), 5))),
     "a numpy shape": changed(_set(("rng", "numpy"), ("MT19937", np.arange(9, dtype=np.uint32), 5))),
     "a big-endian numpy array": changed(_set(("rng", "numpy"), ("MT19937", np.arange(8, dtype=">u4"), 5))),
@@ -314,6 +320,7 @@ def test_replay_follows_the_replicated_predicate_and_lists_leaves():
     flatten(state, leaves=fresh, replicated=other)
     flatten(state, cache=cache, leaves=cached, replicated=other)
     assert cache.replays == 1
-    assert [(k, t.dtype, t.shape, t.tolist()) for k, t in cached] == [(k, t.dtype, t.shape, t.tolist()) for k, t in fresh]
+    seen = lambda leaves: [(k, t.dtype, t.shape, t.tolist()) for k, t in leaves]  # noqa: E731
+    assert seen(cached) == seen(fresh)
     live = lambda leaves: [t.data_ptr() for k, t in leaves if k.startswith(("module/", "optimizer/"))]  # noqa: E731
     assert live(cached) == live(fresh)  # the state's own tensors (numpy arrays are copied at each flatten)
