@@ -303,15 +303,29 @@ class _Plan:
 
 
 class FlattenCache:
-    """The storage analysis of the last flatten, reused by the next one while the tensors' structure (key
-    paths, dtypes, shapes, strides, storage offsets, devices, placements and which tensors share a storage)
-    is the same: the steady state of saves then skips the per-tensor analysis. ``hits`` and ``misses`` count
-    how often it was reused and rebuilt. The cache holds no tensor."""
+    """What the last flatten found, reused by the next one while the state keeps its structure.
+
+    * **Plan**: the storage analysis is reused while the tensors' structure (key paths, dtypes, shapes,
+      strides, storage offsets, devices, placements and which tensors share a storage) is the same.
+    * **Replay** (:meth:`replay`): the skeleton of the last flatten is the template of the next. A state whose
+      containers have the same types and keys (in the same order), whose tensors sit where tensors sat and
+      have the plan's structure, is matched against it without building key paths or nodes: unchanged
+      subtrees of the skeleton are shared, scalars that changed (a step count, an RNG state) get nodes of
+      their own. Anything else (another container type or key, a tensor subclass, a DTensor, an object that
+      is pickled, a lazily conjugated tensor...) is a miss of the replay, and the full walk runs. The
+      ``replicated`` callable must be the same object as for the last flatten (and depend on the key path
+      alone).
+
+    ``hits`` and ``misses`` count how often the plan was reused and rebuilt; ``replays`` how many hits skipped
+    the walk. The cache holds no tensor."""
 
     def __init__(self) -> None:
         self._plan: _Plan | None = None
+        self._template: Any = None  # the skeleton of the last flatten (never changed once handed out)
+        self._replicated: Callable[[str], bool] | None = None  # what said which of its tensors are replicated
         self.hits = 0
         self.misses = 0
+        self.replays = 0
 
     def plan(self, leaves: list[_Leaf]) -> _Plan:
         fp = _fingerprint(leaves)
@@ -322,23 +336,195 @@ class FlattenCache:
         self._plan = _analyse(leaves, fp)
         return self._plan
 
+    def remember(self, skeleton: Any, leaves: list[_Leaf], replicated: Callable[[str], bool] | None) -> None:
+        """Keep ``skeleton`` (complete: every key filled in) as the template of the next :meth:`replay`; a
+        state with DTensors or lazily conjugated / negated tensors is never replayed."""
+        replayable = all(not leaf.global_shape and leaf.src is leaf.t and type(leaf.node) is dict
+                         and leaf.node[TAG] in ("tensor", "ndarray") for leaf in leaves)
+        self._template = skeleton if replayable else None
+        self._replicated = replicated
+
+    def replay(self, state: Any, replicated: Callable[[str], bool] | None) -> tuple[Any, list, _Plan] | None:
+        """``(skeleton, tensors, plan)`` of ``state`` matched against the last skeleton and plan, or None (a
+        miss) if its structure or its tensors' structure differ, or if a value met needs the full walk."""
+        plan, template = self._plan, self._template
+        if plan is None or template is None or replicated is not self._replicated:
+            return None
+        matcher = _Replay(plan.fingerprint)
+        try:
+            skeleton = matcher.match(state, template)
+        except _Miss:
+            return None
+        if len(matcher.tensors) != len(plan.fingerprint):
+            return None
+        self.hits += 1
+        self.replays += 1
+        self._template = skeleton
+        return skeleton, matcher.tensors, plan
+
+
+class _Miss(Exception):
+    """The state does not match the template: flatten it with the full walk."""
+
+
+_WHOLE = (frozenset({int}), frozenset({str}))  # sequences matched as a whole, in C
+
+
+class _Replay:
+    """Matches a state against the skeleton of a previous flatten (:meth:`FlattenCache.replay`). Returns for
+    every object the node :meth:`_Flattener.walk` would build for it (the template's own node where nothing
+    changed) and collects the tensors in the walk's order, each checked against the fingerprint entry of its
+    position; raises :class:`_Miss` where it cannot tell."""
+
+    def __init__(self, fingerprint: tuple):
+        self.fingerprint = fingerprint
+        self.tensors: list[torch.Tensor] = []
+        self.storages: dict[tuple, int] = {}
+        self.arrays: set[int] = set()
+        self.int_bound = 0
+
+    def match(self, obj: Any, node: Any) -> Any:
+        kind = type(obj)
+        if kind is torch.Tensor or kind is torch.nn.Parameter:
+            if type(node) is not dict or node.get(TAG) != "tensor":
+                raise _Miss
+            return self.tensor(obj, node)
+        if kind is str or obj is None or kind is bool:
+            return obj
+        if kind is float:
+            return obj if math.isfinite(obj) else {TAG: "float", "value": repr(obj)}
+        if kind is int:
+            self.check_ints(obj, obj)
+            return obj
+        if type(node) is list:
+            if kind is not list or len(obj) != len(node):
+                raise _Miss
+            return self.sequence(obj, node)
+        if type(node) is not dict:
+            raise _Miss
+        tag = node.get(TAG)
+        if tag is None:  # a dict with string keys
+            if kind is not dict or len(obj) != len(node):
+                raise _Miss
+            out = node
+            for (k, v), (nk, nv) in zip(obj.items(), node.items()):
+                if type(k) is not str or k != nk:
+                    raise _Miss
+                new = self.match(v, nv)
+                if new is not nv:
+                    if out is node:
+                        out = dict(node)
+                    out[k] = new
+            return out
+        if tag == "tuple":
+            items = node["items"]
+            if kind is not tuple or len(obj) != len(items):
+                raise _Miss
+            new = self.sequence(obj, items)
+            return node if new is items else {TAG: "tuple", "items": new}
+        if tag == "dict" or tag == "odict":
+            if kind is not (dict if tag == "dict" else collections.OrderedDict):
+                raise _Miss
+            items = self.pairs(obj, node["items"])
+            meta = getattr(obj, "_metadata", None) if tag == "odict" else None
+            if (meta is None) != ("metadata" not in node):
+                raise _Miss
+            new_meta = self.match(meta, node["metadata"]) if meta is not None else None
+            if items is node["items"] and new_meta is node.get("metadata"):
+                return node
+            out = {TAG: tag, "items": items}
+            if meta is not None:
+                out["metadata"] = new_meta
+            return out
+        if tag == "ndarray":
+            if kind is not np.ndarray or id(obj) in self.arrays:
+                raise _Miss  # (one array object twice: the full walk saves it once)
+            dt = obj.dtype
+            if dt.type in _LONG_DOUBLES or dt.kind not in "biufc" or dt.byteorder not in "=|<":
+                raise _Miss
+            self.arrays.add(id(obj))
+            # a copy of its own, as the walk makes; another shape misses (the node names the shape)
+            return self.tensor(torch.from_numpy(np.array(obj, copy=True, order="C")), node)
+        raise _Miss
+
+    def check_ints(self, low: int, high: int) -> None:
+        if not self.int_bound:
+            digits = _int_digits()
+            self.int_bound = _INT_BOUND if digits == MAX_INT_DIGITS else 10 ** digits
+        if not -self.int_bound < low <= high < self.int_bound:
+            raise _Miss  # the full walk names the int at fault
+
+    def sequence(self, obj: Any, nodes: list) -> list:
+        kinds = frozenset(map(type, obj))
+        if kinds in _WHOLE:  # all ints or all strings (an RNG state, parameter indices): their own nodes
+            if int in kinds:
+                self.check_ints(min(obj), max(obj))
+            new = list(obj)
+            return nodes if new == nodes and frozenset(map(type, nodes)) == kinds else new
+        out = nodes
+        for i, (v, nv) in enumerate(zip(obj, nodes)):
+            new = self.match(v, nv)
+            if new is not nv:
+                if out is nodes:
+                    out = list(nodes)
+                out[i] = new
+        return out
+
+    def pairs(self, obj: dict, items: list) -> list:
+        """The ``items`` of a tagged dict node: the keys must be the template's (of the same types)."""
+        if len(obj) != len(items):
+            raise _Miss
+        out = items
+        for i, ((k, v), pair) in enumerate(zip(obj.items(), items)):
+            nk = pair[0]
+            kind = type(k)
+            if kind is not type(nk) or not (kind is str or kind is int or kind is bool or k is None
+                                            or kind is float) or k != nk or (kind is float and repr(k) != repr(nk)):
+                raise _Miss  # a key object (its node is a tagged one), or another key
+            new = self.match(v, pair[1])
+            if new is not pair[1]:
+                if out is items:
+                    out = list(items)
+                out[i] = [nk, new]
+        return out
+
+    def tensor(self, t: torch.Tensor, node: dict) -> dict:
+        n = len(self.tensors)
+        if n >= len(self.fingerprint) or t.layout is not torch.strided or t.is_nested or t.is_conj() or t.is_neg():
+            raise _Miss
+        if t.requires_grad:
+            t = t.detach()
+        entry = self.fingerprint[n]  # the key path and placement are the position's: only the tensor may differ
+        if _entry(n, entry[0], t, t.device, False, entry[8], (), (), self.storages) != entry:
+            raise _Miss
+        self.tensors.append(t)
+        return node
+
 
 def _fingerprint(leaves: list[_Leaf]) -> tuple:
-    """Everything the storage analysis depends on, per leaf; storages are numbered by first use, so a state
-    whose tensors are new objects with the same structure (RNG states, numpy arrays) fingerprints the same."""
+    """Everything the storage analysis depends on, per leaf (:func:`_entry`)."""
     storages: dict[tuple, int] = {}
     out = []
     for n, leaf in enumerate(leaves):
         t = leaf.t
-        offset = t.storage_offset()
-        if t.numel():
-            sid = storages.setdefault((leaf.device, t.data_ptr() - offset * t.element_size()), n)
-        else:
-            sid = -1 - n  # no bytes: never grouped
-        out.append((leaf.path, t.dtype, t.shape, t.stride(), offset, leaf.device, sid,
-                    leaf.src is not t and (t.is_conj(), t.is_neg()),
-                    leaf.replicated, leaf.global_shape, leaf.global_offset))
+        resolved = leaf.src is not t and (t.is_conj(), t.is_neg())
+        out.append(_entry(n, leaf.path, t, leaf.device, resolved, leaf.replicated, leaf.global_shape,
+                          leaf.global_offset, storages))
     return tuple(out)
+
+
+def _entry(n: int, path: str, t: torch.Tensor, device: torch.device, resolved: Any, replicated: bool,
+           global_shape: tuple, global_offset: tuple, storages: dict[tuple, int]) -> tuple:
+    """The fingerprint entry of the ``n``-th tensor ``t``. Storages are numbered by first use (``storages``),
+    so a state whose tensors are new objects with the same structure (RNG states, numpy arrays) fingerprints
+    the same. ``resolved``: False, or the lazy conjugate and negative bits of a tensor saved resolved."""
+    offset = t.storage_offset()
+    if t.numel():
+        sid = storages.setdefault((device, t.data_ptr() - offset * t.element_size()), n)
+    else:
+        sid = -1 - n  # no bytes: never grouped
+    return (path, t.dtype, t.shape, t.stride(), offset, device, sid, resolved, replicated, global_shape,
+            global_offset)
 
 
 def _analyse(leaves: list[_Leaf], fp: tuple) -> _Plan:
@@ -396,31 +582,42 @@ def flatten(state: Any, *, allow_pickle: bool = False, replicated: Callable[[str
     """Split ``state`` into a JSON skeleton and stage items (tensors, or spans of storages they share).
 
     ``replicated(key_path)`` says which plain tensors are identical on every rank (DDP state): those are
-    written once in total. DTensors carry their own layout. ``cache``: reuse the storage analysis of the
-    previous flatten while the structure repeats. ``leaves``: a list to which ``(key path, tensor)`` of every
-    tensor saved is appended (the tensors whose version counters a lazy snapshot watches)."""
-    f = _Flattener(allow_pickle, replicated)
-    skeleton = f.walk(state, "", None, 1)
-    plan = cache.plan(f.leaves) if cache is not None else _analyse(f.leaves, _fingerprint(f.leaves))
-    for leaf, key in zip(f.leaves, plan.keys):
-        leaf.node["key"] = key
-        for alias in leaf.node.pop("~aliases", ()):
-            alias["key"] = key
+    written once in total. DTensors carry their own layout. ``cache``: reuse the skeleton and the storage
+    analysis of the previous flatten while the structure repeats (the skeleton returned may then share nodes
+    with the previous one: a skeleton must not be changed once returned). ``leaves``: a list to which
+    ``(key path, tensor)`` of every tensor saved is appended (the tensors whose version counters a lazy
+    snapshot watches)."""
+    replayed = cache.replay(state, replicated) if cache is not None else None
+    if replayed is not None:
+        skeleton, tensors, plan = replayed
+        srcs = tensors
+    else:
+        f = _Flattener(allow_pickle, replicated)
+        skeleton = f.walk(state, "", None, 1)
+        plan = cache.plan(f.leaves) if cache is not None else _analyse(f.leaves, _fingerprint(f.leaves))
+        for leaf, key in zip(f.leaves, plan.keys):
+            leaf.node["key"] = key
+            for alias in leaf.node.pop("~aliases", ()):
+                alias["key"] = key
+        if cache is not None:
+            cache.remember(skeleton, f.leaves, replicated)
+        tensors = [leaf.t for leaf in f.leaves]
+        srcs = [leaf.src for leaf in f.leaves]
+    fp = plan.fingerprint  # per tensor: key path [0], replicated [8], global shape [9] and offset [10]
     items: list[StageItem] = []
     for entry in plan.staged:
         if entry[0] == "solo":
             _, n, dtype, shape, device = entry
-            leaf = f.leaves[n]
-            items.append(StageItem(leaf.path, leaf.src, dtype, shape, device, leaf.global_shape, leaf.global_offset,
-                                   leaf.replicated))
+            e = fp[n]
+            items.append(StageItem(e[0], srcs[n], dtype, shape, device, e[9], e[10], e[8]))
             continue
         _, members, lo, hi, base_key, rep = entry
-        first = f.leaves[members[0]].t
+        first = tensors[members[0]]
         span = torch.empty(0, dtype=torch.uint8, device=first.device)
         span.set_(first.untyped_storage(), lo, (hi - lo,), (1,))
         items.append(StageItem(base_key, span, torch.uint8, (hi - lo,), _device_str(span), replicated=rep))
     if leaves is not None:
-        leaves.extend((leaf.path, leaf.t) for leaf in f.leaves)
+        leaves.extend((e[0], t) for e, t in zip(fp, tensors))
     return FlatState(skeleton, items, list(plan.views))
 
 
