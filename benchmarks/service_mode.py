@@ -82,7 +82,24 @@ def run(mib: int, reps: int, root: str) -> dict:
     finally:
         for e in engines.values():
             e.close(timeout=600)
-    return {m: {k: statistics.median(v[k] for v in runs) for k in runs[0]} for m, runs in out.items()}
+    return {m: {k: _spread([v[k] for v in runs]) for k in runs[0]} for m, runs in out.items()}
+
+
+def _spread(values: list[float]) -> dict:
+    """Median and quartiles of one figure over the repetitions; ``noise``: its spread exceeds its value."""
+    q1, med, q3 = (statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3)
+    return {"median": med, "q1": q1, "q3": q3, "noise": (q3 - q1) > abs(med)}
+
+
+def _cell(f: dict, scale: float = 1.0, digits: int = 2) -> str:
+    text = f"{f['median'] * scale:.{digits}f} ({f['q1'] * scale:.{digits}f}–{f['q3'] * scale:.{digits}f})"
+    return text + (" noise" if f["noise"] else "")
+
+
+def _ratio(a: dict, b: dict) -> str:
+    if a["noise"] or b["noise"] or b["median"] <= 0:
+        return "noise (a spread exceeds its value)"
+    return f"{a['median'] / b['median']:.2f}x"
 
 
 def main() -> None:
@@ -97,13 +114,14 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     t, s = result["thread"], result["service"]
-    print(f"{args.mib} MiB state, median of {args.reps} saves per mode, {os.cpu_count()} CPUs")
+    print(f"{args.mib} MiB state, median (quartiles) of {args.reps} saves per mode, {os.cpu_count()} CPUs")
     print("| mode | stall (ms) | time to durable (s) | trainer CPU during write (s) | steps' time lost (s) |")
     print("|---|---:|---:|---:|---:|")
     for m, v in result.items():
-        print(f"| {m} | {v['stall_s'] * 1e3:.1f} | {v['durable_s']:.2f} | {v['trainer_cpu_s']:.2f} | {v['lost_s']:.2f} |")
-    print(f"service/thread: durable {s['durable_s'] / t['durable_s']:.2f}x, trainer CPU "
-          f"{s['trainer_cpu_s'] / max(t['trainer_cpu_s'], 1e-9):.2f}x, lost {s['lost_s'] / max(t['lost_s'], 1e-9):.2f}x")
+        print(f"| {m} | {_cell(v['stall_s'], 1e3, 1)} | {_cell(v['durable_s'])} | {_cell(v['trainer_cpu_s'])} | "
+              f"{_cell(v['lost_s'])} |")
+    print(f"service/thread: durable {_ratio(s['durable_s'], t['durable_s'])}, trainer CPU "
+          f"{_ratio(s['trainer_cpu_s'], t['trainer_cpu_s'])}, lost {_ratio(s['lost_s'], t['lost_s'])}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"mib": args.mib, "reps": args.reps, "cpus": os.cpu_count(), **result}, f, indent=1)
