@@ -48,7 +48,7 @@ from ..future import SaveFuture
 from ..checkpointer import _is_torch_code
 from ..loader import load, read_latest
 from ..staging import LazyStaging, Snapshot
-from ..state import FlatState, flatten
+from ..state import FlatState, FlattenCache, flatten
 from ..threads import started_pool
 from ._common import drain_at_exit, framework_config
 
@@ -97,6 +97,7 @@ class AsyncCheckpointIO(CheckpointIO):
         self._cleaned: set[str] = set()  # directories whose leftover removals were deleted
         self._lock = threading.Lock()
         self._guard = _SnapshotGuard()
+        self._flatten_cache = FlattenCache()  # an unchanged state is matched, not walked, every save
 
     # Lightning pickles its plugins into ddp_spawn workers: only the configuration travels.
     def __getstate__(self) -> dict:
@@ -130,7 +131,8 @@ class AsyncCheckpointIO(CheckpointIO):
             self._pending = {p: f for p, f in self._pending.items() if not f.done()}
         groups: dict[str, int] = {}  # lazy: key path -> copy group, known once the state is flattened
         lazy = LazyStaging(lambda k: groups.get(k, -1), 2) if self.config.snapshot == "lazy" else None
-        flat = flatten(checkpoint, allow_pickle=self.config.allow_pickle, leaves=None if lazy is None else lazy.leaves)
+        flat = flatten(checkpoint, allow_pickle=self.config.allow_pickle, cache=self._flatten_cache,
+                       leaves=None if lazy is None else lazy.leaves)
         if lazy is not None:
             groups.update(self._guard.groups(lazy.leaves, flat))
         fut = self._engine.save(flat, save_dir, tag, save_latest=True, lazy=lazy)  # raises an earlier failure

@@ -36,7 +36,7 @@ from ..engine import SaveEngine
 from ..errors import UnsupportedStateError
 from ..format import MANIFEST
 from ..loader import load
-from ..state import flatten
+from ..state import FlattenCache, flatten
 from ..threads import started_pool
 from ._common import framework_config
 
@@ -49,6 +49,11 @@ TRAINER_STATE_NAME = "trainer_state.json"
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 _LEFTOVER_RE = re.compile(rf"^\.({PREFIX_CHECKPOINT_DIR}-\d+)\.(incomplete|replaced|removed)$")
 _REPLICATED = ("model/", "optimizer/", "lr_scheduler/", "scaler/")
+
+
+def _is_replicated(path: str) -> bool:
+    """Data parallel: the model, optimizer, scheduler and scaler state is the same on every rank."""
+    return path.startswith(_REPLICATED)
 
 
 class AsyncCheckpointMixin:
@@ -70,6 +75,7 @@ class AsyncCheckpointMixin:
         self._ack_finals: list[concurrent.futures.Future] = []
         self._ack_cleaned: set[str] = set()
         self._ack_loaded: tuple[str, Any] | None = None
+        self._ack_flatten_cache = FlattenCache()  # an unchanged state is matched, not walked, every save
 
     # --------------------------------------------------------------------------------------------- save
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
@@ -111,7 +117,7 @@ class AsyncCheckpointMixin:
             state["rng"] = rng_state()
         replicated = self.args.parallel_mode == ParallelMode.DISTRIBUTED
         flat = flatten(state, allow_pickle=self.asyncckpt_config.allow_pickle,
-                       replicated=(lambda path: path.startswith(_REPLICATED)) if replicated else None)
+                       replicated=_is_replicated if replicated else None, cache=self._ack_flatten_cache)
         fut = self._ack_get_engine().save(flat, staging, ASYNCCKPT_TAG, save_latest=False)
         finished = threading.Event()
         fut.add_done_callback(lambda _: finished.set())
