@@ -48,8 +48,10 @@ def job_id(distributed: bool, job_nonce: str) -> str:
     return f"pid:{os.getpid()}"
 
 
-def service_key(job: str) -> str:
-    return hashlib.sha256(job.encode()).hexdigest()[:16]
+def service_key(job: str, node: str) -> str:
+    """The name of job ``job``'s service on node ``node`` (one per node: several "nodes" simulated on one machine
+    with torchrun's variables get one service each, as real nodes would)."""
+    return hashlib.sha256(f"{job}\0{node}".encode()).hexdigest()[:16]
 
 
 def socket_path(directory: str, key: str) -> str:
