@@ -6,7 +6,8 @@ There :func:`injected` yields a :class:`SharedFaults` instead: its rules (``fail
 are files in ``$ASYNCCKPT_TEST_FAULTS_DIR``, applied by every process that installed :func:`service_hooks`
 (tests/conftest.py names it in ``ASYNCCKPT_SERVICE_HOOKS``, so every writer service the tests start does) and
 by the test process itself (its loads); its ``log`` is every operation those processes performed while the
-block was active. A rule made on a simulated node (``GROUP_RANK`` set) applies on that node only."""
+block was active. A rule made on a simulated node (``GROUP_RANK`` set) applies on that node only; a rule made by a
+rank of a distributed job applies to that rank's files (``rankNNNNN*``) and to files of no rank only."""
 from __future__ import annotations
 
 import contextlib
@@ -27,6 +28,12 @@ __all__ = ["Faults", "Gate", "SharedFaults", "faults_fixture", "injected", "slow
 
 FAULTS_DIR_ENV = "ASYNCCKPT_TEST_FAULTS_DIR"
 GATE_TIMEOUT_S = 120.0
+
+
+def _own_rank() -> str | None:
+    """This process's rank in a distributed job (torchrun's RANK), as the rank files name it."""
+    rank = os.environ.get("RANK", "")
+    return f"rank{int(rank):05d}" if rank.isdigit() and os.environ.get("WORLD_SIZE", "1") != "1" else None
 
 
 def _service_mode() -> bool:
@@ -91,7 +98,7 @@ class SharedFaults:
         if op not in _OPS + FILE_OPS:
             raise ValueError(f"no storage operation {op!r}; one of {', '.join(_OPS + FILE_OPS)}")
         self._n += 1
-        rule = (op, match, action, after, times, os.environ.get("GROUP_RANK"))
+        rule = (op, match, action, after, times, os.environ.get("GROUP_RANK"), _own_rank())
         final = os.path.join(self.directory, f"rule-{self.block}-{self._n:04d}")
         with open(final + ".tmp", "wb") as f:
             pickle.dump(rule, f)
@@ -173,7 +180,7 @@ class SharedRules:
     def __init__(self, directory: str):
         self.directory = directory
         self.node = os.environ.get("GROUP_RANK")
-        self._rules: dict[str, list] = {}  # rule file -> [op, match, action, after, times, node, seen]
+        self._rules: dict[str, list] = {}  # rule file -> [op, match, action, after, times, node, rank, seen]
         self._lock = threading.Lock()
 
     def wrap(self, inner):
@@ -203,11 +210,12 @@ class SharedRules:
                 if rule is None:
                     with open(os.path.join(self.directory, name), "rb") as f:
                         rule = self._rules[name] = [*pickle.load(f), 0]
-                r_op, match, action, after, times, node, _ = rule
-                if r_op != op or match not in str(path) or (node is not None and node != self.node):
+                r_op, match, action, after, times, node, rank, _ = rule
+                if r_op != op or match not in str(path) or (node is not None and node != self.node) \
+                        or not _concerns(rank, str(path)):
                     continue
-                rule[6] += 1
-                n = rule[6] - after
+                rule[7] += 1
+                n = rule[7] - after
                 if n > 0 and (times is None or n <= times):
                     actions.append(action)
         for kind, value in actions:
@@ -219,6 +227,13 @@ class SharedRules:
                 time.sleep(value)
                 continue
             SharedGate(self.directory, value).hold()
+
+
+def _concerns(rank: str | None, path: str) -> bool:
+    """A rule made by a rank applies to that rank's own files and to files of no rank (the manifest, latest...),
+    not to another rank's files (one service writes every local rank's)."""
+    name = os.path.basename(path)
+    return rank is None or not (name.startswith("rank") and name[4:9].isdigit()) or name.startswith(rank)
 
 
 def service_hooks() -> None:

@@ -133,6 +133,8 @@ def test_saves_in_flight_are_finished_at_exit(tmp_path, case):
                 assert torch.equal(state["module"][k], v), (tag, k)
 
 
+@pytest.mark.thread_only("the script's slow disk is a Python callable in its own process; in service mode a save handed "
+                         "over does not hold the trainer's exit (tests/test_service.py)")
 def test_exit_waits_at_most_commit_timeout_then_the_next_save_cleans_up(tmp_path, caplog):
     """A save that cannot finish within commit_timeout_s does not hold the exit forever: the process exits
     (code 0) with an error line naming the deadline, the previous checkpoint stays latest, and the partial
@@ -239,6 +241,8 @@ KILLED_OWNER = """
 """
 
 
+@pytest.mark.thread_only("the partial's owner is the script, killed mid-write; in service mode the owner is the "
+                         "service (tests/test_crash.py and tests/test_service.py kill it mid-write)")
 @pytest.mark.parametrize("how", ["killed", "forked"])
 def test_abandoned_partial_is_still_cleaned(tmp_path, make_trainer, make_saver, caplog, how):
     """The owner of a partial directory was SIGKILLed mid-write: its lock is free (or, with a forked child
