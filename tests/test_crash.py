@@ -106,8 +106,8 @@ class Services:
                     return
 
     def receive(self, trainer, timeout: float):
-        """The next message of the trainer (source None) or of a service (source: its pid); None on timeout.
-        EOFError when the trainer's connection ended."""
+        """The next message of the trainer (source None; ``trainer`` None: services only) or of a service
+        (source: its pid); None on timeout. EOFError when the trainer's connection ended."""
         deadline = time.monotonic() + timeout
         while True:
             while not self._new.empty():
@@ -116,7 +116,8 @@ class Services:
                 assert kind == "pid"
                 self.conns[conn] = int(pid)
                 self.pids.append(int(pid))
-            ready = wait([trainer, *self.conns], timeout=max(0.0, min(0.1, deadline - time.monotonic())))
+            ready = wait([c for c in (trainer, *self.conns) if c is not None],
+                         timeout=max(0.0, min(0.1, deadline - time.monotonic())))
             for conn in ready:
                 if conn is trainer:
                     return None, trainer.recv()
@@ -132,16 +133,14 @@ class Services:
             if p == pid:
                 conn.send(message)
 
-    def wait_exit(self, receive, timeout: float) -> None:
-        """Until every service that connected has exited (answering their announcements meanwhile)."""
+    def wait_exit(self, timeout: float) -> None:
+        """Until every service that connected has exited (answering their announcements meanwhile: a service
+        that reached the target again goes on)."""
         deadline = time.monotonic() + timeout
         while any(pid_alive(p) for p in self.pids):
             assert time.monotonic() < deadline, f"writer services {self.pids} still running after {timeout:g}s"
-            try:
-                got = receive(0.1)
-            except EOFError:
-                got = None
-            if got is not None and got[0] is not None and got[1][0] == "stop":
+            got = self.receive(None, 0.1)
+            if got is not None and got[1][0] == "stop":
                 self.answer(got[0], "go")
 
     def close(self) -> None:
@@ -301,7 +300,7 @@ class Harness:
                     break
         elif run.killed_at is None:
             return  # the trainer closed its saver: its service finished everything and exits on its own
-        services.wait_exit(receive, CHILD_DEADLINE_S)
+        services.wait_exit(CHILD_DEADLINE_S)
 
     # ------------------------------------------------------------------------------------------ checking
     def check(self, series: Series, run: Run) -> None:
@@ -479,7 +478,9 @@ def test_sigkill_while_overwriting_a_tag(ctx, crash_dir, atomic_exchange):
         harness.run(s)  # creates the tag
         calibration = harness.run(s).counts  # every save overwrites it
         assert calibration["exchange" if atomic_exchange else "replace_old"] == 3
-        targets = [(p, k) for p in steps for k in range(1, (min(1, calibration[p]) if SERVICE else calibration[p]) + 1)]
+        # service mode (a service start per run): the first of each step, every one of the renames
+        targets = [(p, k) for p in steps for k in range(1, (calibration[p] if not SERVICE or p in ("rename", "replace_old")
+                                                           else min(1, calibration[p])) + 1)]
         for target in targets:
             run = harness.run(s, target=target)
             assert run.killed_at == target[0]
