@@ -6,7 +6,9 @@ The suite in service mode: ``ASYNCCKPT_WRITER_MODE=service`` (the library's defa
 inherited by every child process) runs every saver the tests build, whose config does not name a mode, through
 the node's writer service. The session then gets a private runtime directory (removed at its end), and a test
 marked ``@pytest.mark.thread_only("why")`` (it reaches into the writer threads of the training process, which
-service mode does not run) is skipped with its reason."""
+service mode does not run) is skipped with its reason. Every writer service the session starts runs
+``storage_faults.service_hooks`` (``ASYNCCKPT_SERVICE_HOOKS``), so that :func:`storage_faults.injected`
+reaches the storage operations of the service too (through rule files in a private directory)."""
 from __future__ import annotations
 
 import asyncio
@@ -25,7 +27,9 @@ import torch
 
 import asyncckpt
 from asyncckpt.service import paths as service_paths
+from asyncckpt.service.server import HOOKS_ENV
 from patching import patch_existing
+from storage_faults import FAULTS_DIR_ENV
 from trainer import Trainer
 
 # Small chunks (several per tensor), two encode threads, normal priority, no fsync: fast on a 2-core machine.
@@ -41,16 +45,25 @@ def service_mode() -> bool:
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "thread_only(reason): needs writer.mode thread (skipped when "
                                        "ASYNCCKPT_WRITER_MODE=service): the reason says which in-process seam it uses")
-    if service_mode() and not os.environ.get(service_paths.RUNTIME_ENV):
+    if not service_mode():
+        return
+    if not os.environ.get(service_paths.RUNTIME_ENV):
         runtime = f"/dev/shm/asyncckpt-test-{uuid.uuid4().hex[:12]}"
         os.mkdir(runtime, 0o700)
         os.environ[service_paths.RUNTIME_ENV] = config._service_runtime = runtime
+    # the services the tests start (and every rank the tests spawn) apply storage_faults.injected's rules
+    here = os.path.dirname(os.path.abspath(__file__))
+    config._faults_dir = f"/dev/shm/asyncckpt-faults-{uuid.uuid4().hex[:12]}"
+    os.mkdir(config._faults_dir, 0o700)
+    os.environ[FAULTS_DIR_ENV] = config._faults_dir
+    os.environ.setdefault(HOOKS_ENV, "storage_faults:service_hooks")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
 
 
 def pytest_unconfigure(config) -> None:
-    runtime = getattr(config, "_service_runtime", None)
-    if runtime is not None:
-        shutil.rmtree(runtime, ignore_errors=True)
+    for path in (getattr(config, "_service_runtime", None), getattr(config, "_faults_dir", None)):
+        if path is not None:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -14,6 +14,13 @@ Side files in the save directory's parent, for the parent's checks:
 * ``resolved.jsonl``: ``{"tag", "digest"}`` once its future resolved: a checkpoint the trainer was told is
   durable, which therefore must never be lost.
 
+In ``writer.mode: service`` the save's steps after staging run in the node's writer service, so the child
+gives each run a service of its own (``ASYNCCKPT_SERVICE_ID``) started with this module's
+:func:`service_hooks` (``ASYNCCKPT_SERVICE_HOOKS``): the service connects to the parent's listener
+(``ASYNCCKPT_CRASH_ANNOUNCE``), says its pid, and announces its steps as the child does; the parent kills
+whichever process stopped at the target. The child announces ``handed`` once a save was handed over (its call
+returned) and ``failed`` when a save's future failed (the service died), and then makes no further save.
+
 The same module holds the bodies of the multi-rank and disk-full children. The model, its training step and
 the digest come from tests/trainer.py; storage steps are hooked through the storage seam
 (asyncckpt.storage.faults), the rest with tests/patching.patch_existing, so a hook point asyncckpt no longer has
@@ -27,7 +34,9 @@ import os
 import signal
 import threading
 import traceback
+import uuid
 from collections import deque
+from multiprocessing.connection import Client
 
 import torch
 
@@ -53,6 +62,14 @@ PHASE_GROUPS = {  # fine-grained marker → the phase of the issue it belongs to
     "latest_replace": "latest replace", "retention_rename": "retention", "retention_remove": "retention",
     "resolved": "after resolve", "done": "idle",
 }
+TRAINER_PHASES = ("startup", "stage", "handed", "failed", "resolved", "done")  # service mode: the rest are the service's
+ANNOUNCE_ENV, AUTH_ENV, TARGET_ENV, NO_EXCHANGE_ENV, LOG_ENV = (
+    "ASYNCCKPT_CRASH_ANNOUNCE", "ASYNCCKPT_CRASH_AUTHKEY", "ASYNCCKPT_CRASH_TARGET", "ASYNCCKPT_CRASH_NO_EXCHANGE",
+    "ASYNCCKPT_CRASH_LOG")
+
+
+def service_mode() -> bool:
+    return asyncckpt.Config().writer.mode == "service"
 
 
 # ------------------------------------------------------------------------------------------ side files
@@ -92,13 +109,18 @@ class Announcer:
                 self.conn.send(("m", phase, detail))
                 return
             self.conn.send(("stop", phase, detail))
-            self.conn.recv()  # never answered: the parent kills us here
-            os._exit(3)
+            try:
+                if self.conn.recv() == "go":  # service mode: a second service reached the target; it goes on
+                    return
+            except EOFError:
+                pass
+            os._exit(3)  # otherwise never answered: the parent kills us here
 
 
-def install_hooks(announce: Announcer, faults: Faults) -> None:
+def install_hooks(announce: Announcer, faults: Faults | None, stage_only: bool = False) -> None:
     """Make each step of the save pipeline announce itself before it runs: the storage operations through the
-    storage seam (``faults``), staging, encoding and the ``os`` calls underneath through patch_existing."""
+    storage seam (``faults``), staging, encoding and the ``os`` calls underneath through patch_existing.
+    ``stage_only``: staging alone (a training process in service mode; the service announces the rest)."""
     real = {"stage": asyncckpt.staging.Slot.stage, "encode": asyncckpt.codec.ChunkCodec.encode, "fsync": os.fsync,
             "rename": os.rename, "replace": os.replace, "makedirs": os.makedirs}
 
@@ -136,6 +158,9 @@ def install_hooks(announce: Announcer, faults: Faults) -> None:
         name = os.path.basename(path)
         announce("retention_remove" if ".deleting" in name else "cleanup", name)
 
+    if stage_only:
+        patch_existing(None, asyncckpt.staging.Slot, "stage", stage)
+        return
     faults.on("write", lambda op, path: announce("write"), ".bin")
     faults.on("write_durable", durable_write)
     faults.on("fsync_dir", lambda op, path: announce("fsync_dir", os.path.basename(path)))
@@ -158,6 +183,41 @@ def saver_config(cfg: dict) -> dict:
             "codec": {"chunk_mib": 1 / 64, "compression": cfg.get("compression", True)}}
 
 
+def service_hooks() -> None:
+    """Run in a writer service started by a service-mode child (``ASYNCCKPT_SERVICE_HOOKS``): connect to the
+    parent, say this service's pid, and announce the steps the service runs (stopping at the target). Its
+    warnings also go straight to the child's log (they are forwarded to the child too, but a child killed at
+    once may not have written them yet)."""
+    handler = logging.FileHandler(os.environ[LOG_ENV])
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    conn = Client(os.environ[ANNOUNCE_ENV], authkey=bytes.fromhex(os.environ[AUTH_ENV]))
+    conn.send(("pid", str(os.getpid()), ""))
+    target = json.loads(os.environ.get(TARGET_ENV) or "null")
+    _instrument(Announcer(conn, target), bool(os.environ.get(NO_EXCHANGE_ENV)), stage_only=False)
+
+
+def _instrument(announce: Announcer, no_exchange: bool, stage_only: bool) -> None:
+    faults = None
+    if not stage_only:
+        faults = Faults()
+        add_wrapper(faults.wrap)  # for the rest of this process's life: it exits, never returns
+        if no_exchange:  # a file system without RENAME_EXCHANGE: overwrite falls back to two renames
+            faults.answer("exchange", False)
+    install_hooks(announce, faults, stage_only)
+
+
+def _use_own_service(cfg: dict) -> None:
+    """Service mode: this run's saves go to a service of its own, started with :func:`service_hooks`."""
+    os.environ.update({
+        "ASYNCCKPT_SERVICE_ID": f"crash-{cfg['cycle']}-{uuid.uuid4().hex[:8]}",
+        "ASYNCCKPT_SERVICE_HOOKS": f"{__name__}:service_hooks",
+        "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH", "")]),
+        ANNOUNCE_ENV: cfg["announce"], AUTH_ENV: cfg["authkey"], TARGET_ENV: json.dumps(cfg.get("target")),
+        NO_EXCHANGE_ENV: "1" if cfg.get("no_exchange") else "", LOG_ENV: cfg["log"]})
+
+
 def child_main(conn, cfg: dict) -> None:
     """Resume from ``latest`` if there is one, then train and save ``cfg["saves"]`` times; announce phases."""
     try:
@@ -165,11 +225,10 @@ def child_main(conn, cfg: dict) -> None:
         logging.basicConfig(filename=cfg["log"], level=logging.INFO, force=True,
                             format="%(levelname)s %(name)s: %(message)s")
         announce = Announcer(conn, cfg.get("target"))
-        faults = Faults()
-        add_wrapper(faults.wrap)  # for the rest of this process's life: it exits, never returns
-        if cfg.get("no_exchange"):  # a file system without RENAME_EXCHANGE: overwrite falls back to two renames
-            faults.answer("exchange", False)
-        install_hooks(announce, faults)
+        service = cfg.get("announce") is not None
+        if service:
+            _use_own_service(cfg)
+        _instrument(announce, cfg.get("no_exchange", False), stage_only=service)
         announce("startup")
         save_dir, side = cfg["save_dir"], cfg["side_dir"]
         model = mlp(cfg["cycle"])
@@ -181,23 +240,40 @@ def child_main(conn, cfg: dict) -> None:
             saver.load_checkpoint(save_dir)
         pending: deque = deque()
 
+        failed = []
+
         def resolve(block: bool) -> None:
             while pending and (block or pending[0][2].done()):
                 tag, expected, fut = pending.popleft()
-                fut.result(timeout=60)
+                try:
+                    fut.result(timeout=60)
+                except asyncckpt.CommitError:
+                    if not service:
+                        raise
+                    failed.append(tag)  # the service died: the parent kills this process once it learnt it
+                    announce("failed", tag)
+                    continue
                 announce("resolved", tag)
                 append_line(os.path.join(side, SIDE_RESOLVED), {"tag": tag, "digest": expected})
 
         for i in range(cfg["saves"]):
+            if failed:
+                break
             train_step(model, opt, gen)
             tag = cfg.get("tag") or f"c{cfg['cycle']:04d}-s{i}"
             client = {"cycle": cfg["cycle"], "i": i}
             expected = digest(saver.state_dict(client))
             append_line(os.path.join(side, SIDE_PLANNED), {"tag": tag, "digest": expected})
             pending.append((tag, expected, saver.save_checkpoint(save_dir, tag=tag, client_state=client)))
+            if service:
+                announce("handed", tag)  # on CPU the call returns once the save was handed over
             resolve(block=False)
         resolve(block=True)
-        saver.close(timeout=60)
+        try:
+            saver.close(timeout=60)
+        except asyncckpt.CheckpointError:
+            if not failed:
+                raise
         announce("done")
         conn.recv()  # the parent kills us here, or tells us to exit
     except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test

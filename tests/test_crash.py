@@ -30,9 +30,12 @@ import pathlib
 import random
 import shutil
 import signal
+import queue
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
+from multiprocessing.connection import Listener, wait
 
 import pytest
 import torch
@@ -41,14 +44,19 @@ import asyncckpt
 import crash_child as cc
 from asyncckpt.checkpointer import rng_state, set_rng_state
 from asyncckpt.loader import read_latest
+from asyncckpt.service.paths import pid_alive
 from dist_helpers import forkserver_context, run_ranks
 from reliability import record
 from trainer import digest, mlp
 
-KILLS = int(os.environ.get("ASYNCCKPT_CRASH_KILLS", "50"))
+SERVICE = cc.service_mode()  # the saves' steps after staging run in a writer service, killed there
+# service mode starts a writer service per run (seconds: it imports torch): fewer runs, a longer time limit
+KILLS = int(os.environ.get("ASYNCCKPT_CRASH_KILLS", "14" if SERVICE else "50"))
 SEED = int(os.environ.get("ASYNCCKPT_CRASH_SEED", "20240611"))
 RANDOM_TIME_SHARE = 0.2  # the rest of the kills target a phase announcement
 CHILD_DEADLINE_S = 60.0
+TIME_LIMIT = pytest.mark.timeout(900 if SERVICE else 120)
+IN_A_SAVE = {"prepare", "cleanup", "encode", "write", "index", "manifest"}  # service phases before publication
 
 PHASE_ORDER = ["startup", "stage", "cleanup", "prepare", "encode", "write", "fsync", "index", "fsync_dir", "manifest",
                "rename", "replace_old", "exchange", "latest", "latest_replace", "resolved", "retention_rename",
@@ -59,6 +67,8 @@ CONFIGS = {
     "inflight1-keep2": dict(max_inflight=1, keep_last=2, saves=4),
     "inflight2-raw": dict(max_inflight=2, keep_last=0, saves=3, compression=False),
 }
+if SERVICE:
+    CONFIGS = {k: CONFIGS[k] for k in ("inflight2-keep1", "inflight1-keep2")}
 
 
 @dataclass
@@ -68,6 +78,79 @@ class Run:
     duration: float
     log: str
     first_seen: dict = field(default_factory=dict)  # phase: seconds until its first announcement
+    victim: str | None = None  # "trainer" or "service" (service mode: which process was killed)
+    handed: list = field(default_factory=list)  # service mode: tags handed over to the service
+    failed: list = field(default_factory=list)  # service mode: tags whose future failed (the service died)
+
+
+class Services:
+    """Service mode: the listener the child's writer services connect to (crash_child.service_hooks), and
+    their connections (each first says its pid)."""
+
+    def __init__(self, root: str, cycle: int):
+        self.address = os.path.join(root, f"announce{cycle:04d}.sock")
+        self.authkey = os.urandom(16)
+        self._listener = Listener(self.address, family="AF_UNIX", authkey=self.authkey)
+        self._new: queue.Queue = queue.Queue()
+        self._closed = False
+        self.conns: dict = {}  # connection -> the service's pid
+        self.pids: list[int] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                self._new.put(self._listener.accept())
+            except Exception:  # noqa: BLE001 - closed, or a connection that failed its handshake
+                if self._closed:
+                    return
+
+    def receive(self, trainer, timeout: float):
+        """The next message of the trainer (source None; ``trainer`` None: services only) or of a service
+        (source: its pid); None on timeout. EOFError when the trainer's connection ended."""
+        deadline = time.monotonic() + timeout
+        while True:
+            while not self._new.empty():
+                conn = self._new.get()
+                kind, pid, _ = conn.recv()
+                assert kind == "pid"
+                self.conns[conn] = int(pid)
+                self.pids.append(int(pid))
+            ready = wait([c for c in (trainer, *self.conns) if c is not None],
+                         timeout=max(0.0, min(0.1, deadline - time.monotonic())))
+            for conn in ready:
+                if conn is trainer:
+                    return None, trainer.recv()
+                try:
+                    return self.conns[conn], conn.recv()
+                except EOFError:  # that service ended
+                    del self.conns[conn]
+            if time.monotonic() >= deadline:
+                return None
+
+    def answer(self, pid: int, message: str) -> None:
+        for conn, p in self.conns.items():
+            if p == pid:
+                conn.send(message)
+
+    def wait_exit(self, timeout: float) -> None:
+        """Until every service that connected has exited (answering their announcements meanwhile: a service
+        that reached the target again goes on)."""
+        deadline = time.monotonic() + timeout
+        while any(pid_alive(p) for p in self.pids):
+            assert time.monotonic() < deadline, f"writer services {self.pids} still running after {timeout:g}s"
+            got = self.receive(None, 0.1)
+            if got is not None and got[1][0] == "stop":
+                self.answer(got[0], "go")
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+        for conn in self.conns:
+            conn.close()
+        for pid in self.pids:  # a service this run left stopped (never answered) goes with it
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 @dataclass
@@ -105,25 +188,36 @@ class Harness:
     # ------------------------------------------------------------------------------------------ running
     def run(self, series: Series, *, target: tuple[str, int] | None = None, kill_after: float | None = None) -> Run:
         """Start a child on ``series``; kill it at the ``target`` announcement, after ``kill_after`` seconds,
-        or (neither) let it finish and exit."""
+        or (neither) let it finish and exit. In service mode the child's writer services announce too: the
+        process that stopped at the target is killed (the service, or the trainer); after a trainer's death
+        the services finish what it handed over before the checks, after a service's death the trainer is
+        killed once it reported the failed save."""
         self.cycle += 1
         log = os.path.join(series.root, f"child{self.cycle:04d}.log")
         cfg = dict(series.cfg, cycle=self.cycle, target=target, log=log, save_dir=series.save_dir, side_dir=series.root)
+        services = Services(series.root, self.cycle) if SERVICE else None
+        if services is not None:
+            cfg.update(announce=services.address, authkey=services.authkey.hex())
         parent, child = self.ctx.Pipe()
         proc = self.ctx.Process(target=cc.child_main, args=(child, cfg), daemon=True)
         t0 = time.monotonic()
         proc.start()
         child.close()
-        counts: collections.Counter = collections.Counter()
-        last, killed_at, first_seen = "startup", None, {}
+        run = Run(collections.Counter(), None, 0.0, "")
+        last = "startup"
 
-        def kill(at: str) -> None:
-            nonlocal killed_at
-            os.kill(proc.pid, signal.SIGKILL)
-            killed_at = at
+        def kill(at: str, pid: int | None = None) -> None:
+            os.kill(pid or proc.pid, signal.SIGKILL)
+            run.killed_at, run.victim = at, "service" if pid else "trainer"
+
+        def receive(timeout: float):
+            """The next (source pid or None for the trainer, message); None on timeout."""
+            if services is None:
+                return (None, parent.recv()) if parent.poll(timeout) else None
+            return services.receive(parent, timeout)
 
         try:
-            while killed_at is None:
+            while run.killed_at is None:
                 now = time.monotonic() - t0
                 if now > CHILD_DEADLINE_S:
                     kill("deadline")
@@ -134,20 +228,23 @@ class Harness:
                     if wait <= 0:
                         kill(last)
                         break
-                if not parent.poll(wait):
-                    continue
                 try:
-                    kind, phase, detail = parent.recv()
+                    got = receive(wait)
                 except EOFError:
                     proc.join(10)
                     pytest.fail(f"child {self.cycle} died on its own (exit code {proc.exitcode}) after {last}")
+                if got is None:
+                    continue
+                source, (kind, phase, detail) = got
                 if kind == "error":
                     pytest.fail(f"child {self.cycle} failed:\n{phase}")
-                counts[phase] += 1
+                run.counts[phase] += 1
                 last = phase
-                first_seen.setdefault(phase, time.monotonic() - t0)
-                if kind == "stop":  # the child waits at the targeted step
-                    kill(phase)
+                run.first_seen.setdefault(phase, time.monotonic() - t0)
+                if phase == "handed":
+                    run.handed.append(detail)
+                if kind == "stop":  # the process waits at the targeted step
+                    kill(phase, source)
                     break
                 if phase == "done":
                     if target is not None:  # the targeted announcement never came: kill it idle
@@ -156,22 +253,54 @@ class Harness:
                     if kill_after is None:
                         parent.send("exit")
                         break
+            if services is not None:
+                self._after_kill(run, services, proc, parent, receive)
         finally:
             proc.join(15)
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
             parent.close()
-        if killed_at is not None:
+            if services is not None:
+                services.close()
+        if run.killed_at is not None:
             assert proc.exitcode == -signal.SIGKILL, proc.exitcode
         else:
             assert proc.exitcode == 0, proc.exitcode
         try:
             with open(log) as f:
-                text = f.read()
+                run.log = f.read()
         except FileNotFoundError:  # killed before it configured logging
-            text = ""
-        return Run(counts, killed_at, time.monotonic() - t0, text, first_seen)
+            pass
+        run.duration = time.monotonic() - t0
+        return run
+
+    def _after_kill(self, run: Run, services: "Services", proc, parent, receive) -> None:
+        """Service mode, after the kill: a dead service's trainer must see its pending saves fail (then it is
+        killed too); a dead trainer's services finish what it handed over and exit by themselves."""
+        if run.victim == "service":
+            deadline = time.monotonic() + CHILD_DEADLINE_S
+            while proc.is_alive():
+                assert time.monotonic() < deadline, f"child {self.cycle}: no failed save reported after the service died"
+                try:
+                    got = receive(1.0)
+                except EOFError:
+                    break
+                if got is None:
+                    continue
+                source, (kind, phase, detail) = got
+                if kind == "error":
+                    pytest.fail(f"child {self.cycle} failed after its service was killed:\n{phase}")
+                if source is not None and kind == "stop":  # a new service reached the target again: let it go
+                    services.answer(source, "go")
+                if source is None and phase == "failed":
+                    run.failed.append(detail)
+                if source is None and phase in ("failed", "done"):
+                    os.kill(proc.pid, signal.SIGKILL)
+                    break
+        elif run.killed_at is None:
+            return  # the trainer closed its saver: its service finished everything and exits on its own
+        services.wait_exit(CHILD_DEADLINE_S)
 
     # ------------------------------------------------------------------------------------------ checking
     def check(self, series: Series, run: Run) -> None:
@@ -199,6 +328,12 @@ class Harness:
         if latest is not None:
             assert latest in tags, f"latest names {latest!r}, which is not a published tag ({tags})"
             self.check_load_checkpoint(save_dir, latest, planned[latest])
+        if SERVICE and run.victim == "trainer" and run.handed:  # what it handed over was finished without it
+            assert latest is not None and latest >= max(run.handed), \
+                f"save {max(run.handed)} was handed over before the trainer died, but latest is {latest}"
+        if SERVICE and run.victim == "service" and run.killed_at in IN_A_SAVE:  # the save failed, not published
+            assert run.failed, f"the service died at {run.killed_at}, but no pending save failed"
+            assert not set(run.failed) & set(tags), f"saves {run.failed} failed, yet are published"
         # earlier kills' leftovers are gone, each removal logged, once a run got past its first prepare (a run
         # killed halfway through the cleanup logged what it removed before being killed)
         series.logs += run.log
@@ -248,7 +383,7 @@ def crash_dir(tmp_path):
         shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.mark.thread_only("announces and kills at the save's phases in the training process; the service runs them")
+@TIME_LIMIT
 def test_sigkill_in_every_phase(ctx, crash_dir):
     tmp_path = crash_dir
     rng = random.Random(SEED)
@@ -325,7 +460,7 @@ def test_sigkill_in_every_phase(ctx, crash_dir):
         assert expected <= targeted, f"phases never hit: {expected - targeted}"
 
 
-@pytest.mark.thread_only("announces and kills at the save's phases in the training process; the service runs them")
+@TIME_LIMIT
 @pytest.mark.parametrize("atomic_exchange", [True, False], ids=["rename-exchange", "two-renames"])
 def test_sigkill_while_overwriting_a_tag(ctx, crash_dir, atomic_exchange):
     """overwrite: true, the same tag saved again and again, killed at every step of publishing over it. With
@@ -343,7 +478,9 @@ def test_sigkill_while_overwriting_a_tag(ctx, crash_dir, atomic_exchange):
         harness.run(s)  # creates the tag
         calibration = harness.run(s).counts  # every save overwrites it
         assert calibration["exchange" if atomic_exchange else "replace_old"] == 3
-        targets = [(p, k) for p in steps for k in range(1, calibration[p] + 1)]
+        # service mode (a service start per run): the first of each step, every one of the renames
+        targets = [(p, k) for p in steps for k in range(1, (calibration[p] if not SERVICE or p in ("rename", "replace_old")
+                                                           else min(1, calibration[p])) + 1)]
         for target in targets:
             run = harness.run(s, target=target)
             assert run.killed_at == target[0]
@@ -371,7 +508,9 @@ def test_sigkill_while_overwriting_a_tag(ctx, crash_dir, atomic_exchange):
         assert restored > 0
 
 
-@pytest.mark.thread_only("announces and kills at the save's phases in the training process; the service runs them")
+@pytest.mark.thread_only("the victim rank kills or hangs itself from inside its own storage write (a Python callable "
+                         "in a fault hook); in service mode a rank's writes run in the service, and a rank killed after "
+                         "its hand-over does not fail the save (tests/test_service_ranks.py, test_service_nodes.py)")
 @pytest.mark.multirank
 @pytest.mark.parametrize("victim,where", [(1, "write"), (0, "manifest"), (1, "hang")])
 def test_two_ranks_one_killed_mid_save(ctx, tmp_path, caplog, victim, where):

@@ -35,7 +35,7 @@ from asyncckpt.loader import read_latest
 from dist_helpers import forkserver_context
 from patching import patch_existing
 from reliability import record
-from storage_faults import faults_fixture, injected  # noqa: F401 - the `faults` fixture
+from storage_faults import faults_fixture, injected, slowed  # noqa: F401 - the `faults` fixture
 from trainer import digest, mlp, train_step
 
 WAIT_S = 30.0  # every wait in this file has this deadline
@@ -244,7 +244,6 @@ def test_disk_full_real_enospc_at_every_fill_level(tmp_path):
     assert failed_saves >= 3 and tried == held
 
 
-@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
 @QUICK
 @pytest.mark.parametrize("fsync", [False, True])
 def test_disk_full_in_the_writer(fsync, save_dir, trained, make_saver, leftovers, latest, same):
@@ -266,7 +265,6 @@ def test_disk_full_in_the_writer(fsync, save_dir, trained, make_saver, leftovers
     saver.close()  # the failure was observed: nothing left to raise
 
 
-@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
 @QUICK
 def test_disk_full_in_the_file_write(save_dir, trained, make_saver, leftovers, latest, same):
     saver = make_saver(trained)
@@ -282,7 +280,6 @@ def test_disk_full_in_the_file_write(save_dir, trained, make_saver, leftovers, l
     assert_next_save_works(save_dir, saver, latest)
 
 
-@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
 @QUICK
 @pytest.mark.parametrize("step,name", [("write_durable", "manifest.json"), ("replace_atomic", "latest")])
 def test_publish_failure(step, name, save_dir, trained, make_saver, leftovers, latest, same):
@@ -306,7 +303,6 @@ PERMISSION_CASES = ["data file open", "rank index write", "partial directory (re
                     "latest replace", "save_dir under a file"]
 
 
-@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
 @pytest.mark.parametrize("case", PERMISSION_CASES)
 def test_permission_denied(tmp_path, case):
     """Permission denied at each file-system step: a real read-only save_dir when not root; as root, chmod
@@ -369,7 +365,6 @@ def test_permission_denied(tmp_path, case):
 # ---------------------------------------------------------------------------------- directory removed underneath
 @pytest.mark.parametrize("what,where", [("save_dir", "writing data"), ("partial dir", "writing data"),
                                         ("save_dir", "before the manifest")])
-@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
 def test_directory_removed_underneath(tmp_path, what, where):
     save_dir = str(tmp_path / "ckpt")
     t = Rig(save_dir)
@@ -400,7 +395,6 @@ def test_directory_removed_underneath(tmp_path, what, where):
 
 
 # ------------------------------------------------------------------------------------------- slow disk
-@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
 @pytest.mark.parametrize("max_inflight", [1, 2])
 @pytest.mark.parametrize("on_busy", ["wait", "skip", "error"])
 def test_slow_disk_backpressure(fast_dir, faults, max_inflight, on_busy):
@@ -409,11 +403,10 @@ def test_slow_disk_backpressure(fast_dir, faults, max_inflight, on_busy):
     per on_busy; a save that waits longer than commit_timeout_s gives up with SaverBusyError rather than
     hanging. Once the disk moves, every future resolves and every save not skipped or refused is published
     and loads exactly."""
-    opened = threading.Event()
     timeout = 1.0 if on_busy == "wait" else WAIT_S
     t = Rig(os.path.join(fast_dir, "ckpt"), max_inflight=max_inflight, on_busy=on_busy, commit_timeout_s=timeout)
     ok = 0
-    faults.on("write", lambda op, path: opened.wait(WAIT_S), ".bin")  # a stalled disk: every chunk write waits
+    opened = faults.gate("write", ".bin")  # a stalled disk: every chunk write waits
     try:
         futs = {}
         for i in range(max_inflight):  # these take every staging slot and stall in the writer
@@ -431,19 +424,19 @@ def test_slow_disk_backpressure(fast_dir, faults, max_inflight, on_busy):
             waiter.start()
             waiter.join(0.3)
             assert waiter.is_alive(), "on_busy=wait returned while every slot was busy"
-            opened.set()
+            opened.open()
             waiter.join(WAIT_S)
             assert not waiter.is_alive()
             futs["waited"] = waiter_result["fut"]
         elif on_busy == "skip":
             skipped = t.save("skipped")
             assert time.monotonic() - t0 < 5 and skipped.done() and skipped.result(0).skipped
-            opened.set()
+            opened.open()
         else:
             with pytest.raises(asyncckpt.SaverBusyError, match="on_busy=error"):
                 t.save("refused")
             assert time.monotonic() - t0 < 5
-            opened.set()
+            opened.open()
         for tag, fut in futs.items():
             res = fut.result(WAIT_S)
             assert not res.skipped and res.path == os.path.join(t.save_dir, tag)
@@ -452,7 +445,7 @@ def test_slow_disk_backpressure(fast_dir, faults, max_inflight, on_busy):
         assert read_latest(t.save_dir) == list(futs)[-1]
         ok = 1
     finally:
-        opened.set()
+        opened.open()
         t.close()
         record("Faults", f"stalled disk: max_inflight={max_inflight}, on_busy={on_busy}", 1, ok)
 
@@ -468,7 +461,7 @@ def test_back_to_back_saves_on_a_slow_disk(fast_dir, faults, max_inflight, on_bu
     """100 back-to-back saves on a disk slowed by injected delays: every call either returns a future that
     resolves (published or skipped) or raises SaverBusyError (on_busy=error); every published tag loads
     exactly; staging allocations stay at one buffer per slot; RSS stays flat."""
-    faults.on("write", lambda op, path: time.sleep(0.0005), ".bin")  # a slow disk
+    slowed(faults, "write", 0.0005, ".bin")  # a slow disk
     t = Rig(os.path.join(fast_dir, "ckpt"), width=1024, max_inflight=max_inflight, on_busy=on_busy, keep_last=3,
                 codec={"chunk_mib": 1.0})  # about 0.4 MiB of state per save
     n, warm = 100, 5
@@ -522,7 +515,6 @@ def _fail_once(save_dir, saver, wait_resolved, tag="bad"):
     return fut
 
 
-@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
 @QUICK
 def test_unobserved_failure_raised_by_next_save(save_dir, trained, make_saver, wait_resolved, latest):
     saver = make_saver(trained)
@@ -536,7 +528,6 @@ def test_unobserved_failure_raised_by_next_save(save_dir, trained, make_saver, w
     assert latest(save_dir) == "next"
 
 
-@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
 @QUICK
 def test_unobserved_failure_raised_by_wait(save_dir, trained, make_saver, wait_resolved):
     saver = make_saver(trained)
@@ -548,7 +539,6 @@ def test_unobserved_failure_raised_by_wait(save_dir, trained, make_saver, wait_r
     assert fut.done()
 
 
-@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
 @QUICK
 def test_unobserved_failure_raised_by_close(save_dir, trained, make_saver, wait_resolved):
     saver = make_saver(trained)
@@ -560,7 +550,6 @@ def test_unobserved_failure_raised_by_close(save_dir, trained, make_saver, wait_
     saver.close()
 
 
-@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
 @QUICK
 def test_unobserved_failure_raised_by_context_exit(save_dir, trained, fast_config, wait_resolved):
     with pytest.raises(WriteError):
@@ -577,7 +566,6 @@ def test_context_exit_keeps_the_user_exception(save_dir, trained, fast_config, w
             raise KeyError("mine")  # not hidden behind the background failure
 
 
-@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
 @QUICK
 def test_observed_failure_is_not_raised_again(save_dir, trained, make_saver, wait_resolved):
     saver = make_saver(trained)
@@ -599,7 +587,6 @@ def test_failure_while_collecting_state_releases_the_slot(save_dir, trained, mak
     assert asyncckpt.list_tags(save_dir) == ["x"]
 
 
-@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
 @QUICK
 def test_functional_save_failure(save_dir, fast_config, leftovers):
     cfg = fast_config(codec={"level": 2})  # its own engine

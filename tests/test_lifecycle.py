@@ -133,7 +133,8 @@ def test_saves_in_flight_are_finished_at_exit(tmp_path, case):
                 assert torch.equal(state["module"][k], v), (tag, k)
 
 
-@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
+@pytest.mark.thread_only("the script's slow disk is a Python callable in its own process; in service mode a save handed "
+                         "over does not hold the trainer's exit (tests/test_service.py)")
 def test_exit_waits_at_most_commit_timeout_then_the_next_save_cleans_up(tmp_path, caplog):
     """A save that cannot finish within commit_timeout_s does not hold the exit forever: the process exits
     (code 0) with an error line naming the deadline, the previous checkpoint stays latest, and the partial
@@ -240,7 +241,8 @@ KILLED_OWNER = """
 """
 
 
-@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
+@pytest.mark.thread_only("the partial's owner is the script, killed mid-write; in service mode the owner is the "
+                         "service (tests/test_crash.py and tests/test_service.py kill it mid-write)")
 @pytest.mark.parametrize("how", ["killed", "forked"])
 def test_abandoned_partial_is_still_cleaned(tmp_path, make_trainer, make_saver, caplog, how):
     """The owner of a partial directory was SIGKILLed mid-write: its lock is free (or, with a forked child
@@ -267,7 +269,6 @@ def test_abandoned_partial_is_still_cleaned(tmp_path, make_trainer, make_saver, 
             os.kill(child, signal.SIGKILL)
 
 
-@pytest.mark.thread_only("asserts on a log record of the commit or retention: the service logs them in its own process")
 def test_latest_temp_file_in_use_is_left_alone(save_dir, make_trainer, make_saver, caplog):
     """A ``.latest.*.tmp`` another saver is writing (locked) stays; an abandoned one (lock free) goes."""
     os.makedirs(save_dir)
@@ -349,7 +350,6 @@ def test_interrupt_on_one_rank_keeps_ranks_in_step(tmp_path, where):
 
 
 # ----------------------------------------------------------------------------------- relative save_dir
-@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
 @pytest.mark.parametrize("api", ["saver", "functional"])
 def test_relative_save_dir_is_resolved_at_call_time(tmp_path, monkeypatch, make_trainer, make_saver, fast_config, api,
                                                     faults):
@@ -412,7 +412,6 @@ def test_bad_tags_are_refused_at_once_by_the_functional_save(save_dir, fast_conf
     assert not os.path.exists(save_dir) or not os.listdir(save_dir)
 
 
-@pytest.mark.thread_only("asserts on a log record of the commit or retention: the service logs them in its own process")
 def test_keep_last_never_follows_a_latest_that_is_not_a_regular_file(save_dir, make_trainer, make_saver, caplog):
     trainer = make_trainer(0)
     saver = make_saver(trainer, keep_last=1)

@@ -52,7 +52,6 @@ def test_no_latest_anywhere_loads_nothing_everywhere(tmp_path):
     assert out == [{"path": None, "client": None}] * 2
 
 
-@pytest.mark.thread_only("simulates several nodes; writer.mode service is one node only for now")
 def test_node_local_copies_of_different_saves_are_refused(tmp_path):
     """Two nodes hold a tag of the same name from different saves: not one checkpoint."""
     n0, n1, other = _dirs(tmp_path, "node0", "node1", "other0")
@@ -64,7 +63,6 @@ def test_node_local_copies_of_different_saves_are_refused(tmp_path):
         assert "error" in r and "ranks do not agree" in r["error"] and "no tag" in r["error"], out
 
 
-@pytest.mark.thread_only("simulates several nodes; writer.mode service is one node only for now")
 def test_node_local_latest_cut_short_on_one_node_loads_the_newest_common_tag(tmp_path):
     n0, n1 = _dirs(tmp_path, "node0", "node1")
     assert_all_ok(run_ranks(nw.save_tags, 2, str(tmp_path), [n0, n1], ["t1", "t2"], 1))
@@ -146,7 +144,6 @@ def test_a_tag_that_is_not_an_orphan_is_still_refused(tmp_path, case):
 
 
 # ------------------------------------------------------------ 4. cross-node atomicity, precise errors
-@pytest.mark.thread_only("simulates several nodes; writer.mode service is one node only for now")
 def test_node_local_publish_failing_on_one_node_is_published_nowhere(tmp_path):
     n0, n1 = _dirs(tmp_path, "node0", "node1")
     out = assert_all_ok(run_ranks(nw.publish_fails_on_one_node, 2, str(tmp_path), [n0, n1]))
@@ -169,7 +166,6 @@ def test_an_error_after_publication_says_that_the_checkpoint_was_published(tmp_p
 
 
 # -------------------------------------------------------------------------------- 5. node identity
-@pytest.mark.thread_only("simulates several nodes; writer.mode service is one node only for now")
 def test_nodes_come_from_torchrun_variables_not_the_host_name(tmp_path):
     """Four ranks on one host, two per simulated node: two publishers, each node's copy in its directory."""
     dirs = _dirs(tmp_path, "n0", "n0", "n1", "n1")
@@ -184,7 +180,6 @@ def test_nodes_come_from_torchrun_variables_not_the_host_name(tmp_path):
         assert not [f for f in os.listdir(tmp_path / d) if f.startswith(".asyncckpt-node")]  # probes removed
 
 
-@pytest.mark.thread_only("simulates several nodes; writer.mode service is one node only for now")
 def test_node_local_storage_that_is_shared_fails_clearly(tmp_path):
     shared = str(tmp_path / "nfs")
     out = assert_all_ok(run_ranks(nw.node_local_dir, 2, str(tmp_path), [shared, shared], 1))
@@ -209,7 +204,6 @@ def test_another_world_size_never_gets_another_ranks_rng_state(tmp_path):
     assert [o["client"]["rank"] for o in out] == [0, 0, 0]  # asked for: the lowest saved rank's client_state
 
 
-@pytest.mark.thread_only("simulates several nodes; writer.mode service is one node only for now")
 def test_a_node_local_copy_of_another_node_never_gives_its_ranks_state(tmp_path):
     n0, n1 = _dirs(tmp_path, "node0", "node1")
     assert_all_ok(run_ranks(nw.save_tags, 2, str(tmp_path), [n0, n1], ["t1"], 1))

@@ -42,7 +42,6 @@ def test_fsdp2_sharded_save_and_reshard(tmp_path):
         assert torch.equal(v, expected[f"m/{k}"]), k
 
 
-@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
 def test_write_failure_on_one_rank_fails_every_rank(tmp_path):
     results = assert_all_ok(run_ranks(w.write_failure, 2, str(tmp_path), str(tmp_path)))
     assert [r["error"] for r in results] == ["CommitError", "WriteError"]  # README, "Errors"
@@ -56,7 +55,8 @@ def test_tag_mismatch_is_refused_on_every_rank(tmp_path):
     assert asyncckpt.list_tags(str(tmp_path)) == ["same"]
 
 
-@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
+@pytest.mark.thread_only("the rank exits from inside its own storage write (a Python callable in a fault hook); in service "
+                         "mode its writes run in the service (tests/test_service_ranks.py kills a rank instead)")
 def test_killed_rank_fails_the_others_within_timeout(tmp_path):
     results = run_ranks(w.killed_rank, 3, str(tmp_path), str(tmp_path), timeout=100, pg_timeout=20)
     assert results[2].exitcode == 17
@@ -72,7 +72,6 @@ def test_training_collectives_while_commits_run(tmp_path):
     assert counts == [5, 5]
 
 
-@pytest.mark.thread_only("simulates several nodes; writer.mode service is one node only for now")
 def test_node_local_storage_each_node_publishes_its_copy(tmp_path):
     listing = assert_all_ok(run_ranks(w.node_local, 2, str(tmp_path), str(tmp_path),
                                       env={"GROUP_RANK": "{rank}", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}))

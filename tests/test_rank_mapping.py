@@ -11,7 +11,6 @@ from dist_helpers import assert_all_ok, forkserver_context, run_ranks
 pytestmark = pytest.mark.multirank
 
 
-@pytest.mark.thread_only("simulates several nodes; writer.mode service is one node only for now")
 def test_a_refusal_on_one_rank_is_raised_on_every_rank(tmp_path):
     n0, n1 = str(tmp_path / "node0"), str(tmp_path / "node1")
     assert_all_ok(run_ranks(nw.save_tags, 2, str(tmp_path), [n0, n1], ["t1"], 1, ctx=forkserver_context()))

@@ -24,7 +24,6 @@ def test_every_rank_loads_the_buffers_of_rank_0(tmp_path):
         assert _equal(r["loaded"], out[0]["saved"]), r
 
 
-@pytest.mark.thread_only("simulates several nodes; writer.mode service is one node only for now")
 def test_with_node_local_storage_each_node_saves_its_first_ranks_buffers(tmp_path):
     out = assert_all_ok(run_ranks(bw.save_then_load, 4, str(tmp_path), str(tmp_path / "ckpt"), 2,
                                   ctx=forkserver_context()))

@@ -45,8 +45,7 @@ def perturbed_save(rank: int, world: int, save_dir: str, verify: bool, per_node:
     return [e and f"{type(e).__name__}: {e}" for e in out]
 
 
-@pytest.mark.parametrize("per_node", [0, pytest.param(1, marks=pytest.mark.thread_only(
-    "simulates several nodes; writer.mode service is one node only for now"))])
+@pytest.mark.parametrize("per_node", [0, 1])
 def test_a_replicated_tensor_that_differs_fails_the_save_on_every_rank(tmp_path, per_node):
     out = assert_all_ok(run_ranks(perturbed_save, 2, str(tmp_path), str(tmp_path / "ckpt"), True, per_node,
                                   ctx=forkserver_context()))

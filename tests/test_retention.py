@@ -14,7 +14,6 @@ def _tags(save_dir):
     return sorted(asyncckpt.list_tags(save_dir))
 
 
-@pytest.mark.thread_only("asserts on a log record of the commit or retention: the service logs them in its own process")
 def test_keep_last_removes_tags_of_earlier_runs_but_never_latest_nor_an_unreadable_tag(
         save_dir, make_trainer, make_saver, caplog):
     trainer = make_trainer(0)

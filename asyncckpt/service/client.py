@@ -45,7 +45,7 @@ class ServiceClient:
         self.config = config
         self.ctx = ctx
         self.directory = runtime_dir()
-        self.key = service_key(job_id(ctx.distributed, ctx.job))
+        self.key = service_key(job_id(ctx.distributed, ctx.job), ctx.node)
         self.allocate = SharedBuffers(self.directory)
         self._group = ctx.job or uuid.uuid4().hex  # the saver's ranks, as the service groups them
         self._generation = 0
@@ -259,6 +259,10 @@ class _Link:
                     os.close(fd)
                 if reply["op"] == "closed":
                     self._finished.set()
+                    continue
+                if reply["op"] == "log":  # a warning the service logged about this rank's save
+                    logging.getLogger(reply["name"]).log(reply["level"], "%s", reply["message"],
+                                                         extra={"writer_service_pid": self.pid})
                     continue
                 with self._lock:
                     if reply.get("retire"):  # the nodes' services lost their group: the next save attaches anew

@@ -302,8 +302,10 @@ class Group:
         self.loop.close()
         self.writer.close()
 
-    def retain(self, rank: int, save_dir: str, tag: str) -> concurrent.futures.Future:
-        return self.retainer.submit(self.coordinators[rank].retain, save_dir, tag)
+    def retain(self, rank: int, save_dir: str, tag: str, on_behalf) -> concurrent.futures.Future:
+        """``keep_last`` after rank ``rank``'s save of ``tag``, on the retention thread, run through
+        ``on_behalf(fn, *args)`` (the rank's attachment: its warnings are forwarded to it)."""
+        return self.retainer.submit(on_behalf, self.coordinators[rank].retain, save_dir, tag)
 
 
 def _plan(nodes: tuple[str, ...]) -> list[list[int]]:

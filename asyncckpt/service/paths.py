@@ -1,9 +1,10 @@
 """Where a node's writer service lives: a private runtime directory on shared memory, and the names in it.
 
 The directory is ``$ASYNCCKPT_RUNTIME_DIR`` or ``/dev/shm/asyncckpt-<uid>`` (mode 0700, owned by this user).
-A job's service is keyed by the job's identity, so two jobs on one node get two services:
-``$ASYNCCKPT_SERVICE_ID``, else ``$TORCHELASTIC_RUN_ID``, else ``MASTER_ADDR:MASTER_PORT`` of a
-distributed job, else the job's own nonce (agreed by its ranks), else this process."""
+A job's service is keyed by the job's identity and the node, so two jobs on one node get two services (and
+nodes simulated on one machine one each): ``$ASYNCCKPT_SERVICE_ID``, else ``$TORCHELASTIC_RUN_ID``, else
+``MASTER_ADDR:MASTER_PORT`` of a distributed job, else the job's own nonce (agreed by its ranks), else this
+process."""
 from __future__ import annotations
 
 import hashlib
@@ -48,8 +49,10 @@ def job_id(distributed: bool, job_nonce: str) -> str:
     return f"pid:{os.getpid()}"
 
 
-def service_key(job: str) -> str:
-    return hashlib.sha256(job.encode()).hexdigest()[:16]
+def service_key(job: str, node: str) -> str:
+    """The name of job ``job``'s service on node ``node`` (one per node: several "nodes" simulated on one machine
+    with torchrun's variables get one service each, as real nodes would)."""
+    return hashlib.sha256(f"{job}\0{node}".encode()).hexdigest()[:16]
 
 
 def socket_path(directory: str, key: str) -> str:

@@ -11,6 +11,7 @@ with its failed save (``retire``) and its connection is closed: it attaches anew
 from __future__ import annotations
 
 import fcntl
+import importlib
 import json
 import logging
 import os
@@ -36,6 +37,38 @@ from .shm import map_fd
 log = logging.getLogger(__name__)
 
 PAUSE_ENV = "ASYNCCKPT_SERVICE_PAUSE_AT"  # fault injection for tests: "<phase>:<tag>", phase prepare|write|publish
+HOOKS_ENV = "ASYNCCKPT_SERVICE_HOOKS"  # tests: "module:function[,module:function...]" called once at start
+
+_on_behalf = threading.local()  # .attachment: the rank whose save this thread works on now (log forwarding)
+
+
+def run_hooks() -> None:
+    """Test seam: call each ``module:function`` named in ``$ASYNCCKPT_SERVICE_HOOKS`` (inherited from the
+    training process that starts the service; the modules are imported from its ``PYTHONPATH``) once, before
+    the service listens, so that they can install storage wrappers (``asyncckpt.storage.add_wrapper``) or
+    other instrumentation in the service process."""
+    for spec in filter(None, os.environ.get(HOOKS_ENV, "").split(",")):
+        module, _, function = spec.strip().partition(":")
+        getattr(importlib.import_module(module), function)()
+
+
+class ForwardToRank(logging.Handler):
+    """Sends each record of WARNING and above, emitted while a thread works on a rank's save (its prepare,
+    commit or ``keep_last`` removals), to that rank, which logs it under the same logger name: the warnings
+    of thread mode reach the training process's log in service mode too."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        attachment = getattr(_on_behalf, "attachment", None)
+        if attachment is None:
+            return
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string must not fail the save
+            message = str(record.msg)
+        attachment.reply({"op": "log", "name": record.name, "level": record.levelno, "message": message})
 
 
 def pause_point(directory: str, phase: str, tag: str) -> None:
@@ -218,7 +251,16 @@ class Attachment:
         except OSError:
             self._alive = False  # the training process is gone; its saves still finish
 
+    def on_behalf(self, fn, *args):
+        """``fn(*args)`` with this thread's records of WARNING and above forwarded to this rank."""
+        _on_behalf.attachment = self
+        try:
+            return fn(*args)
+        finally:
+            _on_behalf.attachment = None
+
     def _work(self) -> None:
+        _on_behalf.attachment = self
         while True:
             item = self._queue.get()
             if item is None:
@@ -312,7 +354,7 @@ class Attachment:
         self.reply({"op": "done", "seq": seq, "tag": tag, "path": info.path, "bytes_written": files.bytes_written,
                     "total_bytes_written": info.total_bytes_written, "phases": phases})
         if group.config.keep_last:
-            group.retain(self.rank, save_dir, tag)
+            group.retain(self.rank, save_dir, tag, self.on_behalf)
 
 
 def _close_all(fds: list[int]) -> None:
@@ -334,8 +376,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ionice-idle", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s service[{os.getpid()}] %(levelname)s %(message)s")
+    logging.getLogger().addHandler(ForwardToRank())
     lower_thread_priority(args.nice, args.ionice_idle)  # every thread of the service inherits it
     torch.set_num_threads(1)
+    run_hooks()
     Service(args.dir, args.key, args.idle_s).serve()
     try:
         os.unlink(log_path(args.dir, args.key))  # a clean exit leaves no log behind
