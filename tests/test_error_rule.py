@@ -12,7 +12,6 @@ import error_rule_workers as w
 from dist_helpers import assert_all_ok, forkserver_context, run_ranks
 
 
-@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("world", [1, 2])
 def test_a_fault_raises_the_same_error_on_one_rank_and_on_several(tmp_path, world):

@@ -136,7 +136,6 @@ async def test_await_does_not_block_the_event_loop(save_dir, trainer, make_saver
     assert res.tag == "nb" and ticks >= 5
 
 
-@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
 @pytest.mark.asyncio
 async def test_await_failed_future_raises(save_dir, trainer, make_saver):
     saver = make_saver(trainer)

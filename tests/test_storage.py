@@ -93,7 +93,6 @@ def test_wrapping_ends_with_its_block(tmp_path):
     assert open_storage(str(tmp_path)) is open_storage.__globals__["POSIX"]
 
 
-@pytest.mark.thread_only("storage faults injected in this process (storage_faults.injected); the service writes")
 def test_a_failing_chunk_write_aborts_the_file_and_publishes_nothing(tmp_path):
     save_dir = str(tmp_path / "ckpt")
     state = {"w": torch.randn(50_000)}
