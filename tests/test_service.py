@@ -48,7 +48,8 @@ def wait_until(check, timeout: float, what: str):
 
 
 def service_pids(runtime: str) -> list[int]:
-    """The writer services this test started (their command line names the test's runtime directory)."""
+    """The writer services this test started (their command line names the test's runtime directory, or one
+    under it: simulated nodes have one each)."""
     pids = []
     for entry in glob.glob("/proc/[0-9]*/cmdline"):
         try:
@@ -56,8 +57,9 @@ def service_pids(runtime: str) -> list[int]:
                 cmd = f.read().split(b"\0")
         except OSError:
             continue
-        if b"asyncckpt.service" in cmd and runtime.encode() in cmd and paths.pid_alive(int(entry.split("/")[2])):
-            pids.append(int(entry.split("/")[2]))
+        pid = int(entry.split("/")[2])
+        if b"asyncckpt.service" in cmd and any(a.startswith(runtime.encode()) for a in cmd) and paths.pid_alive(pid):
+            pids.append(pid)
     return pids
 
 

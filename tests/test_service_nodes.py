@@ -19,6 +19,7 @@ from asyncckpt.loader import list_tags
 from asyncckpt.service import paths
 from asyncckpt.service.server import PAUSE_ENV
 from dist_helpers import assert_all_ok, forkserver_context, run_ranks
+from test_service import service_pids
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -36,24 +37,9 @@ def base(monkeypatch):
     os.mkdir(path, 0o700)
     monkeypatch.setenv(paths.ID_ENV, uuid.uuid4().hex)  # one job: each node's service has the same key
     yield path
-    for pid in _services(path):
+    for pid in service_pids(path):
         os.kill(pid, signal.SIGKILL)
     subprocess.run(["rm", "-rf", path], check=False, timeout=30)
-
-
-def _services(base: str) -> list[int]:
-    """The writer services of this test (their runtime directory lies under ``base``)."""
-    pids = []
-    for entry in glob.glob("/proc/[0-9]*/cmdline"):
-        try:
-            with open(entry, "rb") as f:
-                cmd = f.read().split(b"\0")
-        except OSError:
-            continue
-        pid = int(entry.split("/")[2])
-        if b"asyncckpt.service" in cmd and any(a.startswith(base.encode()) for a in cmd) and paths.pid_alive(pid):
-            pids.append(pid)
-    return pids
 
 
 def _as_node(rank: int, base: str, env: dict | None = None) -> int:
