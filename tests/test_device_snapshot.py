@@ -19,7 +19,9 @@ import asyncckpt
 from asyncckpt import ConfigError, StateMismatchError
 from asyncckpt.staging import DeviceMemory, copy_into
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60),
+              pytest.mark.thread_only("a device snapshot drains through the ring of the training process's own writer; "
+                                      "service mode refuses snapshot_device: always and stages on the host (README)")]
 
 BUDGET_MIB = 0.125  # host ring: 4 segments of 32 KiB (FAST's chunks are 16 KiB)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
