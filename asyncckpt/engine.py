@@ -123,8 +123,8 @@ class SaveEngine:
             written = {id(i) for i in flat.items}
             nbytes = flat.nbytes + sum(i.nbytes for i in checked if id(i) not in written)
             self.pool.check_budget(nbytes)
-            ring_shape = self.pool.ring_for(nbytes)
-            if ring_shape is not None and checked:
+            waves = self.pool.ring_for(nbytes)
+            if waves is not None and checked:
                 raise SaverBusyError(
                     f"staging {nbytes} bytes exceeds writer.memory_budget_mib, and verify_replicated needs the "
                     "whole state staged at once: raise the budget or turn verify_replicated off")
@@ -144,8 +144,8 @@ class SaveEngine:
             if device is not None:  # copied on the device now, drained through the slot's ring
                 ring, snapshot = self._start_device_ring(slot, flat, lazy, *device)
                 ready = ready_now
-            elif ring_shape is not None:  # waves through the slot's ring; the writer waits segment by segment
-                ring = self._start_ring(slot, flat, ring_shape, lazy)
+            elif waves is not None:  # waves through the slot's ring; the writer waits segment by segment
+                ring = self._start_ring(slot, flat, waves, lazy)
                 snapshot = None if lazy is None else lazy.start_ring(ring)
                 ready = ready_now
             elif lazy is None:
