@@ -66,10 +66,11 @@ def _snapshot_hooks(saver: "AsyncCheckpointer") -> list:
     """A lazy snapshot's guards: before any optimizer's step (every optimizer of the process: a second one
     may update the same parameters), before the forward of the model and of every module that holds
     buffers (BatchNorm running statistics change there; so may a wrapper's broadcast of them), and before a
-    ``load_state_dict`` of any of the model's modules or of the wrapped optimizer. They refer to the saver weakly: they do not keep it alive."""
+    ``load_state_dict`` of any of the model's modules or of the wrapped optimizer. They refer to the saver
+    weakly: they do not keep it alive."""
     ref = weakref.ref(saver)
 
-    def before_step(optimizer, args, kwargs) -> None:
+    def before_change(*args) -> None:  # an optimizer step, or a load_state_dict: parameters and state change
         s = ref()
         if s is not None:
             s._settle(None)
@@ -79,18 +80,13 @@ def _snapshot_hooks(saver: "AsyncCheckpointer") -> list:
         if s is not None:
             s._settle(0)
 
-    def before_load(*args) -> None:  # load_state_dict writes parameters and optimizer state in place
-        s = ref()
-        if s is not None:
-            s._settle(None)
-
-    hooks = [register_optimizer_step_pre_hook(before_step)]
+    hooks = [register_optimizer_step_pre_hook(before_change)]
     for m in saver.module.modules():  # the wrapped module too: a wrapper (DDP) may change buffers before
         if m is saver.module or any(b is not None for b in m._buffers.values()):  # the inner forward
             hooks.append(m.register_forward_pre_hook(before_forward))
-        hooks.append(m.register_load_state_dict_pre_hook(before_load))  # a submodule may be loaded alone
+        hooks.append(m.register_load_state_dict_pre_hook(before_change))  # a submodule may be loaded alone
     if saver.optimizer is not None:
-        hooks.append(saver.optimizer.register_load_state_dict_pre_hook(before_load))
+        hooks.append(saver.optimizer.register_load_state_dict_pre_hook(before_change))
     return hooks
 
 
