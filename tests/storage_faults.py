@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import signal
 import threading
 import time
 import uuid
@@ -23,7 +24,7 @@ import pytest
 from asyncckpt.storage import add_wrapper, wrapping
 from asyncckpt.storage.faults import Answer, Faults, Gate, HookedStorage
 
-__all__ = ["Faults", "Gate", "SharedFaults", "faults_fixture", "injected", "slowed", "service_hooks",
+__all__ = ["Faults", "Gate", "SharedFaults", "faults_fixture", "injected", "slowed", "killed", "service_hooks",
            "FAULTS_DIR_ENV"]
 
 FAULTS_DIR_ENV = "ASYNCCKPT_TEST_FAULTS_DIR"
@@ -67,6 +68,16 @@ def slowed(faults, op: str, seconds: float, match: str = "") -> None:
         faults.on(op, lambda o, p: time.sleep(seconds), match)
 
 
+def killed(faults, op: str, match: str = "", *, after: int = 0) -> None:
+    """The process performing the matching operation dies of SIGKILL there (after ``after`` matches), in either
+    mode: the training process in thread mode, the node's writer service in service mode (the training process
+    then learns it through its future)."""
+    if isinstance(faults, SharedFaults):
+        faults.kill(op, match, after=after)
+    else:
+        faults.on(op, lambda o, p: os.kill(os.getpid(), signal.SIGKILL), match, after=after)
+
+
 @pytest.fixture(name="faults")
 def faults_fixture() -> Iterator[Faults]:
     """:func:`injected` for the whole test."""
@@ -79,7 +90,7 @@ class SharedFaults:
     """One :func:`injected` block's rules as files: ``on-<block>`` while active, ``rule-<block>-<n>`` (a pickle
     of op, path substring, action, after, times, node), ``log-<block>`` (``op<TAB>path`` lines) and
     ``off-<block>`` once it ended. Actions: ``("fail", exception)``, ``("answer", value)``, ``("delay", s)``,
-    ``("gate", id)``
+    ``("kill", None)`` (SIGKILL of the process performing the operation), ``("gate", id)``
     (held until ``open-<id>`` exists; ``entered-<id>`` says one was held)."""
 
     def __init__(self, directory: str):
@@ -117,6 +128,10 @@ class SharedFaults:
         self._add(op, match, ("delay", seconds), 0, None)
         return self
 
+    def kill(self, op: str, match: str = "", *, after: int = 0) -> "SharedFaults":
+        self._add(op, match, ("kill", None), after, None)
+        return self
+
     def gate(self, op: str, match: str = "") -> "SharedGate":
         gate = SharedGate(self.directory)
         self._add(op, match, ("gate", gate.id), 0, None)
@@ -124,7 +139,7 @@ class SharedFaults:
 
     def on(self, *args, **kwargs):
         raise NotImplementedError("service mode: a Python callable cannot run in the writer service; use fail, "
-                                  "answer or gate (or mark the test thread_only)")
+                                  "answer, delay, kill or gate (or mark the test thread_only)")
 
     @property
     def log(self) -> list[tuple[str, str]]:
@@ -226,6 +241,8 @@ class SharedRules:
             if kind == "delay":
                 time.sleep(value)
                 continue
+            if kind == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
             SharedGate(self.directory, value).hold()
 
 
