@@ -31,7 +31,7 @@ from ..staging import Snapshot, ready_now
 from ..threads import started_pool
 from .link import job_rendezvous
 from .paths import job_id, lock_path, log_path, runtime_dir, service_key, socket_path
-from .protocol import Channel
+from .protocol import PROTOCOL, Channel, version_mismatch
 from .shm import SharedBuffers
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class ServiceClient:
         if self._closed:
             raise CheckpointError("this saver is closed")
         self._generation += 1
-        hello = {"op": "hello", "group": f"{self._group}/{self._generation}", "rank": self.ctx.rank,
+        hello = {"op": "hello", "protocol": PROTOCOL, "group": f"{self._group}/{self._generation}", "rank": self.ctx.rank,
                  "world_size": self.ctx.world_size, "local_rank": self.ctx.local_rank,
                  "local_world_size": self.ctx.local_world_size, "node": self.ctx.node,
                  "node_ranks": list(self.ctx.node_ranks), "job": self.ctx.job,
@@ -325,11 +325,15 @@ def _hello(directory: str, key: str, hello: dict, config: Config, deadline: floa
     except BaseException:
         channel.close()
         raise
-    if welcome is not None and welcome[0]["op"] == "welcome":
-        return channel, welcome[0]["pid"]
+    if welcome is not None and welcome[0].get("op") == "welcome":
+        mismatch = version_mismatch(f"the writer service (pid {welcome[0].get('pid')})", welcome[0].get("protocol"),
+                                    f"rank {hello['rank']}")
+        if mismatch is None:
+            return channel, welcome[0]["pid"]
+        welcome = ({"error": mismatch}, [])
     channel.close()
     if welcome is not None:
-        raise CommitError(f"writer service refused rank {hello['rank']}: {welcome[0]['error']}")
+        raise CommitError(f"writer service refused rank {hello['rank']}: {welcome[0].get('error')}")
     if time.monotonic() > deadline:
         raise CommitError(f"writer service: could not attach within {START_TIMEOUT_S:g}s; see {log_path(directory, key)}")
     return None

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch.distributed as dist
 
 from ..collectives import ROOT, GlooCollectives, standalone_gloo_group
+from .protocol import PROTOCOL, version_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,19 @@ class Failure:
     retire: bool = False
 
 
+def check_protocols(store: Any, count: int, me: int) -> None:
+    """Raise unless each of the ``count`` nodes' services that counted themselves in under ``store`` speaks this
+    service's protocol (a node running another asyncckpt would misread this one's rounds). Each sets its
+    ``protocol/<node>`` before it counts itself in; one of before versions never does."""
+    for node in range(count):
+        key = f"protocol/{node}"
+        theirs = store.get(key).decode() if store.check([key]) else None
+        mismatch = version_mismatch(f"node {node}'s writer service", int(theirs) if theirs and theirs.isdigit()
+                                    else theirs, f"node {me}'s")
+        if mismatch:
+            raise RuntimeError(mismatch)
+
+
 class Link:
     """One saver's rounds between the nodes, on a thread of this node's service. ``exchange`` is the node's
     :class:`~.group.Exchange` (it hands over each local round and takes its results); ``node_index`` this
@@ -138,6 +152,7 @@ class Link:
         if self.node_index == 0:
             members = self._plan(2 * self.timeout_s)
             store.set("nodes", str(len(members)))
+        store.set(f"protocol/{self.node_index}", str(PROTOCOL))
         store.add("joined", 1)
         deadline = time.monotonic() + 2 * self.timeout_s
         while not (store.check(["nodes"]) and store.add("joined", 0) >= int(store.get("nodes"))):
@@ -148,6 +163,7 @@ class Link:
                 raise RuntimeError(f"not every node's writer service reached save {seq} within {2 * self.timeout_s:g}s")
             time.sleep(_POLL_S)
         count = int(store.get("nodes"))
+        check_protocols(store, count, self.node_index)
         group = standalone_gloo_group(store, self.node_index, count, 2 * self.timeout_s)
         log.info("writer services: node %d of %d joined the nodes' group of save %d", self.node_index, count, seq)
         return GlooCollectives(group, self.node_index, count), members

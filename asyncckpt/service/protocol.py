@@ -13,6 +13,24 @@ from typing import Any
 
 _HEADER = struct.Struct("!Q")
 MAX_FDS = 4
+# The version of what travels between a rank and its node's service, and between the nodes' services: the
+# hello, the descriptors, the replies and the commit rounds. Any change to them bumps it. A rank whose hello
+# carries another version is refused, and the nodes' services compare theirs when they form their group, so
+# a job running two asyncckpt versions (a half-updated install) fails with an error naming both, instead of
+# misreading a descriptor.
+PROTOCOL = 1
+
+
+def version_mismatch(who: str, theirs: Any, whose: str) -> str | None:
+    """The error text when ``theirs`` (the protocol version ``who`` speaks; None: a peer from before versions)
+    is not this one's, else None. ``whose``: this side, as the text names it."""
+    if theirs == PROTOCOL:
+        return None
+    from .. import __version__
+
+    return (f"{who} speaks writer-service protocol {theirs if theirs is not None else '0 (unversioned)'}, "
+            f"{whose} speaks protocol {PROTOCOL} (asyncckpt {__version__}): every process of a job must run the "
+            "same asyncckpt; finish or stop the job's processes of the other version")
 
 
 class Channel:

@@ -31,7 +31,7 @@ from ..staging import Layout
 from ..writer import lower_thread_priority
 from .group import Group
 from .paths import clean_leftovers, lock_path, log_path, socket_path
-from .protocol import Channel, error_reply
+from .protocol import PROTOCOL, Channel, error_reply, version_mismatch
 from .shm import map_fd
 
 log = logging.getLogger(__name__)
@@ -215,13 +215,17 @@ class Attachment:
                 return
             hello, fds = first
             _close_all(fds)
-            self.rank = hello["rank"]
+            self.rank = hello.get("rank", -1)
             try:
+                mismatch = version_mismatch(f"rank {self.rank} (pid {hello.get('pid')})", hello.get("protocol"),
+                                            f"this writer service (pid {os.getpid()})")
+                if mismatch:
+                    raise CheckpointError(mismatch)
                 self.group, self.coordinator = self.service.group(hello)
             except Exception as exc:  # noqa: BLE001 - told to the rank
                 self.reply({"op": "refused", "error": f"{type(exc).__name__}: {exc}"})
                 raise
-            self.reply({"op": "welcome", "pid": os.getpid()})
+            self.reply({"op": "welcome", "pid": os.getpid(), "protocol": PROTOCOL})
             worker = threading.Thread(target=self._work, name="asyncckpt-service-work", daemon=True)
             worker.start()
             while True:
