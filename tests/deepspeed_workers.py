@@ -2,27 +2,29 @@
 
 Two runs of 2 gloo ranks on CPU. :func:`save_run` trains a tiny model under ZeRO stages 0-3, saves through
 the asyncckpt engine and records the reference (parameters at the save, losses of the steps after it), then
-starts a save whose background write is gated open and SIGKILLs itself before the commit. :func:`resume_run`,
-in fresh processes, resumes every case with DeepSpeed's own ``load_checkpoint`` and reports what it found.
+starts a save whose commit is held at its marker (a storage gate, :mod:`storage_faults`) and crashes there: the
+ranks SIGKILL themselves (thread mode) or the writer service dies (service mode). :func:`resume_run`, in fresh
+processes, resumes every case with DeepSpeed's own ``load_checkpoint`` and reports what it found.
 Results travel through files: the first run never returns."""
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
-import threading
 import time
 import traceback
 import warnings
 
 import torch
 
+from asyncckpt.format import MANIFEST
+
 STAGES = (0, 1, 2, 3)
 SAVE_STEP = 2  # optimizer steps before the checkpoint
 AFTER = 3  # steps trained after it, whose losses the resumed run must reproduce bit for bit
 CRASH_STAGE = 2
 CONFIG = {"writer": {"threads_per_node": 2}}
+SERVICE_DIED = 4  # a crash-run rank's exit status in service mode: its save failed, the writer service died
 
 
 def _deepspeed():
@@ -112,35 +114,57 @@ def _unwrapped_and_16bit(engine, ckpt, d: str) -> dict:
 
 
 def _crash(rank: int, root: str, ds_async) -> None:
+    """Save tag A, then tag B with the commit marker's write held (both ranks' files written, nothing
+    published) and record what a reader saw then; then the job crashes before the commit. In thread mode the
+    ranks SIGKILL themselves (they perform the writes). In service mode a killed rank would not lose B (the
+    writer service finishes a save handed over: that is its purpose), so the process that dies is the writer
+    service, at the held write: each rank's future fails with a CommitError, which it records, and it exits with
+    :data:`SERVICE_DIED`."""
+    from asyncckpt import CommitError, Config
+    from storage_faults import injected, killed
+
     d = os.path.join(root, "crash")
     engine = _engine(CRASH_STAGE, seed=1)
     ckpt = ds_async.enable(engine, config=CONFIG)
-    _train(engine, rank, 0, SAVE_STEP)
-    engine.save_checkpoint(d, "A")
-    ckpt.wait(timeout=120)
-    losses = _train(engine, rank, SAVE_STEP, AFTER)
-
-    written = threading.Event()
-    write_rank = ckpt.saver.writer.write_rank
-
-    async def gated(**kwargs):  # write every file of this rank, then never reach the commit
-        files = await write_rank(**kwargs)
-        written.set()
-        await asyncio.Event().wait()
-        return files
-
-    ckpt.saver.writer.write_rank = gated
-    engine.save_checkpoint(d, "B")
-    pending_after_return = not ckpt.last_future.done()
-    assert written.wait(120), "the gated background write never ran"
-    record = {"losses": losses, "pending_after_return": pending_after_return,
-              "latest_before_kill": _read(os.path.join(d, "latest")), "entries_before_kill": sorted(os.listdir(d))}
+    service = Config.coerce(CONFIG).writer.mode == "service"
+    with injected() as faults:
+        _train(engine, rank, 0, SAVE_STEP)
+        engine.save_checkpoint(d, "A")
+        ckpt.wait(timeout=120)
+        losses = _train(engine, rank, SAVE_STEP, AFTER)
+        if rank == 0:  # rank 0 publishes; only files of no rank (and its own) are the concern of its rules
+            gate = faults.gate("write_durable", MANIFEST)  # every rank's outcome is in: the commit begins
+            killed(faults, "write_durable", MANIFEST)  # once the gate opens: service mode opens it
+        engine.save_checkpoint(d, "B")
+        record = {"losses": losses, "pending_after_return": not ckpt.last_future.done()}
+        if rank == 0:
+            assert gate.entered.wait(120), "the save never reached its commit"
+        _meet(root, "held", rank)
+        record.update(latest_before_kill=_read(os.path.join(d, "latest")), entries_before_kill=sorted(os.listdir(d)),
+                      partial_before_kill=sorted(os.listdir(os.path.join(d, ".B.partial"))))
+        _meet(root, "recorded", rank)  # both ranks returned from the save and saw it unpublished: the job dies
+        if not service:  # the ranks perform the writes: they die with the marker's write held
+            torch.save(record, os.path.join(root, f"crash_rank{rank}.pt"))
+            os.kill(os.getpid(), signal.SIGKILL)
+        if rank == 0:
+            gate.open()  # the writer service performs the marker's write: it dies there
+        try:
+            ckpt.last_future.result(120)
+        except CommitError as exc:
+            record["error"] = str(exc)
     torch.save(record, os.path.join(root, f"crash_rank{rank}.pt"))
-    peer = os.path.join(root, f"crash_rank{1 - rank}.pt")
+    os._exit(SERVICE_DIED)  # the job ends here, as it would after a failed save
+
+
+def _meet(root: str, name: str, rank: int) -> None:
+    """Both ranks reached ``name`` (files, not a collective: the process group must not be involved)."""
+    with open(os.path.join(root, f"{name}_rank{rank}"), "w"):
+        pass
+    peer = os.path.join(root, f"{name}_rank{1 - rank}")
     deadline = time.monotonic() + 120
-    while not os.path.exists(peer) and time.monotonic() < deadline:  # both ranks returned from the save
+    while not os.path.exists(peer):
+        assert time.monotonic() < deadline, f"rank {1 - rank} never reached {name!r}"
         time.sleep(0.05)
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def resume_run(rank: int, world: int, root: str) -> dict:

@@ -1,8 +1,10 @@
 """asyncckpt.integrations.deepspeed against a real DeepSpeed engine: 2 gloo ranks on CPU, ZeRO stages 0-3.
 
 One module fixture runs two jobs (tests/deepspeed_workers.py): the first trains, saves through the asyncckpt
-engine, records the reference and SIGKILLs itself while a gated background write holds a second save before
-its commit; the second, in fresh processes, resumes every case with DeepSpeed's own ``load_checkpoint``."""
+engine, records the reference and crashes while a storage gate holds a second save at its commit marker (every
+rank's files written): the ranks SIGKILL themselves, or in service mode the writer service dies there (a rank
+killed after handing a save over would not lose it: the service publishes it); the second, in fresh processes,
+resumes every case with DeepSpeed's own ``load_checkpoint``."""
 import os
 import signal
 
@@ -15,19 +17,24 @@ import deepspeed_workers as W  # noqa: E402
 from dist_helpers import assert_all_ok, run_ranks  # noqa: E402
 
 import asyncckpt  # noqa: E402
+from asyncckpt.format import MANIFEST, rank_index_name  # noqa: E402
 from asyncckpt.integrations.deepspeed import STUB_MARK, load_file  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)  # the module fixture's two 2-rank jobs take minutes on a loaded machine
 
 WORLD = 2
+SERVICE = asyncckpt.Config.coerce(W.CONFIG).writer.mode == "service"  # ASYNCCKPT_WRITER_MODE=service
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("deepspeed"))
     first = run_ranks(W.save_run, WORLD, str(tmp_path_factory.mktemp("save_out")), root, timeout=240)
-    for r in first:  # each rank kills itself once its gated save returned: nothing else may end it
-        assert r.exitcode == -signal.SIGKILL and r.error is None, f"rank {r.rank} exit={r.exitcode}:\n{r.error}"
+    # thread mode: each rank kills itself once its held save returned; service mode: each rank's save failed
+    # because the writer service died at the held commit, and the rank exits with SERVICE_DIED. Nothing else.
+    crashed = W.SERVICE_DIED if SERVICE else -signal.SIGKILL
+    for r in first:
+        assert r.exitcode == crashed and r.error is None, f"rank {r.rank} exit={r.exitcode}:\n{r.error}"
     saved = [torch.load(os.path.join(root, f"save_rank{r}.pt"), weights_only=False) for r in range(WORLD)]
     crash = [torch.load(os.path.join(root, f"crash_rank{r}.pt"), weights_only=False) for r in range(WORLD)]
     resumed = assert_all_ok(run_ranks(W.resume_run, WORLD, str(tmp_path_factory.mktemp("resume_out")), root,
@@ -105,14 +112,22 @@ def test_save_16bit_model_is_a_plain_torch_file(runs):
 
 
 def test_sigkill_before_commit_resumes_previous_tag(runs):
-    """save_checkpoint returned while the write was still gated; the kill landed before the commit; DeepSpeed's
-    loader in fresh processes follows `latest` to the previous tag and continues bit for bit."""
+    """save_checkpoint returned while the save was pending; every rank's files were written and the commit
+    marker was not; the process performing the commit (the ranks, or the writer service: its death failed both
+    ranks' saves with a CommitError naming it) was SIGKILLed there; DeepSpeed's loader in fresh processes follows
+    `latest` to the previous tag and continues bit for bit."""
     root, _, crash, resumed = runs
     d = os.path.join(root, "crash")
     for rank in range(WORLD):
         assert crash[rank]["pending_after_return"]
         assert crash[rank]["latest_before_kill"] == "A\n"
         assert ".B.partial" in crash[rank]["entries_before_kill"] and "B" not in crash[rank]["entries_before_kill"]
+        partial = crash[rank]["partial_before_kill"]
+        assert all(rank_index_name(r) in partial for r in range(WORLD)) and MANIFEST not in partial, partial
+        if SERVICE:
+            assert "checkpoint 'B': the writer service" in crash[rank]["error"], crash[rank]["error"]
+        else:
+            assert "error" not in crash[rank]
         got = resumed[rank]["crash"]
         assert "error" not in got, got.get("error")
         assert got["latest"] == "A\n" and got["tags"] == ["A"] and "B" not in got["entries"]

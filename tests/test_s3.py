@@ -2,9 +2,10 @@
 tests on 127.0.0.1 (pip install 'asyncckpt[test-s3]'; skipped without s3fs and moto).
 
 What is checked: save / load / verify / inspect round trips (library and CLI) with multipart uploads and
-ranged reads, a process SIGKILLed during an upload and before its commit marker (the previous ``latest`` still
-loads, the incomplete tag is invisible to every reader and removed by the next save), a 2-rank commit over
-gloo, keep_last, overwrite, and a publish that fails (nothing visible, the next save works).
+ranged reads, the writing process (the trainer; in service mode the writer service) SIGKILLed during an upload
+and before its commit marker (the previous ``latest`` still loads, the incomplete tag is invisible to every
+reader and removed by the next save), a 2-rank commit over gloo, keep_last, overwrite, and a publish that fails
+(nothing visible, the next save works).
 """
 from __future__ import annotations
 
@@ -196,38 +197,47 @@ def test_failed_save_publishes_nothing(bucket, step, name):
     assert same(loaded(bucket), state(3))
 
 
+_SERVICE_DIED = 4  # the child's exit status when its save failed because the writer service died
+
 _CHILD = textwrap.dedent("""
-    import os, signal, sys, torch
+    import sys, torch
     import asyncckpt
-    from asyncckpt.storage import add_wrapper
-    from asyncckpt.storage.faults import Faults
+    from storage_faults import injected, killed
     from test_s3 import state
     url, options, where = sys.argv[1], eval(sys.argv[2]), sys.argv[3]
     config = {"storage": {"options": options, "block_mib": 5}, "codec": {"chunk_mib": 1.0, "compression": False},
               "writer": {"threads_per_node": 2, "nice": 0}}
-    faults = Faults()
-    add_wrapper(faults.wrap)
-    die = lambda op, path: os.kill(os.getpid(), signal.SIGKILL)
-    with asyncckpt.AsyncCheckpointer(torch.nn.Linear(2, 2), config=config) as saver:
+    with injected() as faults, asyncckpt.AsyncCheckpointer(torch.nn.Linear(2, 2), config=config) as saver:
         saver.save_checkpoint(url, tag="good", client_state=state(1)).result(120)
         if where == "upload":  # 5 MiB of the data file written, its first part sent: the upload is under way
-            faults.on("write", die, ".bin", after=5)
+            killed(faults, "write", ".bin", after=5)
         else:  # every file complete, the commit marker not yet written
-            faults.on("write_durable", die, "manifest.json")
-        saver.save_checkpoint(url, tag="bad", client_state=state(2)).result(120)
+            killed(faults, "write_durable", "manifest.json")
+        future = saver.save_checkpoint(url, tag="bad", client_state=state(2))
+        try:
+            future.result(120)
+        except asyncckpt.CommitError as exc:  # service mode: the writer service died, this process lives on
+            print(exc, file=sys.stderr)
+            sys.exit(%d)
     sys.exit(3)  # never reached: the kill came first
-""")
+""" % _SERVICE_DIED)
 
 
 @pytest.mark.parametrize("where", ["upload", "marker"])
 def test_sigkill_during_a_save(bucket, where):
-    """A process SIGKILLed while uploading a data file, or just before writing the commit marker: the previous
-    ``latest`` loads; the incomplete tag is invisible to list_tags, load and the CLI; the next save (another
-    process) removes its files."""
+    """The process performing the storage operations SIGKILLed while uploading a data file, or just before writing
+    the commit marker (thread mode: the training process; service mode: the writer service, and the training
+    process's future fails with a CommitError naming it): the previous ``latest`` loads; the incomplete tag is
+    invisible to list_tags, load and the CLI; the next save (another process) removes its files."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
     proc = subprocess.run([sys.executable, "-c", _CHILD, bucket.url, repr(bucket.options), where], env=env,
                           capture_output=True, text=True, timeout=WAIT_S)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    if asyncckpt.Config().writer.mode == "service":  # ASYNCCKPT_WRITER_MODE=service
+        assert proc.returncode == _SERVICE_DIED, proc.stderr[-3000:]
+        assert "checkpoint 'bad': the writer service" in proc.stderr and "ended before" in proc.stderr, \
+            proc.stderr[-3000:]
+    else:
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     if where == "marker":
         assert bucket.objects("bad") == [o for o in tag_objects("bad") if not o.endswith(MANIFEST)]  # no marker
     else:
