@@ -28,6 +28,7 @@ from ..config import Config
 from ..errors import CheckpointError, CommitError
 from ..io_types import FlatState, RankOutcome, StageItem
 from ..staging import Layout
+from ..threads import start_thread
 from ..writer import lower_thread_priority
 from .group import Group
 from .paths import clean_leftovers, lock_path, log_path, socket_path
@@ -172,8 +173,7 @@ class Service:
             return
         with self._lock:
             self._attachments += 1
-        threading.Thread(target=Attachment(self, Channel(sock)).run, name="asyncckpt-service-rank",
-                         daemon=True).start()
+        start_thread(Attachment(self, Channel(sock)).run, "asyncckpt-service-rank")
 
     def group(self, hello: dict) -> tuple[Group, CommitCoordinator]:
         with self._lock:
@@ -226,8 +226,7 @@ class Attachment:
                 self.reply({"op": "refused", "error": f"{type(exc).__name__}: {exc}"})
                 raise
             self.reply({"op": "welcome", "pid": os.getpid(), "protocol": PROTOCOL})
-            worker = threading.Thread(target=self._work, name="asyncckpt-service-work", daemon=True)
-            worker.start()
+            worker = start_thread(self._work, "asyncckpt-service-work")
             while True:
                 try:
                     msg = self.channel.recv()
