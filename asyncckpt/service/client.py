@@ -328,6 +328,8 @@ def _hello(directory: str, key: str, hello: dict, config: Config, deadline: floa
         mismatch = version_mismatch(f"the writer service (pid {welcome[0].get('pid')})", welcome[0].get("protocol"),
                                     f"rank {hello['rank']}")
         if mismatch is None:
+            for text in welcome[0].get("warnings") or ():  # e.g. the node's budget is another saver's
+                log.warning("rank %d: %s", hello["rank"], text)
             return channel, welcome[0]["pid"]
         welcome = ({"error": mismatch}, [])
     channel.close()
