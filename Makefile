@@ -18,7 +18,7 @@ EXTRAS     ?= export,lightning,transformers,deepspeed,s3,test-s3
 RELIABILITY_TESTS := tests/test_crash.py tests/test_power_loss.py tests/test_faults.py tests/test_corruption.py tests/test_hostile.py \
                      tests/test_pickle_policy.py
 
-.PHONY: venv demo test test-service reliability bench-deps bench bench-many-small bench-integrations bench-gpu clean FORCE
+.PHONY: venv demo test test-service reliability bench-deps bench bench-many-small bench-service bench-integrations bench-gpu clean FORCE
 
 venv: $(STAMP)
 
@@ -57,6 +57,13 @@ bench: bench-deps
 
 bench-many-small: bench-deps
 	$(BIN)/python -m benchmarks --config benchmarks/configs/many_small.yaml
+
+# Issue 11: writer.mode thread vs service on gpt_0p5gb (-> benchmarks/results/service/), then one service for 2
+# local ranks and the node's thread budget (-> benchmarks/results/service/budget.json).
+bench-service: bench-deps
+	$(BIN)/python -m benchmarks --config benchmarks/configs/service.yaml
+	$(BIN)/torchrun --standalone --nproc-per-node 2 -m benchmarks.service_budget --mib 256 --threads 2 --saves 3 \
+		--out benchmarks/results/service/budget.json
 
 bench-integrations: bench-deps
 	$(BIN)/python -m benchmarks --config benchmarks/configs/integrations.yaml

@@ -70,17 +70,19 @@ class SaveEngine:
                                 budget_bytes=w.memory_budget_bytes // local if w.memory_budget_bytes else 0,
                                 allocate=self.service.allocate if self.service else None,
                                 chunk_bytes=0 if self.service else config.codec.chunk_bytes)  # no ring in service mode
-        self.writer = WriterPool(ChunkCodec.from_config(config.codec), threads=max(1, node_threads // local),
-                                 chunk_bytes=config.codec.chunk_bytes, files_per_rank=w.files_per_rank,
-                                 inflight_chunks=w.inflight_chunks, fsync=w.fsync, nice=w.nice,
-                                 ionice_idle=w.ionice_idle)
+        # thread mode: this process encodes and writes (its share of the node's thread budget); service mode:
+        # the service does, and the training process runs no writer threads
+        self.writer = None if self.service else WriterPool(
+            ChunkCodec.from_config(config.codec), threads=max(1, node_threads // local),
+            chunk_bytes=config.codec.chunk_bytes, files_per_rank=w.files_per_rank, inflight_chunks=w.inflight_chunks,
+            fsync=w.fsync, nice=w.nice, ionice_idle=w.ionice_idle)
         self.coordinator = CommitCoordinator(
             self.ctx, tag_validation=config.tag_validation, node_local=config.use_node_local_storage,
             overwrite=config.overwrite, fsync=w.fsync, keep_last=config.keep_last, timeout_s=config.commit_timeout_s,
             save_deadline_s=config.save_deadline_s, storage_for=self.storage_for)
         lower = (lambda: lower_thread_priority(w.nice, w.ionice_idle))
         self._commit_thread = started_pool(1, "asyncckpt-commit", initializer=lower)
-        self._retain_thread = started_pool(1, "asyncckpt-retain", initializer=lower)
+        self._retain_thread = None if self.service else started_pool(1, "asyncckpt-retain", initializer=lower)
         self.loop = EventLoopThread("asyncckpt", initializer=lower)  # runs every save's pipeline, in order
         self._order = self.loop.submit(_make_lock()).result()
         self._futures: list[SaveFuture] = []
@@ -414,9 +416,10 @@ class SaveEngine:
                 self._closed = True
                 _live_engines.discard(self)
                 self._commit_thread.shutdown(wait=True)
-                self._retain_thread.shutdown(wait=True)
                 self.loop.close()
-                self.writer.close()
+                if self.service is None:
+                    self._retain_thread.shutdown(wait=True)
+                    self.writer.close()
                 if self.service is not None:
                     self.service.close()
                 self.coordinator.close()

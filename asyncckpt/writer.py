@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import ctypes
 import logging
 import os
@@ -67,7 +68,9 @@ class RankFiles:
 class WriterPool:
     def __init__(self, codec: ChunkCodec, *, threads: int, chunk_bytes: int, files_per_rank: int = 1,
                  inflight_chunks: int = 0, fsync: bool = True, nice: int = 10, ionice_idle: bool = False,
-                 name: str = "asyncckpt"):
+                 name: str = "asyncckpt", encoders: concurrent.futures.ThreadPoolExecutor | None = None):
+        """``encoders``: encode threads shared with other pools (the writer service's, the node's budget; this
+        pool does not shut them down), ``threads`` of them; else this pool starts its own ``threads``."""
         self.codec = codec
         self.threads = max(1, threads)
         codec.throughput.threads = self.threads  # compression: auto spreads encode time over these
@@ -77,11 +80,14 @@ class WriterPool:
         self.fsync = fsync
         self._packer = Packer(chunk_bytes)
         init = (lambda: lower_thread_priority(nice, ionice_idle))
-        self._encoders = started_pool(self.threads, f"{name}-encode", initializer=init)
+        self._own_encoders = encoders is None
+        self._encoders = started_pool(self.threads, f"{name}-encode", initializer=init) if encoders is None \
+            else encoders
         self._files = started_pool(max(2, files_per_rank), f"{name}-file", initializer=init)
 
     def close(self) -> None:
-        self._encoders.shutdown(wait=True, cancel_futures=True)
+        if self._own_encoders:
+            self._encoders.shutdown(wait=True, cancel_futures=True)
         self._files.shutdown(wait=True, cancel_futures=True)
 
     # ----------------------------------------------------------------------------------------- writing

@@ -442,8 +442,9 @@ def summarize(doc: dict) -> None:
         saves = res.get("saves") or []
         if res.get("status") != "ok" or not saves:
             continue
-        res["summary"] = {"first": {k: saves[0].get(k) for k, _, _ in FIGURES},
-                          "warm": {k: stats(s.get(k) for s in saves[1:]) for k, _, _ in FIGURES}}
+        keys = [k for k, _, _ in FIGURES] + ["steps", "base_step_s"]  # the last two: the steps' time of a save
+        res["summary"] = {"first": {k: saves[0].get(k) for k in keys},
+                          "warm": {k: stats(s.get(k) for s in saves[1:]) for k in keys}}
 
 
 def _warm(doc: dict, system: str, key: str) -> float | None:
@@ -490,6 +491,12 @@ def targets(doc: dict) -> list[dict]:
               _warm(doc, "dcp_async_best", "ttd_s"), 0.4)
         check(f"{system}: load ≤ 0.6 × torch.load", (doc["systems"].get(system) or {}).get("load_s"),
               (doc["systems"].get("torch_save") or {}).get("load_s"), 0.6)
+    for system in ("asyncckpt_lazy", "asyncckpt_service"):  # issue 11: the background write costs training ≤ 1%
+        steps, base = _warm(doc, system, "steps"), _warm(doc, system, "base_step_s")
+        check(f"{system}: training time lost ≤ 1% of the steps' time (call → durable)",
+              _warm(doc, system, "training_lost_s"), steps * base if steps and base else None, 0.01)
+    check("asyncckpt_service: time to durable ≤ 1.1 × thread mode (asyncckpt_lazy)", _warm(doc, "asyncckpt_service", "ttd_s"),
+          _warm(doc, "asyncckpt_lazy", "ttd_s"), 1.1)
     check("asyncckpt_lazy: peak host memory ≤ 1.05 × state", _warm(doc, "asyncckpt_lazy", "peak_host_bytes"),
           state, 1.05)
     check("asyncckpt_device: peak host memory ≤ 1.05 × its staging ring", _warm(doc, "asyncckpt_device",

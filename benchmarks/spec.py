@@ -89,13 +89,13 @@ class WorkloadSpec:
 
 # The built-in systems (benchmarks.systems implements each), in report order; plugins may register more.
 SYSTEM_NAMES = ("torch_save", "deepspeed", "dcp_save", "dcp_async", "dcp_async_default", "asyncckpt",
-                "asyncckpt_prepared", "asyncckpt_zstd", "asyncckpt_raw", "asyncckpt_raw_prepared", "lightning_async",
-                "asyncckpt_lightning", "deepspeed_asyncckpt")
+                "asyncckpt_prepared", "asyncckpt_zstd", "asyncckpt_raw", "asyncckpt_raw_prepared", "asyncckpt_service",
+                "lightning_async", "asyncckpt_lightning", "deepspeed_asyncckpt")
 PEERS = ("torch_save", "deepspeed", "dcp_save", "dcp_async", "dcp_async_default", "lightning_async")
 # asyncckpt's systems: its own modes and its framework integrations (report columns; the peers are the rows)
 ASYNCCKPT_MODES = tuple(n for n in SYSTEM_NAMES if n.startswith("asyncckpt") or n.endswith("_asyncckpt"))
 DEFAULT_SYSTEMS = ("torch_save", "deepspeed", "dcp_save", "dcp_async", "dcp_async_default", "asyncckpt",
-                   "asyncckpt_prepared", "asyncckpt_zstd", "asyncckpt_raw", "asyncckpt_raw_prepared")
+                   "asyncckpt_prepared", "asyncckpt_zstd", "asyncckpt_raw", "asyncckpt_raw_prepared", "asyncckpt_service")
 
 
 class SpecError(ValueError):

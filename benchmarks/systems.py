@@ -450,6 +450,7 @@ class AsyncCkpt(System):
     sync = False
     compression: bool | str = "auto"
     prepare = False
+    writer_mode: str | None = None  # None: the config's (or the library's default)
     requires = ("asyncckpt",)
     takes_asyncckpt_config = True
 
@@ -464,6 +465,8 @@ class AsyncCkpt(System):
         from asyncckpt import Config
 
         overrides = _merge(dict(self.options.get("config", {})), {"codec": {"compression": self.compression}})
+        if self.writer_mode is not None:
+            overrides = _merge(overrides, {"writer": {"mode": self.writer_mode}})
         return Config.from_dict(overrides)
 
     def info(self) -> dict:
@@ -539,6 +542,19 @@ class AsyncCkptRawPrepared(AsyncCkpt):
     name = "asyncckpt_raw_prepared"
     compression = False
     prepare = True
+
+
+class AsyncCkptService(AsyncCkpt):
+    """``writer.mode: service``: the node's writer service process encodes, writes and publishes; the training
+    process only stages into shared memory and hands a descriptor over."""
+
+    name = "asyncckpt_service"
+
+    writer_mode = "service"
+
+    @property
+    def notes(self) -> str:  # type: ignore[override]
+        return super().notes + "; writer.mode: service (the node's writer service process writes and publishes)"
 
 
 # ------------------------------------------------------------------------------------------- Lightning
@@ -653,6 +669,6 @@ def register(cls: type[System]) -> type[System]:
 
 
 for _cls in (TorchSave, DeepSpeed, DcpSave, DcpAsync, DcpAsyncDefault, AsyncCkpt, AsyncCkptPrepared, AsyncCkptZstd,
-             AsyncCkptRaw, AsyncCkptRawPrepared, LightningAsync, AsyncCkptLightning, DeepSpeedAsyncCkpt):
+             AsyncCkptRaw, AsyncCkptRawPrepared, AsyncCkptService, LightningAsync, AsyncCkptLightning, DeepSpeedAsyncCkpt):
     register(_cls)
 assert tuple(SYSTEMS) == SYSTEM_NAMES, "spec.SYSTEM_NAMES lists the built-in systems implemented here, in order"

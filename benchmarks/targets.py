@@ -18,6 +18,7 @@ MAIN = "asyncckpt"
 PREPARED = "asyncckpt_prepared"
 DCP_ASYNC = "dcp_async"
 TORCH_SAVE = "torch_save"
+SERVICE = "asyncckpt_service"
 FIXED_CODECS = ("asyncckpt_zstd", "asyncckpt_raw")  # compression on, off: what ``auto`` is held against
 GROWTH_SLACK_FRACTION = 0.02  # "no growth": RSS after the last save within 2% of the state (+16 MiB) of the 2nd
 GROWTH_SLACK_BYTES = 16 << 20
@@ -110,6 +111,7 @@ def evaluate(doc: dict) -> list[dict]:
         _check(out, run, f"bytes on disk ≤ {limit:g} × raw ({dtype})", _med(run, MAIN, "bytes_on_disk"), raw, limit,
                fmt=fmt_bytes)
         _adaptive(out, run)
+        _service(out, run)
         codec = _floor(run, "codec_compress_threads_MBps")
         disk = _floor(run, "disk_MBps")
         if codec is not None and disk is not None:
@@ -143,6 +145,24 @@ def _adaptive(out: list, run: dict) -> None:
     _check(out, run, "time to durable ≤ 1.05 × the better of compression on and off (compression: auto)",
            _med(run, MAIN, "ttd_warm_s"), known.get(best), 1.05, what=f"`{best}`" if best else "",
            detail="" if len(known) == len(FIXED_CODECS) else "only one fixed choice measured in this run")
+
+
+def _service(out: list, run: dict) -> None:
+    """``writer.mode: service`` (``asyncckpt_service``) against thread mode (``asyncckpt``) in the same run
+    (issue 11): the training steps lose ≤ 0.3× the time (loop overhead per checkpoint), and the hand-off costs
+    no throughput (time to durable ≤ 1.1×)."""
+    if SERVICE not in run.get("systems", {}):
+        return
+    mode = (((run.get("systems", {}).get(MAIN) or {}).get("info") or {}).get("config") or {}).get("writer", {}).get("mode")
+    detail = "" if mode in (None, "thread") else f"`{MAIN}` ran with writer.mode {mode!r}, not thread mode"
+    thread_loss = _med(run, MAIN, "loop_overhead_s")
+    if thread_loss is not None and thread_loss <= 0:
+        detail = detail or "thread mode lost no measurable time in this run: no ratio"
+    _check(out, run, "loop overhead ≤ 0.3 × thread mode (writer.mode: service)", _med(run, SERVICE, "loop_overhead_s"),
+           None if detail else thread_loss, 0.3, detail=detail)
+    _check(out, run, "time to durable ≤ 1.1 × thread mode (writer.mode: service)", _med(run, SERVICE, "ttd_warm_s"),
+           None if mode not in (None, "thread") else _med(run, MAIN, "ttd_warm_s"), 1.1,
+           detail="" if mode in (None, "thread") else detail)
 
 
 def _integrations(out: list, run: dict) -> None:

@@ -62,6 +62,29 @@ def test_a_target_on_a_noisy_figure_is_noise_not_pass_or_miss():
     assert load["result"] == "NOISE" and "spread exceeds its median" in load["detail"]
 
 
+def _service_run(thread_loss: list, service_loss: list, thread_mode: str = "thread") -> dict:
+    summary = {"asyncckpt": {"loop_overhead_s": report.stats(thread_loss), "ttd_warm_s": report.stats([2.0, 2.1, 1.9])},
+               "asyncckpt_service": {"loop_overhead_s": report.stats(service_loss),
+                                     "ttd_warm_s": report.stats([1.0, 1.1, 0.9])}}
+    systems = {"asyncckpt": {"status": "ok", "info": {"config": {"writer": {"mode": thread_mode}}}},
+               "asyncckpt_service": {"status": "ok", "info": {"config": {"writer": {"mode": "service"}}}}}
+    return {"workload": "gpt", "world": 1, "raw_bytes": 1 << 20, "workload_info": {"kind": "gpt"},
+            "systems": systems, "summary": summary}
+
+
+@pytest.mark.parametrize("thread_loss, service_loss, thread_mode, loop, ttd", [
+    ([1.0, 1.1, 0.9], [0.2, 0.25, 0.15], "thread", "PASS", "PASS"),
+    ([1.0, 1.1, 0.9], [0.5, 0.45, 0.55], "thread", "MISS", "PASS"),
+    ([1.0, 1.1, 0.9], [-0.05, 0.0, 0.05], "thread", "NOISE", "PASS"),  # service lost nothing measurable
+    ([-0.1, 0.0, -0.05], [0.2, 0.25, 0.15], "thread", "N/A", "PASS"),  # thread mode lost nothing: no ratio
+    ([1.0, 1.1, 0.9], [0.2, 0.25, 0.15], "service", "N/A", "N/A"),  # the reference was not thread mode
+])
+def test_service_mode_targets_against_thread_mode(thread_loss, service_loss, thread_mode, loop, ttd):
+    rows = {t["target"]: t for t in targets.evaluate({"runs": [_service_run(thread_loss, service_loss, thread_mode)]})}
+    assert rows["loop overhead ≤ 0.3 × thread mode (writer.mode: service)"]["result"] == loop
+    assert rows["time to durable ≤ 1.1 × thread mode (writer.mode: service)"]["result"] == ttd
+
+
 class _Steps:
     """Stands in for Measurer._steps: K steps take 10 s without a save, 12 s with one."""
 

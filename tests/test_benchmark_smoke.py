@@ -12,6 +12,8 @@ import textwrap
 
 import pytest
 
+from test_service import runtime  # noqa: F401 - fixture: a private runtime directory for the service
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # the benchmarks package lives at the repository root, next to tests/
     sys.path.insert(0, ROOT)
@@ -154,3 +156,24 @@ def test_integration_target_is_na_when_one_side_is_missing_and_absent_when_both_
     assert [(t["result"], "Lightning" in t["target"]) for t in rows] == [("N/A", True)]
     rows = evaluate(_run_doc({"asyncckpt": (0.5, 0.1), "torch_save": (1.0, 1.0)}))
     assert rows and not any("Lightning" in t["target"] or "DeepSpeed" in t["target"] for t in rows)
+
+
+@pytest.mark.timeout(300)
+def test_service_budget_benchmark_runs_two_ranks_on_one_service(tmp_path, runtime):
+    """benchmarks/service_budget.py under torchrun (2 local ranks): one writer service, whose encode threads
+    are the budget; its JSON and its table say so."""
+    out = tmp_path / "budget.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+         "benchmarks.service_budget", "--mib", "2", "--saves", "1", "--threads", "2", "--out", str(out)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+                       "BENCH_DIR": str(tmp_path)},
+        capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["ranks"] == 2 and len(doc["services"]) == 1 and len(doc["windows"]) == 1
+    service = doc["windows"][0]["processes"]["service"]
+    assert service["acs-encode"]["threads"] == 2 and service["acs-encode"]["running_max"] <= 2
+    for trainer in ("trainer0", "trainer1"):
+        assert "ac-encode" not in doc["windows"][0]["processes"][trainer]
+    assert "one service yes; encode threads 2 (budget 2)" in proc.stdout and "-> PASS" in proc.stdout, proc.stdout

@@ -246,6 +246,26 @@ def test_two_jobs_on_one_node_get_two_services(runtime, engines, save_dir, monke
     assert len(glob.glob(os.path.join(runtime, "*.sock"))) == 2
 
 
+def test_savers_of_one_job_share_the_nodes_encode_threads(runtime, engines, save_dir, same, caplog):
+    """Two savers of one job on a node (a model's and an EMA's, say): one service, one set of encode threads (the
+    node's budget, set by the first saver); a saver asking for another budget is told so; both round-trip."""
+    from benchmarks.service_budget import role, threads_of
+
+    first = engines()  # writer.threads_per_node: 2
+    saves = [save(first, state(0), save_dir + "a", "x")]
+    with caplog.at_level("WARNING", logger="asyncckpt.service.client"):
+        second = engines(writer={**SERVICE["writer"], "threads_per_node": 3})
+        saves.append(save(second, state(1), save_dir + "b", "x"))
+        for f in saves:
+            assert f.result(timeout=120).tag == "x"
+    assert first.service.service_pid == second.service.service_pid
+    roles = [role(name) for name, _, _ in threads_of(first.service.service_pid).values()]
+    assert roles.count("acs-encode") == 2 and roles.count("acs-io") == 2, roles  # 2 groups, one budget
+    assert any("asks for 3 encode threads" in r.getMessage() and "runs 2" in r.getMessage() for r in caplog.records)
+    same(asyncckpt.load(save_dir + "a", "x"), state(0))
+    same(asyncckpt.load(save_dir + "b", "x"), state(1))
+
+
 def test_leftover_shared_memory_of_dead_processes_is_removed_at_start(runtime, engines, save_dir):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait(timeout=60)

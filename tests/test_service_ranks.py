@@ -114,3 +114,29 @@ def test_verify_replicated_compares_the_ranks_checksums_at_the_services_commit(r
     assert "running_mean" not in text and text.count("' on rank 1") == 2, text
     assert later is None
     assert list_tags(str(tmp_path / "ckpt")) == ["agreed"]
+
+
+def thread_roles(rank: int, world: int, save_dir: str) -> dict:
+    """After a save of every rank: the OS names of this training process's threads and of the service's."""
+    from benchmarks.service_budget import role, threads_of
+
+    model = _model(rank)
+    with asyncckpt.AsyncCheckpointer(model, None, config=CFG) as saver:
+        saver.save_checkpoint(save_dir, tag="t").result(120)
+        pid = saver.engine.service.service_pid
+        return {"pid": pid, "service": sorted(role(n) for n, _, _ in threads_of(pid).values()),
+                "trainer": sorted(role(n) for n, _, _ in threads_of(os.getpid()).values())}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_local_ranks_share_the_nodes_thread_budget_in_one_service(runtime, tmp_path, world):
+    """Several local ranks: one service, whose encode threads are the node's budget (writer.threads_per_node: 2),
+    whatever the number of ranks; the training processes run no encode or file threads of their own."""
+    out = assert_all_ok(run_ranks(thread_roles, world, str(tmp_path), str(tmp_path / "ckpt"), timeout=240))
+    assert len({o["pid"] for o in out}) == 1
+    service = out[0]["service"]
+    assert service.count("acs-encode") == CFG["writer"]["threads_per_node"], service
+    assert service.count("acs-io") == 1, service  # one group (writer, event loop) serves the saver's ranks
+    for o in out:
+        assert not {"ac-encode", "ac-file", "ac-retain"} & set(o["trainer"]), o["trainer"]
+        assert {"ac-handover", "ac-replies"} <= set(o["trainer"]), o["trainer"]

@@ -28,7 +28,7 @@ from ..config import Config
 from ..errors import CheckpointError, CommitError
 from ..io_types import SaveJob, SaveResult
 from ..staging import Snapshot, ready_now
-from ..threads import started_pool
+from ..threads import start_thread, started_pool
 from .link import job_rendezvous
 from .paths import job_id, lock_path, log_path, runtime_dir, service_key, socket_path
 from .protocol import PROTOCOL, Channel, version_mismatch
@@ -206,8 +206,7 @@ class _Link:
         self._lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
         self._finished = threading.Event()  # the service answered "closed" (or the connection ended)
-        self._reader = threading.Thread(target=self._read, name="asyncckpt-service-reader", daemon=True)
-        self._reader.start()
+        self._reader = start_thread(self._read, "asyncckpt-replies")  # the service's replies to this rank
 
     @classmethod
     def open(cls, directory: str, key: str, hello: dict, config: Config) -> "_Link":
@@ -329,6 +328,8 @@ def _hello(directory: str, key: str, hello: dict, config: Config, deadline: floa
         mismatch = version_mismatch(f"the writer service (pid {welcome[0].get('pid')})", welcome[0].get("protocol"),
                                     f"rank {hello['rank']}")
         if mismatch is None:
+            for text in welcome[0].get("warnings") or ():  # e.g. the node's budget is another saver's
+                log.warning("rank %d: %s", hello["rank"], text)
             return channel, welcome[0]["pid"]
         welcome = ({"error": mismatch}, [])
     channel.close()

@@ -197,12 +197,13 @@ class ExchangeCollectives:
 
 
 class Group:
-    """One saver's ranks on this node: their configuration, the node's writer pool (the whole
-    ``writer.threads_per_node`` budget) and the event loop thread its writes run on, one commit coordinator per
+    """One saver's ranks on this node: their configuration, a writer pool on the service's encode threads (the
+    node's ``writer.threads_per_node`` budget, shared by every saver's group) and the event loop thread its writes run on, one commit coordinator per
     rank, a thread for ``keep_last`` removals and, on a job of several nodes, the :class:`~.link.Link` to the
     other nodes' services."""
 
-    def __init__(self, name: str, config: Config, hello: dict):
+    def __init__(self, name: str, config: Config, hello: dict, encoders: concurrent.futures.ThreadPoolExecutor,
+                 threads: int):
         self.name = name
         self.config = config
         self.world = hello["world_size"]
@@ -210,12 +211,12 @@ class Group:
         linked = len(members) < self.world
         self.exchange = Exchange(members, config.commit_timeout_s, linked)
         w = config.writer
-        threads = w.threads_per_node or max(1, min(8, os.cpu_count() or 1))
-        # the service process runs at lowered priority as a whole: the writer's threads inherit it (nice=0)
+        # the service process runs at lowered priority as a whole: the writer's threads inherit it (nice=0); the
+        # encode threads are the service's (the node's budget), shared by every saver's group
         self.writer = WriterPool(ChunkCodec.from_config(config.codec), threads=threads,
                                  chunk_bytes=config.codec.chunk_bytes, files_per_rank=w.files_per_rank,
                                  inflight_chunks=w.inflight_chunks, fsync=w.fsync, nice=0,
-                                 ionice_idle=w.ionice_idle, name="asyncckpt-service")
+                                 ionice_idle=w.ionice_idle, name="asyncckpt-service", encoders=encoders)
         self.loop = EventLoopThread("asyncckpt-service")  # runs the writer's coroutines
         self.retainer = started_pool(1, "asyncckpt-service-retain")
         self.coordinators: dict[int, CommitCoordinator] = {}

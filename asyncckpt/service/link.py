@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -27,6 +26,7 @@ from typing import Any, Callable
 import torch.distributed as dist
 
 from ..collectives import ROOT, GlooCollectives, standalone_gloo_group
+from ..threads import start_thread
 from .protocol import PROTOCOL, version_mismatch
 
 log = logging.getLogger(__name__)
@@ -118,8 +118,7 @@ class Link:
         self.environ = environ
         self.timeout_s = timeout_s  # a round's local wait; the services' group waits twice as long
         self._dead = False  # the services' group failed: it carries nothing any more
-        self._thread = threading.Thread(target=self._run, name="asyncckpt-service-link", daemon=True)
-        self._thread.start()
+        self._thread = start_thread(self._run, "asyncckpt-service-link")
 
     def _run(self) -> None:
         try:

@@ -10,6 +10,7 @@ travel between the nodes' services (:mod:`.link`); when their group fails, each 
 with its failed save (``retire``) and its connection is closed: it attaches anew with its next save."""
 from __future__ import annotations
 
+import concurrent.futures
 import fcntl
 import importlib
 import json
@@ -28,6 +29,7 @@ from ..config import Config
 from ..errors import CheckpointError, CommitError
 from ..io_types import FlatState, RankOutcome, StageItem
 from ..staging import Layout
+from ..threads import start_thread, started_pool
 from ..writer import lower_thread_priority
 from .group import Group
 from .paths import clean_leftovers, lock_path, log_path, socket_path
@@ -103,6 +105,7 @@ class Service:
         self._lock = threading.Lock()
         self._groups: dict[str, Group] = {}
         self._attachments = 0
+        self._encoders: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None  # the node's budget
 
     def serve(self) -> None:
         clean_leftovers(self.directory)
@@ -127,6 +130,11 @@ class Service:
                 idle_since = time.monotonic()
             elif time.monotonic() - idle_since >= self.idle_s and self._try_exit(listener, path):
                 return
+
+    def close(self) -> None:
+        """After :meth:`serve` returned (no rank attached, no save pending): stop the node's encode threads."""
+        if self._encoders is not None:
+            self._encoders[1].shutdown(wait=True)
 
     def _try_exit(self, listener: socket.socket, path: str) -> bool:
         """Stop listening when idle, under the starters' lock (a rank that is connecting holds it until its
@@ -172,16 +180,26 @@ class Service:
             return
         with self._lock:
             self._attachments += 1
-        threading.Thread(target=Attachment(self, Channel(sock)).run, name="asyncckpt-service-rank",
-                         daemon=True).start()
+        start_thread(Attachment(self, Channel(sock)).run, "asyncckpt-service-rank")
 
-    def group(self, hello: dict) -> tuple[Group, CommitCoordinator]:
+    def group(self, hello: dict) -> tuple[Group, CommitCoordinator, list[str]]:
+        """The group of the hello's saver (made by its first rank here), the rank's coordinator in it, and
+        warnings for the rank."""
+        warnings = []
         with self._lock:
             group = self._groups.get(hello["group"])
             if group is None:
                 config = Config.from_dict(hello["config"])
-                group = self._groups[hello["group"]] = Group(hello["group"], config, hello)
-            return group, group.attach(hello)
+                wanted = config.writer.threads_per_node or max(1, min(8, os.cpu_count() or 1))
+                if self._encoders is None:  # the first saver on this node sets the node's budget
+                    self._encoders = (wanted, started_pool(wanted, "asyncckpt-service-encode"))
+                threads, encoders = self._encoders
+                if wanted != threads:
+                    warnings.append(f"writer.threads_per_node: this saver asks for {wanted} encode threads, the "
+                                    f"node's writer service (pid {os.getpid()}) runs {threads} (the budget of the "
+                                    "node's first saver), shared by every saver of the job on this node")
+                group = self._groups[hello["group"]] = Group(hello["group"], config, hello, encoders, threads)
+            return group, group.attach(hello), warnings
 
     def detached(self, group: Group | None, rank: int) -> None:
         with self._lock:
@@ -221,13 +239,12 @@ class Attachment:
                                             f"this writer service (pid {os.getpid()})")
                 if mismatch:
                     raise CheckpointError(mismatch)
-                self.group, self.coordinator = self.service.group(hello)
+                self.group, self.coordinator, warnings = self.service.group(hello)
             except Exception as exc:  # noqa: BLE001 - told to the rank
                 self.reply({"op": "refused", "error": f"{type(exc).__name__}: {exc}"})
                 raise
-            self.reply({"op": "welcome", "pid": os.getpid(), "protocol": PROTOCOL})
-            worker = threading.Thread(target=self._work, name="asyncckpt-service-work", daemon=True)
-            worker.start()
+            self.reply({"op": "welcome", "pid": os.getpid(), "protocol": PROTOCOL, "warnings": warnings})
+            worker = start_thread(self._work, "asyncckpt-service-work")
             while True:
                 try:
                     msg = self.channel.recv()
@@ -384,7 +401,9 @@ def main(argv: list[str] | None = None) -> None:
     lower_thread_priority(args.nice, args.ionice_idle)  # every thread of the service inherits it
     torch.set_num_threads(1)
     run_hooks()
-    Service(args.dir, args.key, args.idle_s).serve()
+    service = Service(args.dir, args.key, args.idle_s)
+    service.serve()
+    service.close()
     try:
         os.unlink(log_path(args.dir, args.key))  # a clean exit leaves no log behind
     except FileNotFoundError:
