@@ -1,8 +1,6 @@
 """The Lightning CheckpointIO plugin against the real Lightning Trainer and ModelCheckpoint (CPU)."""
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import logging
 import os
 
@@ -13,9 +11,8 @@ L = pytest.importorskip("lightning")
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 import asyncckpt  # noqa: E402
-import asyncckpt.writer  # noqa: E402
 from asyncckpt.integrations.lightning import AsyncCheckpointIO  # noqa: E402
-from patching import patch_existing  # noqa: E402
+from storage_faults import faults_fixture  # noqa: E402,F401 - the `faults` fixture
 
 STEPS_PER_EPOCH = 4
 
@@ -72,19 +69,12 @@ def plugin(fast_config):
 
 
 @pytest.fixture
-def gate(monkeypatch):
-    """Holds every background write until ``gate.set_result(None)`` (opened at teardown; never > 30 s)."""
-    opened: concurrent.futures.Future = concurrent.futures.Future()
-    real = asyncckpt.writer.WriterPool.write_rank
-
-    async def gated(self, **kwargs):
-        await asyncio.wait_for(asyncio.wrap_future(opened), timeout=30)
-        return await real(self, **kwargs)
-
-    patch_existing(monkeypatch, asyncckpt.writer.WriterPool, "write_rank", gated)
-    yield opened
-    if not opened.done():
-        opened.set_result(None)
+def gate(faults):
+    """Holds the first data file of every save (in the writer threads, or in the writer service) until
+    ``gate.open()`` (opened at teardown; never > 120 s): nothing of a held save is published."""
+    held = faults.gate("open_write", ".partial/rank")
+    yield held
+    held.open()
 
 
 def visible(ckpt_dir) -> list[str]:
@@ -197,7 +187,8 @@ def test_save_returns_before_durable_and_in_flight_removal(tmp_path, plugin, gat
     io.remove_checkpoint(b)
     io.save_checkpoint({"w": torch.zeros(3), "n": 3}, b)  # saved again: the newer one must survive
     io.save_checkpoint({"w": torch.ones(3), "n": 4}, c)
-    gate.set_result(None)
+    assert gate.entered.wait(30)  # a save is held at the gate, not lost before it
+    gate.open()
     io.wait(timeout=60)
     assert not os.path.lexists(a)
     assert io.load_checkpoint(b)["n"] == 3
@@ -207,20 +198,13 @@ def test_save_returns_before_durable_and_in_flight_removal(tmp_path, plugin, gat
     assert visible(str(d)) == ["b.ckpt"] and hidden(str(d)) == []
 
 
-def test_background_failure_surfaces_in_training_loop(tmp_path, plugin, monkeypatch):
-    """A save that fails in the background is raised inside fit (by the next save or by teardown), the tag
-    it was writing never appears, and the checkpoint before it still loads."""
-    real = asyncckpt.writer.WriterPool.write_rank
-    calls = []
-
-    async def failing(self, **kwargs):
-        calls.append(kwargs["directory"])
-        if len(calls) == 3:  # epoch=0-step=4.ckpt (after step=2 and its last.ckpt)
-            raise OSError(28, "No space left on device")
-        return await real(self, **kwargs)
-
-    patch_existing(monkeypatch, asyncckpt.writer.WriterPool, "write_rank", failing)
+def test_background_failure_surfaces_in_training_loop(tmp_path, plugin, faults):
+    """A save that fails in the background (a full disk while writing epoch=0-step=4.ckpt, after step=2 and its
+    last.ckpt were published) is raised inside fit (by the next save or by teardown), the tag it was writing
+    never appears, and the checkpoint before it still loads."""
     d = str(tmp_path / "f")
+    faults.fail("open_write", os.path.join(d, ".epoch=0-step=4.ckpt.partial", ""),
+                OSError(28, "No space left on device"))
     trainer = make_trainer(plugin(), d, 8)
     with pytest.raises(asyncckpt.WriteError, match="No space left"):
         trainer.fit(Tiny(0))
@@ -234,7 +218,8 @@ def test_teardown_drains(tmp_path, plugin, gate):
     p = str(tmp_path / "t" / "x.ckpt")
     io.save_checkpoint({"w": torch.arange(5.0)}, p)
     assert not os.path.exists(p)
-    gate.set_result(None)
+    assert gate.entered.wait(30)
+    gate.open()
     io.teardown()
     assert os.path.isdir(p) and torch.equal(io.load_checkpoint(p)["w"], torch.arange(5.0))
 

@@ -1,8 +1,6 @@
 """The Hugging Face Trainer integration against the real transformers Trainer (tiny GPT-2 from a config, CPU)."""
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import os
 
 import pytest
@@ -15,9 +13,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback, TrainingA
 from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 
 import asyncckpt  # noqa: E402
-import asyncckpt.writer  # noqa: E402
 from asyncckpt.integrations.transformers import AsyncTrainer  # noqa: E402
-from patching import patch_existing  # noqa: E402
+from storage_faults import faults_fixture  # noqa: E402,F401 - the `faults` fixture
 
 
 class Tokens(torch.utils.data.Dataset):
@@ -90,47 +87,36 @@ def test_save_total_limit_and_exact_resume(tmp_path, fast_config):
     assert listing(out) == ["checkpoint-6", "checkpoint-8"]
 
 
-def test_checkpoint_appears_only_when_durable(tmp_path, fast_config, monkeypatch):
+def test_checkpoint_appears_only_when_durable(tmp_path, fast_config, faults):
     """_save_checkpoint returns while the writer is held: checkpoint-N does not exist yet, so
     get_last_checkpoint still names the previous, complete one; at the end of train() everything is drained."""
-    opened: concurrent.futures.Future = concurrent.futures.Future()
-    real = asyncckpt.writer.WriterPool.write_rank
+    out = tmp_path / "gated"
+    gate = faults.gate("open_write", str(out))  # every save's data files (in the writer threads or the service)
     seen = []
-
-    async def gated(self, **kwargs):
-        await asyncio.wait_for(asyncio.wrap_future(opened), timeout=30)
-        return await real(self, **kwargs)
 
     class Check(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             if state.global_step == 4:
-                seen.append((os.path.exists(os.path.join(args.output_dir, "checkpoint-4")),
+                seen.append((gate.entered.wait(30), os.path.exists(os.path.join(args.output_dir, "checkpoint-4")),
                              get_last_checkpoint(args.output_dir)))
-                opened.set_result(None)
+                gate.open()
             return control
 
-    patch_existing(monkeypatch, asyncckpt.writer.WriterPool, "write_rank", gated)
-    out = tmp_path / "gated"
     trainer = make_trainer(out, fast_config, callbacks=[Check()], max_steps=4, config={"max_inflight": 2})
-    trainer.train()  # checkpoint-2 is held too; the gate opens at checkpoint-4's on_save
-    assert seen == [(False, None)]  # neither checkpoint-2 nor checkpoint-4 was complete when save returned
+    try:
+        trainer.train()  # checkpoint-2 is held too; the gate opens at checkpoint-4's on_save
+    finally:
+        gate.open()
+    assert seen == [(True, False, None)]  # neither checkpoint-2 nor checkpoint-4 was complete when save returned
     assert listing(out) == ["checkpoint-2", "checkpoint-4"]
 
 
-def test_failed_save_surfaces_and_previous_stays(tmp_path, fast_config, monkeypatch):
-    """A background write failure is raised out of train(); the failed checkpoint never appears (not even as a
-    hidden leftover) and get_last_checkpoint names the previous one, which still loads."""
-    real = asyncckpt.writer.WriterPool.write_rank
-    calls = []
-
-    async def failing(self, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise OSError(28, "No space left on device")
-        return await real(self, **kwargs)
-
-    patch_existing(monkeypatch, asyncckpt.writer.WriterPool, "write_rank", failing)
+def test_failed_save_surfaces_and_previous_stays(tmp_path, fast_config, faults):
+    """A background write failure (a full disk while writing checkpoint-4) is raised out of train(); the failed
+    checkpoint never appears (not even as a hidden leftover) and get_last_checkpoint names the previous one,
+    which still loads."""
     out = tmp_path / "fail"
+    faults.fail("open_write", str(out / ".checkpoint-4.incomplete"), OSError(28, "No space left on device"))
     trainer = make_trainer(out, fast_config)
     with pytest.raises(asyncckpt.WriteError, match="No space left"):
         trainer.train()

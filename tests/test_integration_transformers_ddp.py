@@ -6,8 +6,12 @@ One module fixture runs three jobs of 2 ranks each (the rank functions below, im
 * ``reference_and_resume``: an uninterrupted 8-step run; a run stopped after its save at step 4, whose rank 1
   holds its background write of checkpoint-4 until rank 0 has looked at the directory; a run resumed from it
   with ``resume_from_checkpoint=True``, from a model with other initial weights.
-* ``crash``: rank 1 SIGKILLs itself during the background write of checkpoint-4 (rank 0's data is written).
+* ``crash``: the process writing rank 1's saves is SIGKILLed during the background write of checkpoint-4, once
+  both ranks' data files are written: rank 1 itself in thread mode, the node's writer service in service mode.
 * ``resume_after_crash``: fresh processes resume the crashed run.
+
+Faults are storage rules (tests/storage_faults.py): each rank makes its own, which apply to its own files, in its
+writer threads or in the writer service alike.
 
 Each rank draws its own torch RNG stream (dropout masks differ per rank), so a resumed run matches the
 reference only if every rank gets its own RNG state back."""
@@ -27,6 +31,7 @@ pytest.importorskip("transformers")
 from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 
+import asyncckpt  # noqa: E402
 from dist_helpers import assert_all_ok, run_ranks  # noqa: E402
 from test_integration_transformers import StopAt, Tokens, losses, model  # noqa: E402
 
@@ -35,6 +40,7 @@ pytestmark = [pytest.mark.multirank, pytest.mark.timeout(900)]
 WORLD = 2
 CONFIG = {"codec": {"chunk_mib": 1 / 64}, "writer": {"threads_per_node": 1, "nice": 0, "fsync": False},
           "commit_timeout_s": 30}
+SERVICE = asyncckpt.Config.from_dict(CONFIG).writer.mode == "service"  # ASYNCCKPT_WRITER_MODE, as the ranks see it
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -58,26 +64,9 @@ class PerRank(TrainerCallback):
         self.rng[state.global_step] = _digest(torch.get_rng_state())
 
 
-class WriteGate:
-    """Patches the writer of this process: the background write of a directory containing ``name`` calls
-    ``hook(write)`` (an async function) instead of writing directly."""
-
-    def __init__(self, name: str, hook):
-        import asyncckpt.writer
-
-        self.real = real = asyncckpt.writer.WriterPool.write_rank
-
-        async def write_rank(pool, **kwargs):
-            if name in kwargs["directory"]:
-                return await hook(lambda: real(pool, **kwargs))
-            return await real(pool, **kwargs)
-
-        asyncckpt.writer.WriterPool.write_rank = write_rank
-
-    def remove(self):
-        import asyncckpt.writer
-
-        asyncckpt.writer.WriterPool.write_rank = self.real
+def _index(out: str, step: int, rank: int) -> str:
+    """The index file a rank writes once its data files of checkpoint-``step`` are written."""
+    return os.path.join(out, f".checkpoint-{step}.incomplete", ".asyncckpt.partial", f"rank{rank:05d}.json")
 
 
 def _trainer(out: str, rank: int, seed: int = 0, callbacks=(), **over):
@@ -104,6 +93,7 @@ def _outcome(trainer, per_rank) -> dict:
 
 
 def reference_and_resume(rank: int, world: int, root: str) -> dict:
+    import storage_faults
     import torch.distributed as dist
 
     signal_group = dist.new_group(backend="gloo")  # the test's own rendezvous, apart from training's
@@ -125,18 +115,9 @@ def reference_and_resume(rank: int, world: int, root: str) -> dict:
     out["ref"] = _outcome(ref, per_rank)
     out["ref"]["hidden"] = [n for n in out["ref"]["listing"] if n.startswith(".")]
 
-    # 2. Stopped after the save at step 4; rank 1 holds its write of checkpoint-4 until rank 0 looked.
+    # 2. Stopped after the save at step 4; rank 1's data files of checkpoint-4 are held until rank 0 looked, once
+    #    rank 0's are written (rank 0 holds its index file until then).
     run = os.path.join(root, "run")
-    written, opened = threading.Event(), threading.Event()
-
-    async def hold(write):
-        if rank == 1:
-            assert opened.wait(60), "the gate was never opened"
-        files = await write()
-        written.set()
-        return files
-
-    gate = WriteGate(".checkpoint-4.incomplete", hold)
     seen: dict = {}
 
     class Look(TrainerCallback):
@@ -146,17 +127,24 @@ def reference_and_resume(rank: int, world: int, root: str) -> dict:
                 seen["after_wait"] = _visible(run)
             elif state.global_step == 4:
                 seen["returned_pending"] = first._ack_engine.in_flight() > 0
+                seen["held"] = gate.entered.wait(60)
                 if rank == 0:
-                    seen["rank0_written"] = written.wait(60)
                     seen["listing"] = _visible(run)
                     seen["last"] = get_last_checkpoint(run)
                 dist.barrier(group=signal_group)
-                opened.set()
+                gate.open()
             return control
 
-    first, per_rank = _trainer(run, rank, callbacks=[StopAt(4), Look()])
-    first.train()
-    gate.remove()
+    with storage_faults.injected() as faults:
+        if rank == 1:
+            gate = faults.gate("open_write", os.path.join(run, ".checkpoint-4.incomplete", ""))
+        else:
+            gate = faults.gate("write_durable", _index(run, 4, rank))
+        first, per_rank = _trainer(run, rank, callbacks=[StopAt(4), Look()])
+        try:
+            first.train()
+        finally:
+            gate.open()
     out["first"] = {**_outcome(first, per_rank), "seen": seen}
 
     # 3. Resumed from checkpoint-4, with other initial weights.
@@ -167,26 +155,35 @@ def reference_and_resume(rank: int, world: int, root: str) -> dict:
 
 
 def crash(rank: int, world: int, root: str) -> dict:
-    """Rank 1 dies during its background write of checkpoint-4, once rank 0's data is written; rank 0 is left
-    waiting for rank 1's vote and reports what its train() raised."""
+    """The process writing rank 1's saves dies during its background write of checkpoint-4, once both ranks'
+    data files are written (each rank holds its index file until then): in thread mode rank 1 (rank 0 is left
+    waiting for its vote), in service mode the writer service (both ranks' saves fail). A rank that lives reports
+    what its train() raised."""
+    import storage_faults
     import torch.distributed as dist
 
     signal_group = dist.new_group(backend="gloo")
     out = os.path.join(root, "crash")
 
-    async def die_mid_write(write):
-        files = await write()  # this rank's data files are written; its commit vote never comes
-        dist.barrier(group=signal_group)  # rank 0's data is written too
+    with storage_faults.injected() as faults:
+        written = faults.gate("write_durable", _index(out, 4, rank))  # this rank's data files are written
         if rank == 1:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return files
+            storage_faults.killed(faults, "write_durable", _index(out, 4, rank))  # once the gate let it through
 
-    WriteGate(".checkpoint-4.incomplete", die_mid_write)
-    trainer, _ = _trainer(out, rank, callbacks=[StopAt(4)])
-    try:
-        trainer.train()
-    except Exception as exc:  # noqa: BLE001 - the commit (CommitError) or a collective of training saw rank 1 die
-        return {"error": type(exc).__name__, "message": str(exc), "listing": _visible(out)}
+        def both_written() -> None:
+            if written.entered.wait(120):
+                dist.barrier(group=signal_group)
+                written.open()
+
+        threading.Thread(target=both_written, name="test-both-written", daemon=True).start()
+        trainer, _ = _trainer(out, rank, callbacks=[StopAt(4)])
+        try:
+            trainer.train()
+        except Exception as exc:  # noqa: BLE001 - the commit (CommitError) or a collective of training saw rank 1 die
+            return {"error": type(exc).__name__, "checkpoint_error": isinstance(exc, asyncckpt.CheckpointError),
+                    "message": str(exc), "listing": _visible(out)}
+        finally:
+            written.open()
     return {"error": None, "listing": _visible(out)}
 
 
@@ -236,8 +233,9 @@ def test_checkpoint_published_only_when_both_ranks_wrote(runs):
         seen = main[rank]["first"]["seen"]
         assert seen["after_wait"] == ["checkpoint-2"]
         assert seen["returned_pending"]
+    assert main[1]["first"]["seen"]["held"]  # rank 1's write was held at the gate
     seen = main[0]["first"]["seen"]
-    assert seen["rank0_written"]
+    assert seen["held"]  # rank 0's data files were written
     assert [n for n in seen["listing"] if not n.startswith(".")] == ["checkpoint-2"]
     assert seen["last"] == os.path.join(root, "run", "checkpoint-2")
     assert main[0]["first"]["listing"] == ["checkpoint-2", "checkpoint-4"]
@@ -256,14 +254,21 @@ def test_resume_is_exact_on_two_ranks(runs):
 
 
 def test_sigkill_of_one_rank_during_write_resumes_previous(runs):
-    """Rank 1 died during the background write of checkpoint-4 with rank 0's data written: rank 0's train()
-    raised a CheckpointError, checkpoint-4 never appeared, fresh processes resumed from checkpoint-2 and ended
-    identical to the uninterrupted run."""
+    """The writer of rank 1's saves died during the background write of checkpoint-4 with both ranks' data
+    written: in thread mode rank 1 itself, and rank 0's train() raised a CheckpointError; in service mode the
+    writer service, and both ranks' train() raised a CommitError (the service ended before it reported the
+    save). checkpoint-4 never appeared, fresh processes resumed from checkpoint-2 and ended identical to the
+    uninterrupted run."""
     root, main, crashed, resumed = runs
     out = os.path.join(root, "crash")
-    assert crashed[1].exitcode == -signal.SIGKILL, (crashed[1].exitcode, crashed[1].error)
+    if SERVICE:
+        for r in crashed:
+            assert r.ok and r.value["error"] == "CommitError", (r.value, r.error)
+            assert "the writer service" in r.value["message"] and "ended before it reported" in r.value["message"]
+    else:
+        assert crashed[1].exitcode == -signal.SIGKILL, (crashed[1].exitcode, crashed[1].error)
     assert crashed[0].ok, crashed[0].error
-    assert crashed[0].value["error"] is not None, crashed[0].value
+    assert crashed[0].value["checkpoint_error"], crashed[0].value
     assert [n for n in crashed[0].value["listing"] if not n.startswith(".")] == ["checkpoint-2"]
     for rank in range(WORLD):
         got, ref = resumed[rank], main[rank]["ref"]
