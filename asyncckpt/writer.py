@@ -39,6 +39,21 @@ _WRITEBACK_BYTES = 16 << 20  # start device writeback every this many bytes (the
 _IOPRIO_SET = {"x86_64": 251, "aarch64": 30, "arm64": 30}.get(platform.machine())
 
 
+def lower_session_priority(nice: int) -> None:
+    """Best effort, for a process that runs in a session of its own (the writer service, which must outlive its
+    trainer): with the kernel's autogroup scheduling (Linux, ``kernel.sched_autogroup_enabled``) CPU time is
+    shared between sessions first and niceness only acts inside one, so a niced process alone in its session
+    still takes as much CPU as the whole training job's session. Setting the session's autogroup niceness makes
+    it yield to the trainers as the niceness says."""
+    if not nice:
+        return
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(min(19, nice)))
+    except OSError:  # no autogroup (not Linux, or disabled): niceness alone acts
+        pass
+
+
 def lower_thread_priority(nice: int, ionice_idle: bool) -> None:
     """Best effort: raise this thread's niceness and lower its I/O priority (Linux threads have their own)."""
     tid = threading.get_native_id()

@@ -266,6 +266,23 @@ def test_savers_of_one_job_share_the_nodes_encode_threads(runtime, engines, save
     same(asyncckpt.load(save_dir + "b", "x"), state(1))
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/autogroup"), reason="no autogroup scheduling here")
+def test_the_service_lowers_its_sessions_priority_not_only_its_own(runtime, engines, save_dir):
+    """The service runs in a session of its own; with autogroup scheduling, CPU time is shared between sessions
+    before niceness acts, so the service sets its session's autogroup niceness to writer.nice too (else it
+    would take as much CPU as the whole training session)."""
+    e = engines(writer={**SERVICE["writer"], "nice": 7})
+    save(e, state(0), save_dir, "x").result(timeout=120)
+    pid = e.service.service_pid
+    with open(f"/proc/{pid}/autogroup") as f:
+        group = f.read()
+    with open("/proc/self/autogroup") as f:
+        mine = f.read()
+    assert group.split()[0] != mine.split()[0], (group, mine)  # a session (autogroup) of its own
+    assert group.split()[-1] == "7", group
+    assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 7)
+
+
 def test_leftover_shared_memory_of_dead_processes_is_removed_at_start(runtime, engines, save_dir):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait(timeout=60)

@@ -30,7 +30,7 @@ from ..errors import CheckpointError, CommitError
 from ..io_types import FlatState, RankOutcome, StageItem
 from ..staging import Layout
 from ..threads import start_thread, started_pool
-from ..writer import lower_thread_priority
+from ..writer import lower_session_priority, lower_thread_priority
 from .group import Group
 from .paths import clean_leftovers, lock_path, log_path, socket_path
 from .protocol import PROTOCOL, Channel, error_reply, version_mismatch
@@ -399,6 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s service[{os.getpid()}] %(levelname)s %(message)s")
     logging.getLogger().addHandler(ForwardToRank())
     lower_thread_priority(args.nice, args.ionice_idle)  # every thread of the service inherits it
+    lower_session_priority(args.nice)  # its own session (autogroup) too: else niceness does not yield to trainers
     torch.set_num_threads(1)
     run_hooks()
     service = Service(args.dir, args.key, args.idle_s)
