@@ -58,10 +58,12 @@ bench: bench-deps
 bench-many-small: bench-deps
 	$(BIN)/python -m benchmarks --config benchmarks/configs/many_small.yaml
 
-# Issue 11: writer.mode thread vs service on gpt_0p5gb (-> benchmarks/results/service/), then one service for 2
-# local ranks and the node's thread budget (-> benchmarks/results/service/budget.json).
+# Issue 11: writer.mode thread vs service on gpt_0p5gb, training on one core (-> benchmarks/results/service/) and
+# on every core (-> benchmarks/results/service_busy/), then one service for 2 local ranks and the node's thread
+# budget (-> benchmarks/results/service/budget.json).
 bench-service: bench-deps
 	$(BIN)/python -m benchmarks --config benchmarks/configs/service.yaml
+	$(BIN)/python -m benchmarks --config benchmarks/configs/service_busy.yaml
 	$(BIN)/torchrun --standalone --nproc-per-node 2 -m benchmarks.service_budget --mib 256 --threads 2 --saves 3 \
 		--out benchmarks/results/service/budget.json
 

@@ -175,6 +175,7 @@ def markdown(doc: dict, targets: list[dict] | None = None, plot_name: str | None
         f"checkpoints on {env.get('workdir_fs')} · torch {v.get('torch')} · deepspeed {v.get('deepspeed')} · "
         f"asyncckpt {v.get('asyncckpt')} @ {env.get('asyncckpt_commit')}{' (modified)' if env.get('asyncckpt_dirty') else ''}"
         f" · {cfg.get('reps')} reps × {cfg.get('rounds')} round(s), {cfg.get('warm_saves')} warm saves per rep · "
+        + (f"training on {cfg['torch_threads']} torch thread(s) · " if cfg.get("torch_threads") else "") +
         f"run took {doc.get('elapsed_s', 0) / 60:.1f} min")
     lines.append("")
     lines.append("Medians with (min–max) over repetitions; every figure below was measured in this one run, on "

@@ -12,6 +12,7 @@ Unknown keys are errors (a typo must not silently fall back to a default). Every
     warmup: true                # run each system once on a tiny model first (imports, lazy init, thread pools)
     timeout_s: 3600             # per measurement process (per rank with several ranks)
     world_sizes: [1]            # [1, 2]: each system also runs on 2 gloo ranks with DDP-replicated state
+    torch_threads: 0            # training's intra-op threads per rank (0: torch's default, CPUs / ranks)
     systems: [torch_save, deepspeed, dcp_save, dcp_async, asyncckpt, ...]   # see benchmarks.systems.SYSTEMS
     plugins: []                 # modules to import first: they add systems with benchmarks.systems.register
     asyncckpt: {}               # asyncckpt Config overrides applied to every asyncckpt mode
@@ -142,6 +143,7 @@ class RunSpec:
     warmup: bool = True
     timeout_s: float = 3600.0
     world_sizes: tuple[int, ...] = (1,)
+    torch_threads: int = 0
     plugins: tuple[str, ...] = ()
     asyncckpt: Mapping[str, Any] = field(default_factory=dict)
     loop: LoopSpec = field(default_factory=LoopSpec)
@@ -220,6 +222,8 @@ class RunSpec:
         unknown = [s for s in self.systems if s not in known]
         if unknown:
             raise SpecError(f"unknown system(s) {unknown}; known: {', '.join(known)}")
+        if type(self.torch_threads) is not int or not 0 <= self.torch_threads <= 1024:
+            raise SpecError(f"'torch_threads' must be an integer in 0..1024, got {self.torch_threads!r}")
         if self.reps < 1 or self.rounds < 1 or self.warm_saves < 0:
             raise SpecError("reps and rounds must be >= 1, warm_saves >= 0")
         if any(w < 1 for w in self.world_sizes):

@@ -60,7 +60,9 @@ def _run(job: dict, rank: int, world: int, out: dict) -> None:
 
         dist.init_process_group("gloo", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=float(job.get("pg_timeout_s", 600))))
-    if world > 1:
+    if run.torch_threads:
+        torch.set_num_threads(run.torch_threads)
+    elif world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     ctx = Ctx(rank, world)
     t0 = time.perf_counter()

@@ -108,3 +108,19 @@ def test_loop_pairs_alternate_their_order_and_subtract_the_neighbour():
     assert all(p["overhead_s"] == 2.0 and p["with_s"] == 12.0 and p["without_s"] == 10.0 for p in pairs)
     st = report.stats(report.system_metrics({"loop": pairs}, 1)["loop_overhead_s"])
     assert (st["median"], st["noise"]) == (2.0, False)
+
+
+@pytest.mark.parametrize("value, ok", [(0, True), (1, True), (16, True), (-1, False), ("2", False), (True, False),
+                                       (1.5, False), (None, False), (1025, False)])
+def test_torch_threads_is_a_strict_run_key(value, ok):
+    from benchmarks.spec import RunSpec, SpecError
+
+    data = {"name": "t", "torch_threads": value, "workloads": [{"name": "w", "vocab": 8, "d_model": 8, "n_layers": 1,
+                                                                 "n_heads": 1, "seq_len": 4, "batch": 1}]}
+    if ok:
+        spec = RunSpec.from_dict(data)
+        spec.validate()
+        assert spec.torch_threads == value
+    else:
+        with pytest.raises(SpecError, match="torch_threads"):
+            RunSpec.from_dict(data).validate()
