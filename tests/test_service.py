@@ -264,6 +264,12 @@ def test_savers_of_one_job_share_the_nodes_encode_threads(runtime, engines, save
     assert any("asks for 3 encode threads" in r.getMessage() and "runs 2" in r.getMessage() for r in caplog.records)
     same(asyncckpt.load(save_dir + "a", "x"), state(0))
     same(asyncckpt.load(save_dir + "b", "x"), state(1))
+    first.close(timeout=60)
+    second.close(timeout=60)
+    third = engines(writer={**SERVICE["writer"], "threads_per_node": 3})  # no saver holds the old budget now
+    save(third, state(2), save_dir + "c", "x").result(timeout=120)
+    roles = [role(name) for name, _, _ in threads_of(third.service.service_pid).values()]
+    assert roles.count("acs-encode") == 3, roles
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/autogroup"), reason="no autogroup scheduling here")

@@ -191,13 +191,16 @@ class Service:
             if group is None:
                 config = Config.from_dict(hello["config"])
                 wanted = config.writer.threads_per_node or max(1, min(8, os.cpu_count() or 1))
+                if self._encoders is not None and not self._groups and self._encoders[0] != wanted:
+                    self._encoders[1].shutdown(wait=True)  # no saver uses them: the budget is this saver's
+                    self._encoders = None
                 if self._encoders is None:  # the first saver on this node sets the node's budget
                     self._encoders = (wanted, started_pool(wanted, "asyncckpt-service-encode"))
                 threads, encoders = self._encoders
                 if wanted != threads:
                     warnings.append(f"writer.threads_per_node: this saver asks for {wanted} encode threads, the "
                                     f"node's writer service (pid {os.getpid()}) runs {threads} (the budget of the "
-                                    "node's first saver), shared by every saver of the job on this node")
+                                    "saver that started them), shared by every saver of the job on this node")
                 group = self._groups[hello["group"]] = Group(hello["group"], config, hello, encoders, threads)
             return group, group.attach(hello), warnings
 
