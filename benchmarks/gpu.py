@@ -495,8 +495,8 @@ def targets(doc: dict) -> list[dict]:
         steps, base = _warm(doc, system, "steps"), _warm(doc, system, "base_step_s")
         check(f"{system}: training time lost ≤ 1% of the steps' time (call → durable)",
               _warm(doc, system, "training_lost_s"), steps * base if steps and base else None, 0.01)
-    check("asyncckpt_service: time to durable ≤ 1.1 × thread mode (asyncckpt_lazy)", _warm(doc, "asyncckpt_service", "ttd_s"),
-          _warm(doc, "asyncckpt_lazy", "ttd_s"), 1.1)
+    check("asyncckpt_service: time to durable ≤ 1.1 × thread mode (asyncckpt_lazy)",
+          _warm(doc, "asyncckpt_service", "ttd_s"), _warm(doc, "asyncckpt_lazy", "ttd_s"), 1.1)
     check("asyncckpt_lazy: peak host memory ≤ 1.05 × state", _warm(doc, "asyncckpt_lazy", "peak_host_bytes"),
           state, 1.05)
     check("asyncckpt_device: peak host memory ≤ 1.05 × its staging ring", _warm(doc, "asyncckpt_device",
