@@ -97,6 +97,11 @@ class WriterConfig(_Section):
                f"a number in 0..{MAX_MEMORY_MIB:.0f} (1 PiB)")
 
     @property
+    def node_threads(self) -> int:
+        """The node's encode threads: ``threads_per_node``, or by default the node's CPU count, at most 8."""
+        return self.threads_per_node or max(1, min(8, os.cpu_count() or 1))
+
+    @property
     def memory_budget_bytes(self) -> int:
         return int(self.memory_budget_mib * (1 << 20))
 

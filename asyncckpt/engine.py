@@ -43,10 +43,6 @@ from .threads import EventLoopThread, at_shutdown, started_pool
 log = logging.getLogger(__name__)
 
 
-def _default_threads() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
-
-
 class SaveEngine:
     """Owns the staging pool, the event loop thread that runs the saves, the writer pool and the commit
     coordinator of one saver."""
@@ -63,7 +59,6 @@ class SaveEngine:
             raise ConfigError("config key 'snapshot_device': 'always' is not supported with writer.mode service "
                               "(the writer service reads full-size shared staging buffers); use auto or never")
         local = self.ctx.local_world_size
-        node_threads = w.threads_per_node or _default_threads()
         # writer.mode service: a per-node process writes and publishes (asyncckpt/service); staging is shared memory
         self.service = ServiceClient(config, self.ctx) if w.mode == "service" else None
         self.pool = StagingPool(config.max_inflight, pin=pin,
@@ -73,7 +68,7 @@ class SaveEngine:
         # thread mode: this process encodes and writes (its share of the node's thread budget); service mode:
         # the service does, and the training process runs no writer threads
         self.writer = None if self.service else WriterPool(
-            ChunkCodec.from_config(config.codec), threads=max(1, node_threads // local),
+            ChunkCodec.from_config(config.codec), threads=max(1, w.node_threads // local),
             chunk_bytes=config.codec.chunk_bytes, files_per_rank=w.files_per_rank, inflight_chunks=w.inflight_chunks,
             fsync=w.fsync, nice=w.nice, ionice_idle=w.ionice_idle)
         self.coordinator = CommitCoordinator(

@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from asyncckpt.threads import EventLoopThread, os_thread_name, start_thread, started_pool
+from benchmarks.service_budget import threads_of
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -26,11 +27,8 @@ def test_os_names_are_short_forms_within_the_kernel_limit(name, expected):
 
 
 def _os_names() -> dict[int, str]:
-    out = {}
-    for tid in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{tid}/comm") as f:
-            out[int(tid)] = f.read().strip()
-    return out
+    """This process's threads: tid -> OS name (what the benchmark tells their roles apart by)."""
+    return {tid: name for tid, (name, _, _) in threads_of(os.getpid()).items()}
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")

@@ -190,7 +190,7 @@ class Service:
             group = self._groups.get(hello["group"])
             if group is None:
                 config = Config.from_dict(hello["config"])
-                wanted = config.writer.threads_per_node or max(1, min(8, os.cpu_count() or 1))
+                wanted = config.writer.node_threads
                 if self._encoders is not None and not self._groups and self._encoders[0] != wanted:
                     self._encoders[1].shutdown(wait=True)  # no saver uses them: the budget is this saver's
                     self._encoders = None
