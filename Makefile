@@ -18,7 +18,7 @@ EXTRAS     ?= export,lightning,transformers,deepspeed,s3,test-s3
 RELIABILITY_TESTS := tests/test_crash.py tests/test_power_loss.py tests/test_faults.py tests/test_corruption.py tests/test_hostile.py \
                      tests/test_pickle_policy.py
 
-.PHONY: venv demo test test-service reliability bench-deps bench bench-many-small bench-service bench-integrations bench-gpu clean FORCE
+.PHONY: venv demo test test-service reliability bench-deps bench bench-cpu bench-many-small bench-service bench-integrations bench-gpu clean FORCE
 
 venv: $(STAMP)
 
@@ -54,6 +54,12 @@ bench-deps: $(STAMP)
 
 bench: bench-deps
 	$(BIN)/python -m benchmarks --config benchmarks/configs/gpt_1p5gb.yaml
+
+# Issue 10's CPU targets: warm stall vs a memcpy timed beside each save, the first save of a saver built 3 s
+# ahead (-> benchmarks/results/cpu_stall/), and compression: auto vs on and off (-> benchmarks/results/codec_auto/).
+bench-cpu: bench-deps
+	$(BIN)/python -m benchmarks --config benchmarks/configs/cpu_stall.yaml
+	$(BIN)/python -m benchmarks --config benchmarks/configs/codec_auto.yaml
 
 bench-many-small: bench-deps
 	$(BIN)/python -m benchmarks --config benchmarks/configs/many_small.yaml

@@ -24,7 +24,7 @@ from .workload import Workload
 ALIGN = 64
 
 
-def _stage_buffer(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, int, int]]]:
+def stage_buffer(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, int, int]]]:
     """One buffer holding every tensor (64-byte aligned) and (dst view, src, offset, nbytes) per tensor."""
     sizes = [t.numel() * t.element_size() for t in tensors]
     offsets, pos = [], 0
@@ -116,7 +116,7 @@ def measure_floors(wl: Workload, workdir: str, *, reps: int, write_mib: int, cod
                    codec_config: Mapping[str, Any]) -> dict:
     tensors = wl.state_tensors()
     t0 = time.perf_counter()
-    buf, pairs = _stage_buffer(tensors)
+    buf, pairs = stage_buffer(tensors)
     alloc_s = time.perf_counter() - t0
     raw = sum(n for _, _, _, n in pairs)
     out: dict[str, Any] = {"raw_bytes": raw, "alloc_and_fault_s": alloc_s}

@@ -12,6 +12,13 @@ Per repetition, on a fresh saver (``System.open``):
   spans ``loop.span`` x the warm time to durable, so the writer's contention (GIL, cores, memory bandwidth)
   with the training steps is counted.
 
+With ``first_save_after_s``, the first save of each repetition comes that many seconds after the saver was
+built (``open``): what a saver built ahead of time allocates in the background is then ready, as in training,
+where the first save comes long after the saver was built. With ``paired_memcpy``, the memcpy floor
+(:func:`benchmarks.floors.memcpy_floor`, into a buffer allocated and faulted in before the repetitions) is timed
+right before every save and recorded beside its stall (``memcpy_s``): on a shared machine whose speed drifts,
+the stall and its floor are then measured under the same conditions.
+
 Then, on one more fresh saver, **memory growth** over ``growth.saves`` consecutive saves (older checkpoints
 deleted as it goes). Before all this, the library is warmed up on a tiny model (imports, lazy init, thread
 pools), so the first-save figures are about the saver's own first save, not about the process's.
@@ -28,6 +35,7 @@ import time
 import traceback
 from typing import Any, Callable
 
+from .floors import memcpy_floor, stage_buffer
 from .spec import RunSpec
 from .systems import Ctx, Pending, System, disk_bytes, remove
 from .workload import TINY, build
@@ -83,6 +91,7 @@ class Measurer:
         self.round = round_index
         self.growth = growth
         self.log = log if ctx.rank == 0 else (lambda _msg: None)
+        self._memcpy_pairs: list | None = None  # paired_memcpy: (dst, src, offset, nbytes) of the floor's buffer
 
     def _dir(self, label: str) -> str:
         return os.path.join(self.workdir, f"{self.name}-{self.round}-{label}")
@@ -96,6 +105,8 @@ class Measurer:
             out["setup_s"] = time.perf_counter() - t0
             out["info"] = system.info()
             out["warmup_s"] = self._warmup() if self.run.warmup else None
+            if self.run.paired_memcpy:  # allocated (and faulted in) before any RSS baseline is taken
+                _, self._memcpy_pairs = stage_buffer(self.wl.state_tensors())
             t_step = self._step_time() if self._loop_enabled() else None
             out["step_s"] = t_step
             k = None
@@ -112,6 +123,7 @@ class Measurer:
             out["reason"] = f"{type(exc).__name__}: {exc}"
             out["traceback"] = traceback.format_exc()
             self.log(f"  {self.name}: FAILED: {out['reason']}")
+        self._memcpy_pairs = None
         out["loadavg_after"] = _loadavg()
         return out
 
@@ -147,12 +159,15 @@ class Measurer:
         return (time.perf_counter() - t0) / n
 
     def _save(self, system: System, tag: str) -> dict:
+        floor = memcpy_floor(self._memcpy_pairs, 1)[0] if self._memcpy_pairs is not None else None
         self.ctx.barrier()
         t0 = time.perf_counter()
         pending = system.save(tag)
         stall = time.perf_counter() - t0
         result = pending.wait(WAIT_S)
         rec = {"tag": tag, "stall_s": stall, "ttd_s": pending.ttd_s}
+        if floor is not None:
+            rec["memcpy_s"] = floor
         if result:
             rec["result"] = result
         return rec
@@ -173,10 +188,13 @@ class Measurer:
         t0 = time.perf_counter()
         opened = system.open(d)
         open_s = time.perf_counter() - t0
+        if self.run.first_save_after_s:
+            time.sleep(max(0.0, self.run.first_save_after_s - open_s))
+        first_after_s = time.perf_counter() - t0
         saves = [self._save(system, f"s{i}") for i in range(1 + self.run.warm_saves)]
         peak, peak_kind = peak_rss_bytes()
         rec: dict[str, Any] = {
-            "rep": rep, "round": self.round, "open_s": open_s, **opened,
+            "rep": rep, "round": self.round, "open_s": open_s, "first_after_s": first_after_s, **opened,
             "first": saves[0], "warm": saves[1:],
             "rss_before": rss0, "peak_rss": peak, "peak_rss_kind": peak_kind if reset_ok else "process_lifetime",
             "staging_bytes": system.staging_bytes(), "allocations": system.allocations(),

@@ -48,11 +48,12 @@ def system_metrics(res: dict, raw: int) -> dict[str, list]:
         m["ttd_first_s"].append(first["ttd_s"])
         for w in rep.get("warm", []):
             m["stall_warm_s"].append(w["stall_s"])
+            m["memcpy_paired_warm_s"].append(w.get("memcpy_s"))  # paired_memcpy: the floor timed right before
             m["ttd_warm_s"].append(w["ttd_s"])
             background = w["ttd_s"] - (0.0 if sync else w["stall_s"])
             m["write_MBps"].append(raw / background / 1e6 if background and background > 0 else None)
             m["ttd_internal_s"].append((w.get("result") or {}).get("time_to_durable_s"))
-        for key in ("open_s", "prepare_s", "load_s", "construct_s", "staging_bytes"):
+        for key in ("open_s", "first_after_s", "prepare_s", "load_s", "construct_s", "staging_bytes"):
             if rep.get(key) is not None:
                 m[key].append(rep[key])
         if rep.get("bytes_on_disk") is not None:

@@ -13,6 +13,8 @@ Unknown keys are errors (a typo must not silently fall back to a default). Every
     timeout_s: 3600             # per measurement process (per rank with several ranks)
     world_sizes: [1]            # [1, 2]: each system also runs on 2 gloo ranks with DDP-replicated state
     torch_threads: 0            # training's intra-op threads per rank (0: torch's default, CPUs / ranks)
+    first_save_after_s: 0       # seconds from building the saver to its first save (background allocation)
+    paired_memcpy: false        # time the memcpy floor right before every save (a floor beside each stall)
     systems: [torch_save, deepspeed, dcp_save, dcp_async, asyncckpt, ...]   # see benchmarks.systems.SYSTEMS
     plugins: []                 # modules to import first: they add systems with benchmarks.systems.register
     asyncckpt: {}               # asyncckpt Config overrides applied to every asyncckpt mode
@@ -144,6 +146,8 @@ class RunSpec:
     timeout_s: float = 3600.0
     world_sizes: tuple[int, ...] = (1,)
     torch_threads: int = 0
+    first_save_after_s: float = 0.0  # a saver built ahead of its first save allocates in the background meanwhile
+    paired_memcpy: bool = False  # the memcpy floor timed right before each save: drift falls on both figures
     plugins: tuple[str, ...] = ()
     asyncckpt: Mapping[str, Any] = field(default_factory=dict)
     loop: LoopSpec = field(default_factory=LoopSpec)
@@ -224,6 +228,11 @@ class RunSpec:
             raise SpecError(f"unknown system(s) {unknown}; known: {', '.join(known)}")
         if type(self.torch_threads) is not int or not 0 <= self.torch_threads <= 1024:
             raise SpecError(f"'torch_threads' must be an integer in 0..1024, got {self.torch_threads!r}")
+        if isinstance(self.first_save_after_s, bool) or not isinstance(self.first_save_after_s, (int, float)) \
+                or not 0 <= self.first_save_after_s <= 600:
+            raise SpecError(f"'first_save_after_s' must be a number of seconds in 0..600, got {self.first_save_after_s!r}")
+        if not isinstance(self.paired_memcpy, bool):
+            raise SpecError(f"'paired_memcpy' must be true or false, got {self.paired_memcpy!r}")
         if self.reps < 1 or self.rounds < 1 or self.warm_saves < 0:
             raise SpecError("reps and rounds must be >= 1, warm_saves >= 0")
         if any(w < 1 for w in self.world_sizes):

@@ -124,3 +124,141 @@ def test_torch_threads_is_a_strict_run_key(value, ok):
     else:
         with pytest.raises(SpecError, match="torch_threads"):
             RunSpec.from_dict(data).validate()
+
+
+def _cpu_run(stall: list, paired: list | None, floor: list, first: list | None = None,
+             first_after: list | None = None) -> dict:
+    mine = {"stall_warm_s": report.stats(stall), "stall_first_s": report.stats(first or stall)}
+    if paired is not None:
+        mine["memcpy_paired_warm_s"] = report.stats(paired)
+    if first_after is not None:
+        mine["first_after_s"] = report.stats(first_after)
+    return {"workload": "gpt", "world": 1, "raw_bytes": 1 << 20, "workload_info": {"kind": "gpt"},
+            "systems": {"asyncckpt": {"status": "ok"}}, "summary": {"asyncckpt": mine},
+            "floor_summary": {"memcpy_s": report.stats(floor)}}
+
+
+@pytest.mark.parametrize("paired, result", [
+    (None, "MISS"),  # only the run's floor (measured once, on a quieter moment): 0.6 / 0.3 s
+    ([0.5, 0.52, 0.48], "PASS"),  # the floor timed right before each save: 0.6 / 0.5 s
+])
+def test_warm_stall_is_held_to_the_floor_timed_beside_it(paired, result):
+    rows = {t["target"]: t for t in targets.evaluate({"runs": [_cpu_run([0.6, 0.62, 0.58], paired, [0.3, 0.3, 0.3])]})}
+    row = rows["warm stall ≤ 1.3 × memcpy floor"]
+    assert row["result"] == result
+    assert ("right before each save" in row["detail"]) is (paired is not None)
+
+
+FIRST = "first-save stall ≤ 1.5 × warm stall (saver built ≥ 3 s before, no prepare())"
+
+
+@pytest.mark.parametrize("first, first_after, result", [
+    ([0.5, 0.55, 0.45], None, "N/A"),  # a run whose first save came right after the saver was built
+    ([0.5, 0.55, 0.45], [0.1, 0.1, 0.1], "N/A"),
+    ([0.5, 0.55, 0.45], [3.0, 3.0, 3.1], "PASS"),  # 0.5 / 0.4
+    ([0.9, 0.95, 0.85], [3.0, 3.0, 3.1], "MISS"),  # 0.9 / 0.4
+])
+def test_first_save_of_a_saver_built_ahead_is_held_to_the_warm_stall(first, first_after, result):
+    run = _cpu_run([0.4, 0.41, 0.39], None, [0.3], first=first, first_after=first_after)
+    row = {t["target"]: t for t in targets.evaluate({"runs": [run]})}[FIRST]
+    assert row["result"] == result, row
+    assert ("first_save_after_s" in row["detail"]) is (result == "N/A")
+
+
+class _FakeSystem:
+    """Stands in for a benchmarks.systems.System: records when it was opened and when each save was called."""
+
+    name = "fake"
+    made: list["_FakeSystem"] = []
+
+    def __init__(self, wl, ctx, options):
+        self.events: list[tuple[str, float]] = []
+        self.dir = None
+        self.made.append(self)
+
+    def info(self):
+        return {}
+
+    def open(self, d):
+        import time
+
+        os.makedirs(d, exist_ok=True)
+        self.dir = d
+        self.events.append(("open", time.perf_counter()))
+        return {}
+
+    def save(self, tag):
+        import time
+
+        from benchmarks.systems import Pending
+
+        t = time.perf_counter()
+        self.events.append(("save", t))
+        return Pending.completed(t)
+
+    def staging_bytes(self):
+        return 0
+
+    def allocations(self):
+        return None
+
+    def path(self, tag):
+        return self.dir
+
+    def load(self, tag):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_a_repetition_waits_before_its_first_save_and_times_the_floor_beside_every_save(tmp_path):
+    import torch
+
+    from benchmarks.spec import RunSpec
+    from benchmarks.systems import Ctx
+
+    run = RunSpec.from_dict({"name": "t", "reps": 1, "warm_saves": 2, "first_save_after_s": 0.2, "paired_memcpy": True,
+                             "warmup": False, "loop": {"enabled": False}, "growth": {"saves": 0},
+                             "workloads": [{"name": "w"}]})
+    wl = type("Wl", (), {"state_tensors": lambda self: [torch.ones(1 << 16), torch.ones(3, dtype=torch.float64)]})()
+    _FakeSystem.made.clear()
+    out = Measurer(_FakeSystem, wl, Ctx(), run, str(tmp_path), log=lambda _m: None).measure()
+    assert out["status"] == "ok", out.get("traceback")
+    (rep,) = out["reps"]
+    (opened, t_open), (_, t_first) = _FakeSystem.made[0].events[:2]
+    assert opened == "open" and t_first - t_open >= 0.2 and rep["first_after_s"] >= 0.2
+    saves = [rep["first"], *rep["warm"]]
+    assert len(saves) == 3 and all(s["memcpy_s"] > 0 for s in saves)
+    st = report.system_metrics(out, 1)
+    assert len(st["memcpy_paired_warm_s"]) == 2 and st["first_after_s"] == [rep["first_after_s"]]
+
+
+@pytest.mark.parametrize("key, value, ok", [
+    ("first_save_after_s", 0, True), ("first_save_after_s", 3, True), ("first_save_after_s", 2.5, True),
+    ("first_save_after_s", -1, False), ("first_save_after_s", "3", False), ("first_save_after_s", True, False),
+    ("first_save_after_s", 601, False), ("paired_memcpy", True, True), ("paired_memcpy", False, True),
+    ("paired_memcpy", 1, False), ("paired_memcpy", "yes", False),
+])
+def test_first_save_after_s_and_paired_memcpy_are_strict_run_keys(key, value, ok):
+    from benchmarks.spec import RunSpec, SpecError
+
+    data = {"name": "t", key: value, "workloads": [{"name": "w"}]}
+    if ok:
+        assert getattr(RunSpec.from_dict(data), key) == value
+    else:
+        with pytest.raises(SpecError, match=key):
+            RunSpec.from_dict(data)
+
+
+def test_every_shipped_benchmark_config_is_valid():
+    from benchmarks.spec import RunSpec
+
+    folder = os.path.join(ROOT, "benchmarks", "configs")
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".yaml"))
+    assert "cpu_stall.yaml" in names
+    for name in names:
+        if name.startswith("gpu"):  # benchmarks.gpu's own format (tests/test_bench_gpu_smoke.py runs it)
+            continue
+        spec = RunSpec.from_yaml(os.path.join(folder, name))
+        assert spec.workloads, name
