@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("lightning")
 
 import asyncckpt  # noqa: E402
-from dist_helpers import assert_all_ok, run_ranks  # noqa: E402
+from dist_helpers import assert_all_ok, forkserver_context, run_ranks  # noqa: E402
 from test_integration_lightning import Tiny, hidden, make_trainer, snapshot, visible  # noqa: E402
 
 pytestmark = [pytest.mark.multirank, pytest.mark.timeout(600)]
@@ -70,13 +70,15 @@ def reference_and_resume(rank: int, world: int, root: str) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("lightning_ddp"))
-    crashed = run_ranks(crash, WORLD, str(tmp_path_factory.mktemp("crash_out")), root, timeout=200, env=ENV, hung=1)
+    ctx = forkserver_context()  # the ranks start with torch and asyncckpt imported
+    crashed = run_ranks(crash, WORLD, str(tmp_path_factory.mktemp("crash_out")), root, timeout=200, env=ENV, hung=1,
+                        ctx=ctx)
     d = os.path.join(root, "crash")  # as the crash left it: nothing wrote there since
     with open(os.path.join(d, "latest")) as f:
         at_crash = {"listing": sorted(os.listdir(d)), "latest": f.read().strip(),
                     "last_step": asyncckpt.load(d, "last.ckpt")["global_step"]}
     resumed = assert_all_ok(run_ranks(reference_and_resume, WORLD, str(tmp_path_factory.mktemp("resume_out")), root,
-                                      timeout=300, env=ENV))
+                                      timeout=300, env=ENV, ctx=ctx))
     return root, crashed, at_crash, resumed
 
 
