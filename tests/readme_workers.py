@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 
+
 def _child(job: dict, log: str) -> None:
     """Becomes the block's process; never returns (the block's exception, if any, ends the interpreter)."""
     os.setpgid(0, 0)
@@ -23,6 +24,8 @@ def _child(job: dict, log: str) -> None:
     os.dup2(null, 0)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
+    os.close(null)
+    os.close(fd)
     main = sys.modules["__main__"].__dict__
     dunders = {k: v for k, v in main.items() if k.startswith("__") and k.endswith("__")}
     main.clear()  # the block sees what `python -c` gives it, nothing of this module
@@ -49,7 +52,7 @@ def serve(preload: list[str]) -> None:
         if pid == 0:
             _child(job, log)
         try:
-            os.setpgid(pid, pid)  # as the child does: the deadline's killpg must not find it in ours
+            os.setpgid(pid, pid)  # as the child does, so that the group exists before a killpg at the deadline
         except OSError:  # it already set it, or already exited
             pass
         children[pid] = (str(job["line"]), log)
