@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import pytest
 
@@ -42,7 +43,9 @@ def _fit(d: str, seed: int, ckpt_path: str | None = None, max_steps: int = 8):
 
 def crash(rank: int, world: int, root: str) -> dict:
     """4 steps; the process writing rank 0's saves dies at the manifest of the second last.ckpt, the run's last
-    save (its data files are written); returns what fit raised, if this rank lives on."""
+    save (its data files are written); returns what fit raised, if rank 0 lives on. Rank 1 (whose fit fails in
+    a collective rank 0 left, or waits in one) then waits to be SIGKILLed as run_ranks's ``hung`` rank: a result
+    it wrote could be cut short by that kill."""
     import storage_faults
 
     d = os.path.join(root, "crash")
@@ -53,7 +56,10 @@ def crash(rank: int, world: int, root: str) -> dict:
         try:
             _fit(d, seed=0, max_steps=4)
         except Exception as exc:  # noqa: BLE001 - the failed save (or, on rank 1, a collective rank 0 left)
-            return {"error": type(exc).__name__, "message": str(exc)}
+            if rank == 0:
+                return {"error": type(exc).__name__, "message": str(exc)}
+        if rank == 1:
+            threading.Event().wait()
     raise AssertionError(f"rank {rank} finished training without its save failing")
 
 
