@@ -1,6 +1,9 @@
 """The benchmark end to end at the tiny size: every system runs, and the JSON, the Markdown and the plot name
 every one of them; asyncckpt's systems must succeed, a peer that fails is recorded as failed (with its error)
-and the run goes on. No timing asserts (timings at this size mean nothing)."""
+and the run goes on. No timing asserts (timings at this size mean nothing).
+
+One run serves both: benchmarks/configs/tiny.yaml with a test-only plugin whose peer always fails, run before
+asyncckpt (a run of the benchmark costs seconds of imports and process starts)."""
 from __future__ import annotations
 
 import importlib.util
@@ -41,11 +44,46 @@ def _assert_ran(name: str, res: dict, growth_saves: int) -> None:
     assert res["growth"] and len(res["growth"]["rss"]) == growth_saves
 
 
-@pytest.mark.timeout(420)
-def test_benchmark_tiny_end_to_end(tmp_path):
+FAILING_PEER = textwrap.dedent("""
+    from benchmarks.systems import System, register
+
+
+    @register
+    class FailingPeer(System):
+        name = "failing_peer"
+        notes = "a test-only peer whose saves always fail"
+
+        def save(self, tag):
+            raise RuntimeError("deliberate failure of the test-only peer")
+""")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The shipped tiny configuration, plus the failing peer's plugin, over every available system and the
+    failing peer (before asyncckpt): the finished process, the results directory and the systems."""
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("bench")
+    plugins = tmp / "plugins"
+    plugins.mkdir()
+    (plugins / "failing_peer_plugin.py").write_text(FAILING_PEER)
+    with open(CONFIG) as f:
+        data = yaml.safe_load(f)
+    assert not data.get("plugins")
+    data["plugins"] = ["failing_peer_plugin"]
+    config = tmp / "tiny.yaml"
+    config.write_text(yaml.safe_dump(data))
     systems = _available_systems()
     assert "torch_save" in systems and "asyncckpt" in systems
-    proc = _run_benchmark(CONFIG, tmp_path, systems)
+    systems.insert(systems.index("asyncckpt"), "failing_peer")  # the failing one runs before asyncckpt
+    proc = _run_benchmark(str(config), tmp / "out", systems, extra_path=str(plugins))
+    return proc, tmp / "out", systems
+
+
+@pytest.mark.timeout(420)
+def test_benchmark_tiny_end_to_end(tiny_run):
+    proc, tmp_path, systems = tiny_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     out = tmp_path / "tiny"
@@ -74,54 +112,23 @@ def test_benchmark_tiny_end_to_end(tmp_path):
     assert not (tmp_path / "tmp").exists(), "checkpoints of the run are left behind"
 
 
-FAILING_PEER = textwrap.dedent("""
-    from benchmarks.systems import System, register
-
-
-    @register
-    class FailingPeer(System):
-        name = "failing_peer"
-        notes = "a test-only peer whose saves always fail"
-
-        def save(self, tag):
-            raise RuntimeError("deliberate failure of the test-only peer")
-""")
-
-
 @pytest.mark.timeout(420)
-def test_a_failing_peer_is_recorded_and_the_run_goes_on(tmp_path):
-    plugins = tmp_path / "plugins"
-    plugins.mkdir()
-    (plugins / "failing_peer_plugin.py").write_text(FAILING_PEER)
-    config = tmp_path / "failing.yaml"
-    config.write_text(textwrap.dedent("""
-        name: failing
-        reps: 1
-        warm_saves: 1
-        isolate: false
-        warmup: false
-        timeout_s: 150
-        plugins: [failing_peer_plugin]
-        loop: {enabled: false}
-        growth: {saves: 2, systems: all}
-        floors: {enabled: false}
-        workloads:
-          - {name: tiny, vocab: 64, d_model: 16, n_layers: 1, n_heads: 2, seq_len: 8, batch: 2}
-    """))
-    systems = ["torch_save", "failing_peer", "asyncckpt"]  # the failing one runs before asyncckpt
-    proc = _run_benchmark(str(config), tmp_path / "out", systems, extra_path=str(plugins))
+def test_a_failing_peer_is_recorded_and_the_run_goes_on(tiny_run):
+    proc, tmp_path, _ = tiny_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "system failing_peer failed on tiny: RuntimeError: deliberate failure" in proc.stdout
+    progress = proc.stderr  # the measuring process's progress lines
+    assert progress.index("] failing_peer (round 0)") < progress.index("] asyncckpt (round 0)"), progress[-3000:]
 
-    doc = json.loads((tmp_path / "out" / "failing" / "results.json").read_text())
+    doc = json.loads((tmp_path / "tiny" / "results.json").read_text())
     (run,) = doc["runs"]
     failed = run["systems"]["failing_peer"]
     assert failed["status"] == "failed"
     assert failed["reason"] == "RuntimeError: deliberate failure of the test-only peer"
     assert "deliberate failure" in failed["traceback"]
     for name in ("torch_save", "asyncckpt"):
-        _assert_ran(name, run["systems"][name], 2)
-    md = (tmp_path / "out" / "failing" / "results.md").read_text()
+        _assert_ran(name, run["systems"][name], doc["config"]["growth"]["saves"])
+    md = (tmp_path / "tiny" / "results.md").read_text()
     assert "| `failing_peer` | failed: RuntimeError: deliberate failure of the test-only peer |" in md
     assert "| `asyncckpt` | " in md and "| `torch_save` | " in md
     assert any(t["result"] in ("PASS", "MISS") for t in doc["targets"])  # asyncckpt vs torch.save still compared

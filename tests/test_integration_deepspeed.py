@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("deepspeed")
 
 import deepspeed_workers as W  # noqa: E402
-from dist_helpers import assert_all_ok, run_ranks  # noqa: E402
+from dist_helpers import assert_all_ok, forkserver_context, run_ranks  # noqa: E402
 
 import asyncckpt  # noqa: E402
 from asyncckpt.format import MANIFEST, rank_index_name  # noqa: E402
@@ -29,7 +29,8 @@ SERVICE = asyncckpt.Config.coerce(W.CONFIG).writer.mode == "service"  # ASYNCCKP
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("deepspeed"))
-    first = run_ranks(W.save_run, WORLD, str(tmp_path_factory.mktemp("save_out")), root, timeout=240)
+    ctx = forkserver_context()  # the ranks start with torch and asyncckpt imported
+    first = run_ranks(W.save_run, WORLD, str(tmp_path_factory.mktemp("save_out")), root, timeout=240, ctx=ctx)
     # thread mode: each rank kills itself once its held save returned; service mode: each rank's save failed
     # because the writer service died at the held commit, and the rank exits with SERVICE_DIED. Nothing else.
     crashed = W.SERVICE_DIED if SERVICE else -signal.SIGKILL
@@ -38,7 +39,7 @@ def runs(tmp_path_factory):
     saved = [torch.load(os.path.join(root, f"save_rank{r}.pt"), weights_only=False) for r in range(WORLD)]
     crash = [torch.load(os.path.join(root, f"crash_rank{r}.pt"), weights_only=False) for r in range(WORLD)]
     resumed = assert_all_ok(run_ranks(W.resume_run, WORLD, str(tmp_path_factory.mktemp("resume_out")), root,
-                                      timeout=240))
+                                      timeout=240, ctx=ctx))
     return root, saved, crash, resumed
 
 

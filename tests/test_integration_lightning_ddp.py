@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import pytest
 
 pytest.importorskip("lightning")
 
 import asyncckpt  # noqa: E402
-from dist_helpers import assert_all_ok, run_ranks  # noqa: E402
+from dist_helpers import assert_all_ok, forkserver_context, run_ranks  # noqa: E402
 from test_integration_lightning import Tiny, hidden, make_trainer, snapshot, visible  # noqa: E402
 
 pytestmark = [pytest.mark.multirank, pytest.mark.timeout(600)]
@@ -42,7 +43,9 @@ def _fit(d: str, seed: int, ckpt_path: str | None = None, max_steps: int = 8):
 
 def crash(rank: int, world: int, root: str) -> dict:
     """4 steps; the process writing rank 0's saves dies at the manifest of the second last.ckpt, the run's last
-    save (its data files are written); returns what fit raised, if this rank lives on."""
+    save (its data files are written); returns what fit raised, if rank 0 lives on. Rank 1 (whose fit fails in
+    a collective rank 0 left, or waits in one) then waits to be SIGKILLed as run_ranks's ``hung`` rank: a result
+    it wrote could be cut short by that kill."""
     import storage_faults
 
     d = os.path.join(root, "crash")
@@ -53,7 +56,10 @@ def crash(rank: int, world: int, root: str) -> dict:
         try:
             _fit(d, seed=0, max_steps=4)
         except Exception as exc:  # noqa: BLE001 - the failed save (or, on rank 1, a collective rank 0 left)
-            return {"error": type(exc).__name__, "message": str(exc)}
+            if rank == 0:
+                return {"error": type(exc).__name__, "message": str(exc)}
+        if rank == 1:
+            threading.Event().wait()
     raise AssertionError(f"rank {rank} finished training without its save failing")
 
 
@@ -70,13 +76,15 @@ def reference_and_resume(rank: int, world: int, root: str) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("lightning_ddp"))
-    crashed = run_ranks(crash, WORLD, str(tmp_path_factory.mktemp("crash_out")), root, timeout=200, env=ENV, hung=1)
+    ctx = forkserver_context()  # the ranks start with torch and asyncckpt imported
+    crashed = run_ranks(crash, WORLD, str(tmp_path_factory.mktemp("crash_out")), root, timeout=200, env=ENV, hung=1,
+                        ctx=ctx)
     d = os.path.join(root, "crash")  # as the crash left it: nothing wrote there since
     with open(os.path.join(d, "latest")) as f:
         at_crash = {"listing": sorted(os.listdir(d)), "latest": f.read().strip(),
                     "last_step": asyncckpt.load(d, "last.ckpt")["global_step"]}
     resumed = assert_all_ok(run_ranks(reference_and_resume, WORLD, str(tmp_path_factory.mktemp("resume_out")), root,
-                                      timeout=300, env=ENV))
+                                      timeout=300, env=ENV, ctx=ctx))
     return root, crashed, at_crash, resumed
 
 

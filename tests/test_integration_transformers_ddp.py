@@ -1,14 +1,15 @@
 """The Hugging Face Trainer integration on 2 gloo ranks: DDP through the Trainer's own torch.distributed support
 (``TrainingArguments(use_cpu=True, ddp_backend="gloo")``, RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from run_ranks).
 
-One module fixture runs three jobs of 2 ranks each (the rank functions below, importable by spawned children):
+One module fixture runs two jobs of 2 ranks each (the rank functions below, importable by the children, which
+a forkserver with torch and asyncckpt imported starts: tests/dist_helpers.py):
 
-* ``reference_and_resume``: an uninterrupted 8-step run; a run stopped after its save at step 4, whose rank 1
-  holds its background write of checkpoint-4 until rank 0 has looked at the directory; a run resumed from it
-  with ``resume_from_checkpoint=True``, from a model with other initial weights.
 * ``crash``: the process writing rank 1's saves is SIGKILLed during the background write of checkpoint-4, once
   both ranks' data files are written: rank 1 itself in thread mode, the node's writer service in service mode.
-* ``resume_after_crash``: fresh processes resume the crashed run.
+* ``reference_and_resumes``, in fresh processes: ``reference_and_resume``, an uninterrupted 8-step run; a run
+  stopped after its save at step 4, whose rank 1 holds its background write of checkpoint-4 until rank 0 has
+  looked at the directory; a run resumed from it with ``resume_from_checkpoint=True``, from a model with other
+  initial weights. Then ``resume_after_crash``: these processes resume the crashed run.
 
 Faults are storage rules (tests/storage_faults.py): each rank makes its own, which apply to its own files, in its
 writer threads or in the writer service alike.
@@ -32,7 +33,7 @@ from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 
 import asyncckpt  # noqa: E402
-from dist_helpers import assert_all_ok, run_ranks  # noqa: E402
+from dist_helpers import assert_all_ok, forkserver_context, run_ranks  # noqa: E402
 from test_integration_transformers import StopAt, Tokens, losses, model  # noqa: E402
 
 pytestmark = [pytest.mark.multirank, pytest.mark.timeout(900)]
@@ -196,16 +197,20 @@ def resume_after_crash(rank: int, world: int, root: str) -> dict:
     return {"last": last, "before": before, **_outcome(trainer, per_rank)}
 
 
+def reference_and_resumes(rank: int, world: int, root: str) -> dict:
+    return {"main": reference_and_resume(rank, world, root), "resumed": resume_after_crash(rank, world, root)}
+
+
 # ------------------------------------------------------------------------------------------ test side
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("hf_ddp"))
-    main = assert_all_ok(run_ranks(reference_and_resume, WORLD, str(tmp_path_factory.mktemp("main_out")), root,
-                                   timeout=400, env=ENV))
-    crashed = run_ranks(crash, WORLD, str(tmp_path_factory.mktemp("crash_out")), root, timeout=200, env=ENV)
-    resumed = assert_all_ok(run_ranks(resume_after_crash, WORLD, str(tmp_path_factory.mktemp("resume_out")), root,
-                                      timeout=300, env=ENV))
-    return root, main, crashed, resumed
+    ctx = forkserver_context()
+    crashed = run_ranks(crash, WORLD, str(tmp_path_factory.mktemp("crash_out")), root, timeout=200, env=ENV,
+                        ctx=ctx)
+    both = assert_all_ok(run_ranks(reference_and_resumes, WORLD, str(tmp_path_factory.mktemp("main_out")), root,
+                                   timeout=700, env=ENV, ctx=ctx))
+    return root, [b["main"] for b in both], crashed, [b["resumed"] for b in both]
 
 
 def _same_weights(a: dict, b: dict) -> bool:

@@ -11,12 +11,16 @@
 * A python block whose first line is ``# requires: mod, mod`` needs optional packages (an integration): it is
   skipped when one is missing, and otherwise runs in its own Python process (a framework may initialise
   ``torch.distributed`` or global state), in the same directory and after the same prelude, with the variables a
-  launcher such as torchrun sets for one process (``SUBPROCESS_PRELUDE``).
+  launcher such as torchrun sets for one process (``SUBPROCESS_PRELUDE``). These blocks run after all the
+  others and at the same time as each other (so one must not need another's files): each process is forked from
+  one that has imported what they all import (``SUBPROCESS_PRELOAD``; tests/readme_workers.py) and is otherwise
+  what ``python -c`` gives the block (an empty ``__main__``, the interpreter's normal exit).
 * Every ```yaml block is a valid ``asyncckpt.Config``.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -79,6 +83,11 @@ except ImportError:
 '''
 
 
+# What SUBPROCESS_PRELUDE and every `# requires:` block import anyway: imported once, before the blocks' processes
+# are forked from the one that imported them.
+SUBPROCESS_PRELOAD = ("torch", "asyncckpt", "deepspeed.ops")
+
+
 def _requires(block: str) -> list[str]:
     first = block.lstrip().split("\n", 1)[0]
     if not first.startswith(REQUIRES):
@@ -90,15 +99,45 @@ def _missing(block: str) -> list[str]:
     return [m for m in _requires(block) if importlib.util.find_spec(m) is None]
 
 
-def _run_in_subprocess(line: int, block: str, where) -> str | None:
-    script = SUBPROCESS_PRELUDE + README_PRELUDE + "\n" * (line - 1) + block
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    try:
-        r = subprocess.run([sys.executable, "-c", script], cwd=where, env=env, capture_output=True, text=True,
-                           timeout=SUBPROCESS_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return f"timed out after {SUBPROCESS_TIMEOUT_S} s"
-    return None if r.returncode == 0 else f"exit status {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+class _Subprocesses:
+    """The process that runs the ``# requires:`` blocks (tests/readme_workers.py). It starts at once, so that its
+    imports overlap the other blocks, and is handed the blocks by :meth:`run`."""
+
+    def __init__(self, where):
+        code = (f"import sys; sys.path.insert(0, {os.path.join(ROOT, 'tests')!r}); import readme_workers; "
+                f"del sys.path[0]; readme_workers.serve({list(SUBPROCESS_PRELOAD)!r})")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+        self.logs = where.parent / f"{where.name}-logs"
+        self.logs.mkdir()
+        self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=where, env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def run(self, blocks: list[tuple[int, str]]) -> dict[int, str | None]:
+        """Each block's outcome: None, or why it failed."""
+        jobs = [{"line": line, "code": [["<SUBPROCESS_PRELUDE>", SUBPROCESS_PRELUDE, 1],
+                                        ["<README_PRELUDE>", README_PRELUDE, 1], [README, block, line]]}
+                for line, block in blocks]
+        request = json.dumps({"jobs": jobs, "logs": str(self.logs), "timeout_s": SUBPROCESS_TIMEOUT_S})
+        try:
+            out, err = self.proc.communicate(request, timeout=SUBPROCESS_TIMEOUT_S + 120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        if self.proc.returncode != 0:
+            why = f"the process running the blocks exited {self.proc.returncode}\n{out[-3000:]}\n{err[-6000:]}"
+            return {line: why for line, _ in blocks}
+        outcomes = json.loads(out.splitlines()[-1])
+        result: dict[int, str | None] = {}
+        for line, _ in blocks:
+            status, output = outcomes[str(line)]
+            result[line] = (None if status == 0 else f"timed out after {SUBPROCESS_TIMEOUT_S} s\n{output[-9000:]}"
+                            if status is None else f"exit status {status}\n{output[-9000:]}")
+        return result
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
 
 
 def _blocks(lang: str) -> list[tuple[int, str]]:
@@ -130,14 +169,14 @@ def readme_dir(tmp_path_factory):
     where = tmp_path_factory.mktemp("readme")
     shutil.copy(os.path.join(ROOT, "examples", "ckpt.yaml"), where / "ckpt.yaml")
     outcomes: dict[int, str | None] = {}
+    runnable = [(line, block) for line, block in PYTHON if _not_run(block) is None and not _missing(block)]
+    separate = [(line, block) for line, block in runnable if _requires(block)]
+    subprocesses = _Subprocesses(where) if separate else None
     cwd, rng, threads = os.getcwd(), torch.get_rng_state(), torch.get_num_threads()
     os.chdir(where)
     try:
-        for line, block in PYTHON:
-            if _not_run(block) is not None or _missing(block):
-                continue
+        for line, block in runnable:
             if _requires(block):
-                outcomes[line] = _run_in_subprocess(line, block, where)
                 continue
             namespace: dict = {"__name__": "__readme__"}
             exec(compile(README_PRELUDE, "<README_PRELUDE>", "exec"), namespace)
@@ -153,7 +192,11 @@ def readme_dir(tmp_path_factory):
                             value.close(timeout=30)
                         except asyncckpt.CheckpointError:
                             pass
+        if subprocesses is not None:
+            outcomes.update(subprocesses.run(separate))
     finally:
+        if subprocesses is not None:
+            subprocesses.close()
         os.chdir(cwd)
         torch.set_rng_state(rng)
         torch.set_num_threads(threads)
