@@ -21,7 +21,7 @@ import multirank_workers as w
 from asyncckpt.cli import main
 from asyncckpt.export import SAFETENSORS_DTYPES
 from asyncckpt.format import DTYPES
-from dist_helpers import assert_all_ok, run_ranks
+from dist_helpers import assert_all_ok, forkserver_context, run_ranks
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 load_file = safetensors_torch.load_file
@@ -232,7 +232,7 @@ def test_sharded_safetensors_with_an_index(tmp_path, same):
 # ---------------------------------------------------------------------------------------- many ranks
 @pytest.mark.multirank
 def test_fsdp2_checkpoint_of_two_ranks_exports_full_tensors(tmp_path):
-    assert_all_ok(run_ranks(w.fsdp_save, 2, str(tmp_path), str(tmp_path), timeout=150))
+    assert_all_ok(run_ranks(w.fsdp_save, 2, str(tmp_path), str(tmp_path), timeout=150, ctx=forkserver_context()))
     expected = torch.load(tmp_path / "expected_fsdp.pt")
     reader = asyncckpt.CheckpointReader(str(tmp_path), "fsdp")
     assert reader.world_size == 2 and any(rec.is_shard for recs in reader.records.values() for _, rec in recs)
@@ -253,7 +253,7 @@ def test_fsdp2_checkpoint_of_two_ranks_exports_full_tensors(tmp_path):
 
 @pytest.mark.multirank
 def test_ddp_checkpoint_of_two_ranks_exports_the_replicated_state(tmp_path):
-    assert_all_ok(run_ranks(w.ddp_save_load, 2, str(tmp_path), str(tmp_path)))
+    assert_all_ok(run_ranks(w.ddp_save_load, 2, str(tmp_path), str(tmp_path), ctx=forkserver_context()))
     expected = torch.load(tmp_path / "expected0.pt")
     reader = asyncckpt.CheckpointReader(str(tmp_path))
     owners = {rank for k, recs in reader.records.items() if k.startswith("module/") for rank, _ in recs}

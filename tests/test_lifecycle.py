@@ -23,7 +23,7 @@ import asyncckpt
 from asyncckpt.engine import SaveEngine
 from asyncckpt.io_types import FlatState, StageItem
 from conftest import FAST, merge
-from dist_helpers import assert_all_ok, run_ranks
+from dist_helpers import assert_all_ok, forkserver_context, run_ranks
 from storage_faults import faults_fixture  # noqa: F401 - the `faults` fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -342,7 +342,8 @@ def test_interrupt_on_one_rank_keeps_ranks_in_step(tmp_path, where):
     """With two ranks, rank 1 interrupted mid-save still takes part in that save's coordination: rank 0's save
     fails (naming rank 1 and the interrupt) instead of hanging, and the next save succeeds on both."""
     save_dir = str(tmp_path / "ckpt")
-    r0, r1 = assert_all_ok(run_ranks(interrupted_rank, 2, str(tmp_path), save_dir, where, timeout=120))
+    r0, r1 = assert_all_ok(run_ranks(interrupted_rank, 2, str(tmp_path), save_dir, where, timeout=120,
+                                       ctx=forkserver_context()))
     assert r1 == {"interrupted": True, "after": "y"}
     assert r0["after"] == "y"
     assert r0["error"].startswith("CommitError") and "rank 1: KeyboardInterrupt" in r0["error"], r0

@@ -6,9 +6,14 @@ import torch
 
 import asyncckpt
 import multirank_workers as w
-from dist_helpers import assert_all_ok, run_ranks
+from dist_helpers import assert_all_ok, forkserver_context, run_ranks as _run_ranks
 
 pytestmark = pytest.mark.multirank
+
+
+def run_ranks(fn, world, out_dir, *args, **kw):
+    """The ranks come from the preloaded forkserver (milliseconds each, not the seconds of a fresh interpreter)."""
+    return _run_ranks(fn, world, out_dir, *args, ctx=forkserver_context(), **kw)
 
 
 def test_ddp_replicated_written_once_and_loads_on_any_world_size(tmp_path):

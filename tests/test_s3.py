@@ -30,7 +30,7 @@ from asyncckpt.cli import main  # noqa: E402
 from asyncckpt.format import (MANIFEST, OWNER_KEYS, OWNER_ROWS, RANK_TABLE, data_file_name,  # noqa: E402
                               rank_index_name)
 from click.testing import CliRunner  # noqa: E402
-from dist_helpers import assert_all_ok, free_port, run_ranks  # noqa: E402
+from dist_helpers import assert_all_ok, forkserver_context, free_port, run_ranks  # noqa: E402
 from storage_faults import injected  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -269,7 +269,8 @@ def two_rank_save(rank: int, world: int, url: str, options: dict) -> dict:
 
 
 def test_two_rank_commit(bucket, tmp_path):
-    out = assert_all_ok(run_ranks(two_rank_save, 2, str(tmp_path), bucket.url, bucket.options, timeout=WAIT_S))
+    out = assert_all_ok(run_ranks(two_rank_save, 2, str(tmp_path), bucket.url, bucket.options, timeout=WAIT_S,
+                                  ctx=forkserver_context()))
     assert [o["path"] for o in out] == [f"{bucket.url}/step1"] * 2
     assert [o["mine"] for o in out] == [[0, 0, 0], [1, 1, 1]]
     assert bucket.objects() == ["latest", *tag_objects("step1", ranks=2)]

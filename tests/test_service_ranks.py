@@ -13,7 +13,7 @@ import torch
 import asyncckpt
 from asyncckpt.loader import list_tags
 from asyncckpt.service import paths
-from dist_helpers import assert_all_ok, run_ranks
+from dist_helpers import assert_all_ok, forkserver_context, run_ranks as _run_ranks
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -22,17 +22,22 @@ CFG = {"commit_timeout_s": 20, "codec": {"chunk_mib": 1 / 16},
 
 
 @pytest.fixture
-def runtime(monkeypatch):
+def runtime():
+    """A private runtime directory and job id, set in every rank (and inherited by the service they start)."""
     path = f"/dev/shm/asyncckpt-test-{uuid.uuid4().hex[:12]}"
     os.mkdir(path, 0o700)
-    monkeypatch.setenv(paths.RUNTIME_ENV, path)  # inherited by the ranks, and by the service they start
-    monkeypatch.setenv(paths.ID_ENV, uuid.uuid4().hex)
-    yield path
+    yield {paths.RUNTIME_ENV: path, paths.ID_ENV: uuid.uuid4().hex}
     from test_service import service_pids
 
     for pid in service_pids(path):
         os.kill(pid, signal.SIGKILL)
     subprocess.run(["rm", "-rf", path], check=False, timeout=30)
+
+
+def run_ranks(fn, world, out_dir, *args, env, **kw):
+    """The ranks come from the preloaded forkserver (milliseconds each, not the seconds of a fresh interpreter),
+    which does not see this process's environment: ``env`` (the runtime fixture) is set in each rank."""
+    return _run_ranks(fn, world, out_dir, *args, env=env, ctx=forkserver_context(), **kw)
 
 
 def _model(rank: int) -> torch.nn.Module:
@@ -62,7 +67,7 @@ def round_trip(rank: int, world: int, save_dir: str) -> dict:
 
 @pytest.mark.parametrize("world", [1, 4])
 def test_ranks_share_one_service_and_round_trip_bit_exact(runtime, tmp_path, world):
-    out = assert_all_ok(run_ranks(round_trip, world, str(tmp_path), str(tmp_path / "ckpt"), timeout=240))
+    out = assert_all_ok(run_ranks(round_trip, world, str(tmp_path), str(tmp_path / "ckpt"), timeout=240, env=runtime))
     assert len({o["pid"] for o in out}) == 1 and out[0]["pid"] not in (None, os.getpid())
     assert {o["world"] for o in out} == {world}
     assert open(tmp_path / "ckpt" / "latest").read().strip() == "t1"
@@ -86,7 +91,7 @@ def missing_part(rank: int, world: int, save_dir: str) -> str:
 
 
 def test_a_missing_part_publishes_nothing_and_fails_the_other_rank(runtime, tmp_path):
-    results = run_ranks(missing_part, 2, str(tmp_path), str(tmp_path / "ckpt"), timeout=240)
+    results = run_ranks(missing_part, 2, str(tmp_path), str(tmp_path / "ckpt"), timeout=240, env=runtime)
     assert results[1].exitcode == -signal.SIGKILL
     assert results[0].ok, results[0].error
     assert "rank(s) [1]" in results[0].value, results[0].value
@@ -105,7 +110,7 @@ def test_verify_replicated_compares_the_ranks_checksums_at_the_services_commit(r
     """verify_replicated: each rank checksums its copy of the replicated tensors before its hand-over; the
     checksums travel with the descriptor to the service's commit, which fails the save on every rank naming
     the tensors that differ (as in thread mode); the next save, with identical copies, is published."""
-    out = assert_all_ok(run_ranks(perturbed_in_service, 2, str(tmp_path), str(tmp_path / "ckpt"), timeout=240))
+    out = assert_all_ok(run_ranks(perturbed_in_service, 2, str(tmp_path), str(tmp_path / "ckpt"), timeout=240, env=runtime))
     assert out[0] == out[1], out
     text, later = out[0]
     assert text.startswith("CommitError: checkpoint 'diverged' was not published"), text
@@ -132,7 +137,7 @@ def thread_roles(rank: int, world: int, save_dir: str) -> dict:
 def test_local_ranks_share_the_nodes_thread_budget_in_one_service(runtime, tmp_path, world):
     """Several local ranks: one service, whose encode threads are the node's budget (writer.threads_per_node: 2),
     whatever the number of ranks; the training processes run no encode or file threads of their own."""
-    out = assert_all_ok(run_ranks(thread_roles, world, str(tmp_path), str(tmp_path / "ckpt"), timeout=240))
+    out = assert_all_ok(run_ranks(thread_roles, world, str(tmp_path), str(tmp_path / "ckpt"), timeout=240, env=runtime))
     assert len({o["pid"] for o in out}) == 1
     service = out[0]["service"]
     assert service.count("acs-encode") == CFG["writer"]["threads_per_node"], service
