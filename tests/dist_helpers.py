@@ -27,25 +27,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Variables a test may set for one job (monkeypatch): the forkserver keeps the environment it started with, so
+# it starts with these as they were when the session began, never with one test's job id or runtime directory.
+JOB_VARIABLES = ("ASYNCCKPT_SERVICE_ID", "ASYNCCKPT_RUNTIME_DIR", "TORCHELASTIC_RUN_ID")
+_SESSION_ENV = {k: os.environ.get(k) for k in JOB_VARIABLES}
+
+
 def forkserver_context() -> mp.context.BaseContext:
     """A forkserver with :data:`FORKSERVER_PRELOAD` imported: a child starts in milliseconds, not seconds.
     Python 3.11's forkserver ignores the parent's sys.path (fixed in 3.12), so this directory goes on its
-    PYTHONPATH while it starts; an import that fails there would be silently redone in every child."""
+    PYTHONPATH while it starts; an import that fails there would be silently redone in every child. It starts
+    with :data:`JOB_VARIABLES` as the session began (a child of it inherits no test's job settings)."""
     import multiprocessing.forkserver
 
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
     here = os.path.dirname(os.path.abspath(__file__))
     old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = here + (os.pathsep + old if old else "")
+    changed = {"PYTHONPATH": here + (os.pathsep + old if old else ""), **_SESSION_ENV}
+    saved = {k: os.environ.get(k) for k in changed}
+    _set_env(changed)
     try:
         multiprocessing.forkserver.ensure_running()
     finally:
-        if old is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = old
+        _set_env(saved)
     return ctx
+
+
+def _set_env(values: dict) -> None:
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @dataclass
@@ -76,8 +90,9 @@ def _entry(fn: Callable, rank: int, world: int, port: int, out_dir: str, args: t
         payload = {"value": value}
     except BaseException:  # noqa: BLE001 - reported to the parent
         payload = {"error": traceback.format_exc()}
-    with open(out, "wb") as f:
+    with open(out + ".tmp", "wb") as f:  # whole or absent: a rank SIGKILLed while writing leaves no torn file
         pickle.dump(payload, f)
+    os.replace(out + ".tmp", out)
     try:
         if dist.is_initialized():
             dist.destroy_process_group()
