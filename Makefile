@@ -56,9 +56,11 @@ bench: bench-deps
 	$(BIN)/python -m benchmarks --config benchmarks/configs/gpt_1p5gb.yaml
 
 # Issue 10's CPU targets: warm stall vs a memcpy timed beside each save, the first save of a saver built 3 s
-# ahead (-> benchmarks/results/cpu_stall/), and compression: auto vs on and off (-> benchmarks/results/codec_auto/).
+# ahead, with lazy and eager snapshots (-> benchmarks/results/cpu_stall{,_eager}/), and compression: auto vs on
+# and off (-> benchmarks/results/codec_auto/).
 bench-cpu: bench-deps
 	$(BIN)/python -m benchmarks --config benchmarks/configs/cpu_stall.yaml
+	$(BIN)/python -m benchmarks --config benchmarks/configs/cpu_stall_eager.yaml
 	$(BIN)/python -m benchmarks --config benchmarks/configs/codec_auto.yaml
 
 bench-many-small: bench-deps
