@@ -54,20 +54,6 @@ def lower_session_priority(nice: int) -> None:
         pass
 
 
-def session_autogroup(pid: int | str = "self") -> tuple[str, int] | None:
-    """The autogroup a process is scheduled in and its niceness, as ``("/autogroup-N", nice)``; None where it is
-    in none: not Linux, autogroup scheduling disabled, or the process sits in a cgroup of its own (containers),
-    where the kernel prints nothing and CPU time is shared by cgroups instead."""
-    try:
-        with open(f"/proc/{pid}/autogroup") as f:
-            fields = f.read().split()
-    except OSError:
-        return None
-    if len(fields) != 3 or fields[1] != "nice":
-        return None
-    return fields[0], int(fields[2])
-
-
 def lower_thread_priority(nice: int, ionice_idle: bool) -> None:
     """Best effort: raise this thread's niceness and lower its I/O priority (Linux threads have their own)."""
     tid = threading.get_native_id()

@@ -24,7 +24,6 @@ from asyncckpt import CommitError, Config, ConfigError, StateMismatchError, Writ
 from asyncckpt.engine import SaveEngine
 from asyncckpt.loader import list_tags
 from asyncckpt.service import paths
-from asyncckpt.writer import session_autogroup
 from asyncckpt.state import MAX_DEPTH, flatten
 from conftest import merge
 from test_state_values import KINDS, _nest
@@ -273,6 +272,20 @@ def test_savers_of_one_job_share_the_nodes_encode_threads(runtime, engines, save
     assert roles.count("acs-encode") == 3, roles
 
 
+def _session_autogroup(pid: int | str = "self") -> tuple[str, int] | None:
+    """The autogroup a process is scheduled in and its niceness, as ``("/autogroup-N", nice)``; None where it is
+    in none: not Linux, autogroup scheduling disabled, or the process sits in a cgroup of its own (containers),
+    where the kernel prints nothing and CPU time is shared by cgroups instead."""
+    try:
+        with open(f"/proc/{pid}/autogroup") as f:
+            fields = f.read().split()
+    except OSError:
+        return None
+    if len(fields) != 3 or fields[1] != "nice":
+        return None
+    return fields[0], int(fields[2])
+
+
 def test_the_service_lowers_its_sessions_priority_not_only_its_own(runtime, engines, save_dir):
     """The service runs in a session of its own; with autogroup scheduling, CPU time is shared between sessions
     before niceness acts, so the service sets its session's autogroup niceness to writer.nice too (else it
@@ -281,7 +294,7 @@ def test_the_service_lowers_its_sessions_priority_not_only_its_own(runtime, engi
     save(e, state(0), save_dir, "x").result(timeout=120)
     pid = e.service.service_pid
     assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 7)
-    group, mine = session_autogroup(pid), session_autogroup()
+    group, mine = _session_autogroup(pid), _session_autogroup()
     if group is None or mine is None:  # e.g. a container's cgroup: the kernel schedules no autogroup here
         pytest.skip(f"no autogroup scheduling for these processes ({group}, {mine})")
     assert group[0] != mine[0], (group, mine)  # a session (autogroup) of its own

@@ -135,8 +135,7 @@ class ServiceClient:
             raise CheckpointError("this saver is closed")
         self._generation += 1
         hello = {"op": "hello", "protocol": PROTOCOL, "group": f"{self._group}/{self._generation}",
-                 "rank": self.ctx.rank,
-                 "world_size": self.ctx.world_size, "local_rank": self.ctx.local_rank,
+                 "rank": self.ctx.rank, "world_size": self.ctx.world_size, "local_rank": self.ctx.local_rank,
                  "local_world_size": self.ctx.local_world_size, "node": self.ctx.node,
                  "node_ranks": list(self.ctx.node_ranks), "job": self.ctx.job,
                  "node_index": self.ctx.node_index, "nodes": list(self.ctx.nodes), "rendezvous": job_rendezvous(),

@@ -199,9 +199,8 @@ class ExchangeCollectives:
 class Group:
     """One saver's ranks on this node: their configuration, a writer pool on the service's encode threads (the
     node's ``writer.threads_per_node`` budget, shared by every saver's group) and the event loop thread its
-    writes run on, one commit coordinator per
-    rank, a thread for ``keep_last`` removals and, on a job of several nodes, the :class:`~.link.Link` to the
-    other nodes' services."""
+    writes run on, one commit coordinator per rank, a thread for ``keep_last`` removals and, on a job of several
+    nodes, the :class:`~.link.Link` to the other nodes' services."""
 
     def __init__(self, name: str, config: Config, hello: dict, encoders: concurrent.futures.ThreadPoolExecutor,
                  threads: int):
